@@ -1,0 +1,50 @@
+//! The guest-physical memory layout every built-in guest shares. The host side (tests, CLI,
+//! benchmarks) uses these constants to talk to a guest through its mailbox page.
+
+/// Where the ELF image is loaded (the boot stub lives at the start).
+pub const LOAD_ADDR: u64 = 0x10_0000;
+/// 64-bit entry point (long mode, Linux-style): the ELF's `e_entry`, and the entry of the flat
+/// binary (which is the same image).
+pub const ENTRY64: u64 = LOAD_ADDR;
+/// 32-bit PVH entry point (protected mode, paging off): the ELF's Xen PVH note.
+pub const PVH_ENTRY: u64 = LOAD_ADDR + 0x100;
+/// The CPL3 workload starts here.
+pub const USER_CODE: u64 = LOAD_ADDR + 0x1000;
+/// GDT and its pseudo-descriptor.
+pub const GDT: u64 = LOAD_ADDR + 0x3000;
+/// Four-level page tables: PML4, PDPT, then four page directories (identity map of 0..4 GiB).
+pub const PML4: u64 = LOAD_ADDR + 0x4000;
+/// Bytes of guest physical address space the guest page tables map.
+pub const IDENTITY_MAPPED: u64 = 4 << 30;
+
+/// The host/guest mailbox: parameters in, results out. Zero means "use the default".
+pub const MAILBOX: u64 = 0x20_0000;
+/// Harness input bytes (up to [`INPUT_MAX`]); its length is at [`mailbox::INPUT_LEN`].
+pub const INPUT: u64 = 0x20_1000;
+/// Largest harness input.
+pub const INPUT_MAX: u64 = 0x1000;
+/// Top of the stack (ring 0 boot and CPL3 share it; it grows down).
+pub const STACK_TOP: u64 = 0x30_0000;
+/// First page `memtouch` writes.
+pub const MEMTOUCH_BASE: u64 = 0x40_0000;
+/// Smallest guest RAM the built-in guests need (stack, mailbox, code and a few memtouch pages).
+pub const MIN_RAM: u64 = 8 << 20;
+
+/// Serial port (8250 THR) the guests print on.
+pub const SERIAL_PORT: u16 = 0x3f8;
+/// Exit port: a byte written here ends the run with that exit code (QEMU: `isa-debug-exit`).
+pub const EXIT_PORT: u16 = 0x501;
+
+/// Offsets of the mailbox fields (each a little-endian u64).
+pub mod mailbox {
+    /// First parameter: `memtouch` page count, `counter` delay loop iterations.
+    pub const PARAM0: u64 = 0x08;
+    /// Second parameter: `memtouch` pattern seed.
+    pub const PARAM1: u64 = 0x10;
+    /// Third parameter: `counter` stop value (0 = count forever).
+    pub const PARAM2: u64 = 0x18;
+    /// Written by the guest: `counter`'s current value, `memtouch`'s pages written.
+    pub const PROGRESS: u64 = 0x20;
+    /// Harness input length in bytes.
+    pub const INPUT_LEN: u64 = 0x28;
+}

@@ -1,0 +1,110 @@
+//! The vmfork test-guest kit: tiny x86-64 guests assembled in Rust.
+//!
+//! Each guest enters long mode in a few ring-0 instructions (ring 0 is emulated, and slow, on
+//! nested paravirtual KVM hosts), then runs its workload at CPL3 with IOPL=3. Every guest is an
+//! ELF with both a Xen PVH note (32-bit entry) and a 64-bit `e_entry`, so it boots in vmfork,
+//! in QEMU (`qemu-system-x86_64 -M microvm -kernel guest.elf`) and in other PVH loaders.
+
+mod elf;
+pub mod layout;
+mod runtime;
+pub mod workloads;
+
+pub use workloads::{
+    memtouch_pattern, DEFAULT_COUNTER_DELAY, DEFAULT_MEMTOUCH_PAGES, HARNESS_CRASH_INPUT,
+};
+
+/// A built-in guest workload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Workload {
+    Hello,
+    Counter,
+    Memtouch,
+    Harness,
+    Triple,
+    Spin,
+}
+
+impl Workload {
+    /// Every workload, in the order `vmfork guests` lists them.
+    pub const ALL: [Workload; 6] = [
+        Workload::Hello,
+        Workload::Counter,
+        Workload::Memtouch,
+        Workload::Harness,
+        Workload::Triple,
+        Workload::Spin,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::Hello => "hello",
+            Workload::Counter => "counter",
+            Workload::Memtouch => "memtouch",
+            Workload::Harness => "harness",
+            Workload::Triple => "triple",
+            Workload::Spin => "spin",
+        }
+    }
+
+    pub fn description(self) -> &'static str {
+        match self {
+            Workload::Hello => "prints a line and exits 0",
+            Workload::Counter => "prints `counter N` forever (mailbox: PARAM0 delay, PARAM2 stop at N)",
+            Workload::Memtouch => "fills PARAM0 pages from 4 MiB with a pattern seeded by PARAM1, exits 0",
+            Workload::Harness => "fuzzing target: exits with how much of \"FUZZ\" the input starts with; \"FUZZ\" crashes",
+            Workload::Triple => "prints a line, then triple-faults",
+            Workload::Spin => "spins forever without output",
+        }
+    }
+
+    /// Looks a workload up by its name.
+    pub fn from_name(name: &str) -> Option<Workload> {
+        Self::ALL.into_iter().find(|w| w.name() == name)
+    }
+
+    /// The flat load image (placed at [`layout::LOAD_ADDR`], 64-bit entry at its first byte).
+    pub fn image(self) -> Vec<u8> {
+        let user_code = match self {
+            Workload::Hello => workloads::hello(),
+            Workload::Counter => workloads::counter(),
+            Workload::Memtouch => workloads::memtouch(),
+            Workload::Harness => workloads::harness(),
+            Workload::Triple => workloads::triple(),
+            Workload::Spin => workloads::spin(),
+        };
+        // The assembler input is fixed at compile time, so failure here is a bug in this crate.
+        let user_code = user_code.expect("built-in workload assembles");
+        runtime::build_image(&user_code).expect("built-in runtime assembles")
+    }
+
+    /// The guest as an ELF with a PVH note (32-bit entry) and a 64-bit `e_entry`.
+    pub fn elf(self) -> Vec<u8> {
+        elf::write_elf(
+            &self.image(),
+            layout::LOAD_ADDR,
+            layout::ENTRY64,
+            Some(layout::PVH_ENTRY),
+        )
+    }
+
+    /// The guest as an ELF with only the 64-bit entry (Linux-style boot).
+    pub fn elf_without_pvh(self) -> Vec<u8> {
+        elf::write_elf(&self.image(), layout::LOAD_ADDR, layout::ENTRY64, None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_workload_assembles_into_an_elf() {
+        for w in Workload::ALL {
+            let elf = w.elf();
+            assert_eq!(&elf[..4], b"\x7fELF", "{}", w.name());
+            assert_eq!(Workload::from_name(w.name()), Some(w));
+        }
+        assert_eq!(Workload::from_name("nope"), None);
+    }
+}

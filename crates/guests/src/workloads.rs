@@ -1,0 +1,241 @@
+//! The CPL3 workloads. Each runs at native speed (ring 3 is not emulated on nested hosts) and
+//! talks to the host through the serial port, the exit port and the mailbox page.
+
+use crate::layout::{mailbox, EXIT_PORT, INPUT, MAILBOX, MEMTOUCH_BASE, SERIAL_PORT, USER_CODE};
+use iced_x86::code_asm::*;
+use iced_x86::IcedError;
+
+/// `counter`'s delay loop iterations between lines when the mailbox leaves it at zero.
+pub const DEFAULT_COUNTER_DELAY: u64 = 20_000_000;
+/// `memtouch`'s page count when the mailbox leaves it at zero.
+pub const DEFAULT_MEMTOUCH_PAGES: u64 = 16;
+/// The input that makes `harness` crash (it triple-faults).
+pub const HARNESS_CRASH_INPUT: &[u8] = b"FUZZ";
+/// Mixed into `memtouch`'s pattern so that seed 0, page 0 is not all zero bytes.
+pub const MEMTOUCH_PATTERN_SALT: u64 = 0x5A5A_5A5A_A5A5_A5A5;
+
+/// The 8-byte word `memtouch` fills page `index` with, for a given seed.
+pub fn memtouch_pattern(seed: u64, index: u64) -> u64 {
+    seed ^ index ^ MEMTOUCH_PATTERN_SALT
+}
+
+/// Shared helpers every workload is assembled with: `print`, `print_dec`, `exit`.
+struct Asm {
+    a: CodeAssembler,
+    print: CodeLabel,
+    print_dec: CodeLabel,
+    exit: CodeLabel,
+}
+
+impl Asm {
+    fn new() -> Result<Self, IcedError> {
+        let mut a = CodeAssembler::new(64)?;
+        let print = a.create_label();
+        let print_dec = a.create_label();
+        let exit = a.create_label();
+        // r15 holds the mailbox address in every workload.
+        a.mov(r15, MAILBOX)?;
+        Ok(Self { a, print, print_dec, exit })
+    }
+
+    /// Prints a string placed after the code.
+    fn print_str(&mut self, label: CodeLabel, len: usize) -> Result<(), IcedError> {
+        self.a.lea(rsi, ptr(label))?;
+        self.a.mov(ecx, len as u32)?;
+        self.a.call(self.print)
+    }
+
+    fn exit_with(&mut self, code: u8) -> Result<(), IcedError> {
+        self.a.mov(eax, code as u32)?;
+        self.a.jmp(self.exit)
+    }
+
+    /// Emits the helper bodies and assembles everything at [`USER_CODE`].
+    fn finish(mut self) -> Result<Vec<u8>, IcedError> {
+        let a = &mut self.a;
+        // print(rsi = bytes, rcx = length): one `rep outsb`, which KVM turns into one exit.
+        a.set_label(&mut self.print)?;
+        a.mov(dx, SERIAL_PORT as u32)?;
+        a.rep().outsb()?;
+        a.ret()?;
+
+        // print_dec(rax): the number in decimal and a newline.
+        a.set_label(&mut self.print_dec)?;
+        a.sub(rsp, 32)?;
+        a.lea(rdi, ptr(rsp + 31))?;
+        a.mov(byte_ptr(rdi), b'\n' as u32)?;
+        a.mov(r8d, 1u32)?;
+        a.mov(r9d, 10u32)?;
+        let mut digit = a.create_label();
+        a.set_label(&mut digit)?;
+        a.xor(edx, edx)?;
+        a.div(r9)?;
+        a.add(dl, b'0' as u32)?;
+        a.dec(rdi)?;
+        a.mov(byte_ptr(rdi), dl)?;
+        a.inc(r8)?;
+        a.test(rax, rax)?;
+        a.jnz(digit)?;
+        a.mov(rsi, rdi)?;
+        a.mov(rcx, r8)?;
+        a.call(self.print)?;
+        a.add(rsp, 32)?;
+        a.ret()?;
+
+        // exit(al): write the code to the exit port, then spin (only reached where no exit
+        // device listens, e.g. QEMU without isa-debug-exit).
+        a.set_label(&mut self.exit)?;
+        a.mov(dx, EXIT_PORT as u32)?;
+        a.out(dx, al)?;
+        let mut spin = a.create_label();
+        a.set_label(&mut spin)?;
+        a.pause()?;
+        a.jmp(spin)?;
+        a.assemble(USER_CODE)
+    }
+}
+
+fn string(a: &mut CodeAssembler, text: &[u8]) -> Result<CodeLabel, IcedError> {
+    let mut label = a.create_label();
+    a.set_label(&mut label)?;
+    a.db(text)?;
+    Ok(label)
+}
+
+/// Prints one line and exits 0.
+pub fn hello() -> Result<Vec<u8>, IcedError> {
+    const MSG: &[u8] = b"Hello from the vmfork guest!\n";
+    let mut g = Asm::new()?;
+    let msg = string_after(&mut g, MSG)?;
+    g.print_str(msg, MSG.len())?;
+    g.exit_with(0)?;
+    g.finish()
+}
+
+/// Counts from 1, storing the value in the mailbox and printing `counter N` lines, with a delay
+/// loop (PARAM0 iterations) between them; stops with exit 0 at PARAM2 if that is non-zero.
+pub fn counter() -> Result<Vec<u8>, IcedError> {
+    const PREFIX: &[u8] = b"counter ";
+    let mut g = Asm::new()?;
+    let prefix = string_after(&mut g, PREFIX)?;
+    let a = &mut g.a;
+    let mut have_delay = a.create_label();
+    a.mov(r12, qword_ptr(r15 + mailbox::PARAM0))?;
+    a.test(r12, r12)?;
+    a.jnz(have_delay)?;
+    a.mov(r12, DEFAULT_COUNTER_DELAY)?;
+    a.set_label(&mut have_delay)?;
+    a.mov(r13, qword_ptr(r15 + mailbox::PARAM2))?;
+    // Continue from the mailbox value, so a restored or forked counter counts on.
+    a.mov(rbx, qword_ptr(r15 + mailbox::PROGRESS))?;
+    let mut top = a.create_label();
+    let mut done = a.create_label();
+    a.set_label(&mut top)?;
+    a.inc(rbx)?;
+    a.mov(qword_ptr(r15 + mailbox::PROGRESS), rbx)?;
+    g.print_str(prefix, PREFIX.len())?;
+    let a = &mut g.a;
+    a.mov(rax, rbx)?;
+    a.call(g.print_dec)?;
+    a.cmp(rbx, r13)?;
+    a.je(done)?;
+    a.mov(rcx, r12)?;
+    let mut delay = a.create_label();
+    a.set_label(&mut delay)?;
+    a.dec(rcx)?;
+    a.jnz(delay)?;
+    a.jmp(top)?;
+    a.set_label(&mut done)?;
+    g.exit_with(0)?;
+    g.finish()
+}
+
+/// Fills PARAM0 pages from [`MEMTOUCH_BASE`] with [`memtouch_pattern`]`(PARAM1, page)`, counting
+/// pages done in PROGRESS, prints `memtouch done N` and exits 0.
+pub fn memtouch() -> Result<Vec<u8>, IcedError> {
+    const MSG: &[u8] = b"memtouch done ";
+    let mut g = Asm::new()?;
+    let msg = string_after(&mut g, MSG)?;
+    let a = &mut g.a;
+    let mut have_pages = a.create_label();
+    a.mov(r10, qword_ptr(r15 + mailbox::PARAM0))?;
+    a.test(r10, r10)?;
+    a.jnz(have_pages)?;
+    a.mov(r10, DEFAULT_MEMTOUCH_PAGES)?;
+    a.set_label(&mut have_pages)?;
+    a.mov(r9, qword_ptr(r15 + mailbox::PARAM1))?;
+    a.mov(r11, MEMTOUCH_PATTERN_SALT)?;
+    a.xor(r9, r11)?;
+    a.mov(rdi, MEMTOUCH_BASE)?;
+    a.xor(ebx, ebx)?;
+    let mut top = a.create_label();
+    let mut done = a.create_label();
+    a.set_label(&mut top)?;
+    a.cmp(rbx, r10)?;
+    a.jae(done)?;
+    a.mov(rax, r9)?;
+    a.xor(rax, rbx)?;
+    a.mov(ecx, 512u32)?;
+    a.rep().stosq()?;
+    a.inc(rbx)?;
+    a.mov(qword_ptr(r15 + mailbox::PROGRESS), rbx)?;
+    a.jmp(top)?;
+    a.set_label(&mut done)?;
+    g.print_str(msg, MSG.len())?;
+    g.a.mov(rax, rbx)?;
+    g.a.call(g.print_dec)?;
+    g.exit_with(0)?;
+    g.finish()
+}
+
+/// A fuzzing target: scores how much of [`HARNESS_CRASH_INPUT`] the input (INPUT_LEN bytes at
+/// [`INPUT`]) starts with and exits with that score; the full match crashes (`ud2`, which with no
+/// IDT becomes a triple fault).
+pub fn harness() -> Result<Vec<u8>, IcedError> {
+    let mut g = Asm::new()?;
+    let a = &mut g.a;
+    let mut out = a.create_label();
+    a.mov(rcx, qword_ptr(r15 + mailbox::INPUT_LEN))?;
+    a.mov(rsi, INPUT)?;
+    a.xor(eax, eax)?;
+    for (i, &byte) in HARNESS_CRASH_INPUT.iter().enumerate() {
+        a.cmp(rcx, i as i32 + 1)?;
+        a.jb(out)?;
+        a.cmp(byte_ptr(rsi + i as u32), byte as u32)?;
+        a.jne(out)?;
+        a.inc(eax)?;
+    }
+    a.ud2()?;
+    a.set_label(&mut out)?;
+    a.jmp(g.exit)?;
+    g.finish()
+}
+
+/// Prints a line, then executes `ud2` with no IDT: #UD, #DF, triple fault.
+pub fn triple() -> Result<Vec<u8>, IcedError> {
+    const MSG: &[u8] = b"triple: faulting now\n";
+    let mut g = Asm::new()?;
+    let msg = string_after(&mut g, MSG)?;
+    g.print_str(msg, MSG.len())?;
+    g.a.ud2()?;
+    g.finish()
+}
+
+/// Spins forever without output (a guest that never exits by itself).
+pub fn spin() -> Result<Vec<u8>, IcedError> {
+    let mut g = Asm::new()?;
+    let mut top = g.a.create_label();
+    g.a.set_label(&mut top)?;
+    g.a.pause()?;
+    g.a.jmp(top)?;
+    g.finish()
+}
+
+/// Places `text` in a skipped-over block at the current position and returns its label.
+fn string_after(g: &mut Asm, text: &[u8]) -> Result<CodeLabel, IcedError> {
+    let mut after = g.a.create_label();
+    g.a.jmp(after)?;
+    let label = string(&mut g.a, text)?;
+    g.a.set_label(&mut after)?;
+    Ok(label)
+}

@@ -1,0 +1,88 @@
+//! Where the guest's serial console goes: the terminal, a file, an in-memory buffer (tests and
+//! the API read it) or nowhere.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::sync::{Arc, Mutex};
+
+/// An in-memory serial console, capped so a chatty guest cannot grow the VMM without bound.
+#[derive(Clone, Debug, Default)]
+pub struct SerialBuffer {
+    inner: Arc<Mutex<Vec<u8>>>,
+}
+
+/// Most bytes a [`SerialBuffer`] keeps; older bytes are dropped first.
+pub const SERIAL_BUFFER_CAP: usize = 1 << 20;
+
+impl SerialBuffer {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Everything the guest printed (up to the cap), lossily as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.lock()).into_owned()
+    }
+
+    pub fn bytes(&self) -> Vec<u8> {
+        self.lock().clone()
+    }
+
+    pub fn clear(&self) {
+        self.lock().clear();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
+        // A panic while holding this lock cannot leave the Vec invalid, so poisoning is ignored.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn push(&self, bytes: &[u8]) {
+        let mut buf = self.lock();
+        buf.extend_from_slice(bytes);
+        if buf.len() > SERIAL_BUFFER_CAP {
+            let excess = buf.len() - SERIAL_BUFFER_CAP;
+            buf.drain(..excess);
+        }
+    }
+}
+
+/// The destination of serial output.
+#[derive(Debug, Default)]
+pub enum SerialSink {
+    Stdout,
+    File(File),
+    Buffer(SerialBuffer),
+    #[default]
+    Discard,
+}
+
+impl SerialSink {
+    /// A sink writing to a new in-memory buffer, and that buffer.
+    pub fn buffer() -> (Self, SerialBuffer) {
+        let b = SerialBuffer::new();
+        (SerialSink::Buffer(b.clone()), b)
+    }
+}
+
+impl Write for SerialSink {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        match self {
+            SerialSink::Stdout => io::stdout().write(data),
+            SerialSink::File(f) => f.write(data),
+            SerialSink::Buffer(b) => {
+                b.push(data);
+                Ok(data.len())
+            }
+            SerialSink::Discard => Ok(data.len()),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            SerialSink::Stdout => io::stdout().flush(),
+            SerialSink::File(f) => f.flush(),
+            _ => Ok(()),
+        }
+    }
+}

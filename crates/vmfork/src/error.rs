@@ -1,0 +1,45 @@
+//! The one error type of the library. Every message is meant to be shown to a person as is.
+
+use std::io;
+
+/// Errors from building, running and inspecting VMs.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot open /dev/kvm: {0} (is KVM enabled, and are you root or in the kvm group?)")]
+    KvmUnavailable(io::Error),
+    #[error("KVM {op} failed: {source}")]
+    Kvm {
+        op: &'static str,
+        #[source]
+        source: vmm_sys_util::errno::Error,
+    },
+    #[error("invalid VM configuration: {0}")]
+    Config(String),
+    #[error("guest memory: {0}")]
+    Memory(String),
+    #[error("cannot load the guest kernel: {0}")]
+    Load(String),
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("the VM is {actual}, but this needs it {wanted}")]
+    State {
+        actual: &'static str,
+        wanted: &'static str,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Result with the library's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Wraps a KVM ioctl result with the name of the operation that failed.
+pub(crate) trait KvmContext<T> {
+    fn kvm(self, op: &'static str) -> Result<T>;
+}
+
+impl<T> KvmContext<T> for std::result::Result<T, vmm_sys_util::errno::Error> {
+    fn kvm(self, op: &'static str) -> Result<T> {
+        self.map_err(|source| Error::Kvm { op, source })
+    }
+}

@@ -1,0 +1,18 @@
+//! vmfork: a KVM virtual machine monitor built to fork, reset, snapshot and migrate VMs.
+//!
+//! Where things live:
+//! - [`vm`]: the VM, its vCPU threads, pause/resume/stop and exits;
+//! - [`memory`]: guest RAM in a memfd, the one thing fork and snapshots are built on;
+//! - [`devices`]: serial console, i8042, exit port;
+//! - [`boot`]: loading ELF (PVH or 64-bit entry) and flat kernels;
+//! - [`state`]: the saved state of every stateful part (vCPUs, irqchip, clock, devices).
+
+pub mod boot;
+pub mod devices;
+mod error;
+pub mod memory;
+pub mod state;
+pub mod vm;
+
+pub use error::{Error, Result};
+pub use vm::{ExitReason, Vm, VmConfig, VmStatus};

@@ -1,0 +1,160 @@
+//! `HostMapping`: the one owner of the host virtual address range that backs guest RAM. All the
+//! raw mmap work (create, remap copy-on-write in place, drop pages) is wrapped here once.
+
+use crate::error::{Error, Result};
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+/// An anonymous or file-backed host mapping of `len` bytes, unmapped on drop.
+#[derive(Debug)]
+pub struct HostMapping {
+    addr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory owned by this value; concurrent access to its bytes is
+// mediated by vm-memory's volatile accessors and by KVM, never by Rust references.
+unsafe impl Send for HostMapping {}
+// SAFETY: as above; `&HostMapping` only hands out the address.
+unsafe impl Sync for HostMapping {}
+
+/// How a file is mapped: writes go to the file (shared) or to private copy-on-write pages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sharing {
+    Shared,
+    CopyOnWrite,
+}
+
+impl Sharing {
+    fn flags(self) -> libc::c_int {
+        match self {
+            Sharing::Shared => libc::MAP_SHARED,
+            Sharing::CopyOnWrite => libc::MAP_PRIVATE,
+        }
+    }
+}
+
+impl HostMapping {
+    /// Maps `len` bytes of `file` from offset 0.
+    pub fn map_file(file: BorrowedFd<'_>, len: usize, sharing: Sharing) -> Result<Self> {
+        // SAFETY: a fresh mapping at a kernel-chosen address; no existing memory is affected.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                sharing.flags() | libc::MAP_NORESERVE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(Error::Memory(format!(
+                "cannot map {} MiB of guest RAM: {}",
+                len >> 20,
+                io::Error::last_os_error()
+            )));
+        }
+        Ok(Self {
+            addr: addr.cast(),
+            len,
+        })
+    }
+
+    /// Replaces `[offset, offset+len)` of this mapping, in place, with a mapping of `file` at the
+    /// same offset. KVM's MMU notifiers see the switch, so memslots over it stay valid.
+    pub fn remap_range(
+        &self,
+        offset: usize,
+        len: usize,
+        file: BorrowedFd<'_>,
+        sharing: Sharing,
+    ) -> Result<()> {
+        self.check_range(offset, len)?;
+        // SAFETY: the range lies inside the mapping this value owns (checked above); MAP_FIXED
+        // replaces only those pages, and guest RAM is never referenced by Rust references.
+        let addr = unsafe {
+            libc::mmap(
+                self.addr.add(offset).cast(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                sharing.flags() | libc::MAP_NORESERVE | libc::MAP_FIXED,
+                file.as_raw_fd(),
+                offset as libc::off_t,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(Error::Memory(format!(
+                "cannot remap guest RAM: {}",
+                io::Error::last_os_error()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Drops the private pages of `[offset, offset+len)`: a copy-on-write mapping reads its file
+    /// again there, an anonymous one reads zeroes.
+    pub fn discard(&self, offset: usize, len: usize) -> Result<()> {
+        self.check_range(offset, len)?;
+        // SAFETY: the range lies inside this mapping; MADV_DONTNEED changes only its contents.
+        let rc = unsafe { libc::madvise(self.addr.add(offset).cast(), len, libc::MADV_DONTNEED) };
+        if rc != 0 {
+            return Err(Error::Memory(format!(
+                "madvise(DONTNEED) failed: {}",
+                io::Error::last_os_error()
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_range(&self, offset: usize, len: usize) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len && offset % 4096 == 0 && len % 4096 == 0 => Ok(()),
+            _ => Err(Error::Memory(format!(
+                "range {offset:#x}+{len:#x} is not page-aligned inside the {:#x}-byte mapping",
+                self.len
+            ))),
+        }
+    }
+
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.addr
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for HostMapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the range this value mapped; nothing refers to it any more
+        // (vm-memory regions built over it and KVM memslots are dropped before it).
+        unsafe { libc::munmap(self.addr.cast(), self.len) };
+    }
+}
+
+/// Creates an anonymous memory file (memfd) of `size` bytes; its pages are allocated on first
+/// touch, so an untouched file costs nothing.
+pub fn create_memfd(name: &str, size: u64) -> Result<std::fs::File> {
+    use std::os::fd::FromRawFd;
+    let cname = std::ffi::CString::new(name).map_err(|_| Error::Memory("bad memfd name".into()))?;
+    // SAFETY: memfd_create reads the NUL-terminated name and returns a new fd or -1.
+    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(Error::Memory(format!(
+            "memfd_create failed: {}",
+            io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.set_len(size).map_err(|e| {
+        Error::Memory(format!("cannot size guest RAM to {} MiB: {e}", size >> 20))
+    })?;
+    Ok(file)
+}

@@ -1,0 +1,282 @@
+//! Guest RAM: one memfd, mapped into the VMM, split into KVM memslots around the MMIO hole.
+//!
+//! Keeping RAM in a file is what makes the rest cheap: a fork maps the same file copy-on-write,
+//! a snapshot's memory file is such an image on disk, and a restore maps it the same way.
+
+mod mapping;
+
+pub use mapping::{create_memfd, HostMapping, Sharing};
+
+use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{Bytes, GuestAddress, GuestRegionMmap, MmapRegion};
+
+/// Guest page size.
+pub const PAGE_SIZE: u64 = 4096;
+/// Start of the 32-bit MMIO hole (devices, LAPIC, IOAPIC); RAM above this moves to 4 GiB.
+pub const MMIO_HOLE_START: u64 = 3 << 30;
+/// End of the MMIO hole.
+pub const MMIO_HOLE_END: u64 = 4 << 30;
+/// Smallest RAM a VM may have.
+pub const MIN_RAM: u64 = 2 << 20;
+
+/// Guest memory as vm-memory sees it, with a bitmap of pages the VMM itself wrote (KVM's dirty
+/// log sees only the guest's writes).
+pub type GuestMemory = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+
+/// One contiguous range of guest RAM and where it lives in the backing file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RamRegion {
+    pub guest_addr: u64,
+    pub size: u64,
+    pub file_offset: u64,
+}
+
+impl RamRegion {
+    pub fn end(&self) -> u64 {
+        self.guest_addr + self.size
+    }
+}
+
+/// Where guest RAM sits in the guest-physical address space.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryLayout {
+    pub regions: Vec<RamRegion>,
+}
+
+impl MemoryLayout {
+    /// RAM from 0 up to the MMIO hole, the rest from 4 GiB.
+    pub fn for_size(bytes: u64) -> Result<Self> {
+        if bytes < MIN_RAM || bytes % PAGE_SIZE != 0 {
+            return Err(Error::Config(format!(
+                "RAM size {bytes} bytes must be a multiple of 4 KiB and at least {} MiB",
+                MIN_RAM >> 20
+            )));
+        }
+        let low = bytes.min(MMIO_HOLE_START);
+        let mut regions = vec![RamRegion {
+            guest_addr: 0,
+            size: low,
+            file_offset: 0,
+        }];
+        if bytes > low {
+            regions.push(RamRegion {
+                guest_addr: MMIO_HOLE_END,
+                size: bytes - low,
+                file_offset: low,
+            });
+        }
+        Ok(Self { regions })
+    }
+
+    /// Total bytes of RAM.
+    pub fn total(&self) -> u64 {
+        self.regions.iter().map(|r| r.size).sum()
+    }
+
+    /// Whether `[addr, addr+len)` lies entirely in RAM.
+    pub fn contains(&self, addr: u64, len: u64) -> bool {
+        let Some(end) = addr.checked_add(len) else {
+            return false;
+        };
+        self.regions
+            .iter()
+            .any(|r| addr >= r.guest_addr && end <= r.end())
+    }
+
+    /// The offset in the backing file of guest page `addr` (which must be in RAM).
+    pub fn file_offset(&self, addr: u64) -> Option<u64> {
+        self.regions
+            .iter()
+            .find(|r| addr >= r.guest_addr && addr < r.end())
+            .map(|r| r.file_offset + (addr - r.guest_addr))
+    }
+
+    /// The guest address of byte `offset` of the backing file.
+    pub fn guest_addr(&self, offset: u64) -> Option<u64> {
+        self.regions
+            .iter()
+            .find(|r| offset >= r.file_offset && offset < r.file_offset + r.size)
+            .map(|r| r.guest_addr + (offset - r.file_offset))
+    }
+}
+
+/// Host memory the kernel reports, used to refuse RAM sizes the host cannot give.
+pub fn host_memory_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// A VM's RAM: the backing memfd, the host mapping over it and vm-memory's view of that mapping.
+#[derive(Debug)]
+pub struct GuestRam {
+    layout: MemoryLayout,
+    backing: Arc<File>,
+    // `memory` holds raw pointers into `mapping`; it is declared first so it is dropped first.
+    memory: GuestMemory,
+    mapping: Arc<HostMapping>,
+}
+
+impl GuestRam {
+    /// Fresh zeroed RAM of `bytes`, in a new memfd mapped shared (writes land in the file).
+    pub fn new(bytes: u64) -> Result<Self> {
+        let layout = MemoryLayout::for_size(bytes)?;
+        if let Some(host) = host_memory_bytes() {
+            if bytes > host {
+                return Err(Error::Config(format!(
+                    "RAM of {} MiB is more than this host has ({} MiB)",
+                    bytes >> 20,
+                    host >> 20
+                )));
+            }
+        }
+        let backing = Arc::new(create_memfd("vmfork-ram", bytes)?);
+        Self::map(layout, backing, Sharing::Shared)
+    }
+
+    /// Maps `backing` (already holding the RAM image) with the given sharing.
+    pub fn map(layout: MemoryLayout, backing: Arc<File>, sharing: Sharing) -> Result<Self> {
+        let total = usize::try_from(layout.total())
+            .map_err(|_| Error::Config("RAM size does not fit the address space".into()))?;
+        let mapping = Arc::new(HostMapping::map_file(backing.as_fd(), total, sharing)?);
+        let memory = build_guest_memory(&layout, &mapping)?;
+        Ok(Self {
+            layout,
+            backing,
+            memory,
+            mapping,
+        })
+    }
+
+    pub fn layout(&self) -> &MemoryLayout {
+        &self.layout
+    }
+
+    /// vm-memory's view: bounds-checked access for loaders and devices.
+    pub fn memory(&self) -> &GuestMemory {
+        &self.memory
+    }
+
+    pub fn backing(&self) -> &Arc<File> {
+        &self.backing
+    }
+
+    pub fn mapping(&self) -> &Arc<HostMapping> {
+        &self.mapping
+    }
+
+    pub fn size(&self) -> u64 {
+        self.layout.total()
+    }
+
+    /// Host address of each RAM region, for KVM memslots.
+    pub fn slots(&self) -> impl Iterator<Item = (u32, RamRegion, u64)> + '_ {
+        let base = self.mapping.as_ptr() as u64;
+        self.layout
+            .regions
+            .iter()
+            .enumerate()
+            .map(move |(i, r)| (i as u32, *r, base + r.file_offset))
+    }
+
+    /// Copies guest memory at `addr` into `buf`; fails if any byte is outside RAM.
+    pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<()> {
+        self.check(addr, buf.len())?;
+        self.memory
+            .read_slice(buf, GuestAddress(addr))
+            .map_err(|e| Error::Memory(format!("read at {addr:#x}: {e}")))
+    }
+
+    /// Writes `buf` into guest memory at `addr`; fails if any byte is outside RAM.
+    pub fn write(&self, addr: u64, buf: &[u8]) -> Result<()> {
+        self.check(addr, buf.len())?;
+        self.memory
+            .write_slice(buf, GuestAddress(addr))
+            .map_err(|e| Error::Memory(format!("write at {addr:#x}: {e}")))
+    }
+
+    pub fn read_u64(&self, addr: u64) -> Result<u64> {
+        let mut b = [0u8; 8];
+        self.read(addr, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    pub fn write_u64(&self, addr: u64, value: u64) -> Result<()> {
+        self.write(addr, &value.to_le_bytes())
+    }
+
+    fn check(&self, addr: u64, len: usize) -> Result<()> {
+        if self.layout.contains(addr, len as u64) {
+            Ok(())
+        } else {
+            Err(Error::Memory(format!(
+                "guest range {addr:#x}+{len:#x} is outside guest RAM ({})",
+                describe_layout(&self.layout)
+            )))
+        }
+    }
+}
+
+fn describe_layout(layout: &MemoryLayout) -> String {
+    layout
+        .regions
+        .iter()
+        .map(|r| format!("{:#x}..{:#x}", r.guest_addr, r.end()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn build_guest_memory(layout: &MemoryLayout, mapping: &HostMapping) -> Result<GuestMemory> {
+    let mut regions = Vec::new();
+    for r in &layout.regions {
+        // SAFETY: the range lies inside `mapping`, which the GuestRam owning both keeps alive
+        // for as long as this GuestMemory (dropped first, see the field order).
+        let region = unsafe {
+            MmapRegion::build_raw(
+                mapping.as_ptr().add(r.file_offset as usize),
+                r.size as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+            )
+        }
+        .map_err(|e| Error::Memory(format!("vm-memory region: {e}")))?;
+        let region = GuestRegionMmap::new(region, GuestAddress(r.guest_addr))
+            .ok_or_else(|| Error::Memory("guest region overflows".into()))?;
+        regions.push(region);
+    }
+    GuestMemory::from_regions(regions).map_err(|e| Error::Memory(format!("{e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_splits_around_the_mmio_hole() {
+        let l = MemoryLayout::for_size(5 << 30).unwrap();
+        assert_eq!(l.regions.len(), 2);
+        assert_eq!(l.regions[0].size, 3 << 30);
+        assert_eq!(l.regions[1].guest_addr, 4 << 30);
+        assert_eq!(l.total(), 5 << 30);
+        assert!(!l.contains(3 << 30, 1));
+        assert!(l.contains((4 << 30) + 5, 8));
+        assert_eq!(l.file_offset(4 << 30), Some(3 << 30));
+        assert!(MemoryLayout::for_size(0).is_err());
+        assert!(MemoryLayout::for_size(4097 * 1024).is_err());
+    }
+
+    #[test]
+    fn ram_reads_and_writes_and_refuses_outside() {
+        let ram = GuestRam::new(4 << 20).unwrap();
+        ram.write_u64(0x1000, 0xdead_beef).unwrap();
+        assert_eq!(ram.read_u64(0x1000).unwrap(), 0xdead_beef);
+        assert!(ram.write_u64((4 << 20) - 4, 1).is_err());
+        assert!(ram.read_u64(u64::MAX - 2).is_err());
+    }
+}

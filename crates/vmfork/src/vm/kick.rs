@@ -1,0 +1,94 @@
+//! Kicking a vCPU thread out of KVM_RUN from another thread: a real-time signal whose handler
+//! sets `immediate_exit` in the running vCPU's `kvm_run`. If the signal lands just before
+//! KVM_RUN, `immediate_exit` makes KVM_RUN return at once, so no kick is lost.
+
+use kvm_bindings::kvm_run;
+use std::cell::Cell;
+use std::sync::Once;
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+
+thread_local! {
+    // Const-initialised, so reading it from a signal handler allocates nothing.
+    static CURRENT_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// The signal used for kicks.
+pub fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let run = CURRENT_RUN.with(|c| c.get());
+    if !run.is_null() {
+        // SAFETY: `run` was registered by this thread for a vCPU whose owner it keeps alive
+        // while the registration lasts (see `KickTarget`), so the kvm_run mapping is mapped; a
+        // volatile byte store is async-signal-safe.
+        unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+    }
+}
+
+/// Installs the kick handler once per process.
+pub fn install_handler() -> crate::Result<()> {
+    static INSTALL: Once = Once::new();
+    let mut result = Ok(());
+    INSTALL.call_once(|| {
+        result = register_signal_handler(kick_signal(), on_kick).map_err(|e| crate::Error::Kvm {
+            op: "installing the vCPU kick signal handler",
+            source: e,
+        });
+    });
+    result
+}
+
+/// While alive, kicks delivered to this thread set `immediate_exit` on `run`.
+pub struct KickTarget(());
+
+impl KickTarget {
+    /// Registers `run` (the kvm_run of a vCPU this thread is about to run) as the kick target.
+    pub fn register(run: *mut kvm_run) -> Self {
+        CURRENT_RUN.with(|c| c.set(run));
+        KickTarget(())
+    }
+}
+
+impl Drop for KickTarget {
+    fn drop(&mut self) {
+        CURRENT_RUN.with(|c| c.set(std::ptr::null_mut()));
+    }
+}
+
+/// The vCPU threads of one VM that can be kicked. A thread adds itself when it starts and
+/// removes itself before it exits, under the same lock `kick_all` takes, so a kick never goes
+/// to a thread that is gone.
+#[derive(Default)]
+pub struct KickRegistry {
+    threads: std::sync::Mutex<Vec<(usize, libc::pthread_t)>>,
+}
+
+impl KickRegistry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(usize, libc::pthread_t)>> {
+        self.threads.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers the calling thread as vCPU `index`.
+    pub fn enter(&self, index: usize) {
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        self.lock().push((index, me));
+    }
+
+    /// Removes the calling thread (vCPU `index`); call before the thread exits.
+    pub fn leave(&self, index: usize) {
+        self.lock().retain(|&(i, _)| i != index);
+    }
+
+    /// Sends the kick signal to every registered thread.
+    pub fn kick_all(&self) {
+        let threads = self.lock();
+        for &(_, thread) in threads.iter() {
+            // SAFETY: `thread` is alive: threads leave the registry (under this lock) before
+            // they exit. The signal's handler only sets `immediate_exit`.
+            unsafe { libc::pthread_kill(thread, kick_signal()) };
+        }
+    }
+}

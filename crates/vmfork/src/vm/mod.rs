@@ -1,0 +1,483 @@
+//! A VM: KVM VM fd, vCPUs (one thread each), guest RAM, devices, and the run control that pauses,
+//! resumes and stops them.
+
+mod control;
+mod exit;
+mod kick;
+mod kvm_system;
+mod vcpu;
+
+pub use control::Want;
+pub use exit::{ExitReason, VcpuDump, GUEST_FAULT_STATUS, STOPPED_STATUS};
+pub use kvm_system::KvmSystem;
+
+use crate::boot::{self, BootSpec};
+use crate::devices::{Devices, SerialSink, SERIAL_IRQ};
+use crate::error::{Error, KvmContext, Result};
+use crate::memory::GuestRam;
+use crate::state::{CpuRegisters, VcpuState};
+use control::RunControl;
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{VcpuFd, VmFd};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Most vCPUs a vmfork VM may have.
+pub const MAX_VCPUS: u8 = 32;
+
+/// How to build a VM.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    pub vcpus: u8,
+    pub mem_bytes: u64,
+    /// In-kernel PIC, IOAPIC, LAPICs and PIT (what Linux guests need). Without it there is no
+    /// interrupt delivery and HLT stops the VM.
+    pub irqchip: bool,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        Self {
+            vcpus: 1,
+            mem_bytes: 256 << 20,
+            irqchip: true,
+        }
+    }
+}
+
+impl VmConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(Error::Config(format!(
+                "{} vCPUs requested; vmfork supports 1 to {MAX_VCPUS}",
+                self.vcpus
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Coarse state of a VM, for listings and for checking what an operation may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmStatus {
+    /// Built, not started.
+    Created,
+    Running,
+    Paused,
+    /// Stopped for good; see [`Vm::exit_reason`].
+    Exited,
+}
+
+impl VmStatus {
+    pub fn name(self) -> &'static str {
+        match self {
+            VmStatus::Created => "created",
+            VmStatus::Running => "running",
+            VmStatus::Paused => "paused",
+            VmStatus::Exited => "exited",
+        }
+    }
+}
+
+/// One vCPU: its fd, locked by the vCPU thread while it runs and by the controller while paused.
+pub(crate) struct VcpuSlot {
+    pub(crate) fd: Mutex<VcpuFd>,
+}
+
+/// What the controller and the vCPU threads share.
+pub(crate) struct VmShared {
+    // Field order is drop order: vCPUs and the VM fd go before the RAM their memslots point at.
+    pub(crate) vcpus: Vec<VcpuSlot>,
+    pub(crate) fd: VmFd,
+    pub(crate) devices: Devices,
+    pub(crate) control: RunControl,
+    pub(crate) kicks: kick::KickRegistry,
+    pub(crate) ram: GuestRam,
+    pub(crate) config: VmConfig,
+    pub(crate) msr_indices: Vec<u32>,
+}
+
+impl VmShared {
+    fn vcpu(&self, index: usize) -> Result<MutexGuard<'_, VcpuFd>> {
+        let slot = self.vcpus.get(index).ok_or_else(|| {
+            Error::Invalid(format!(
+                "vCPU {index} does not exist (the VM has {})",
+                self.vcpus.len()
+            ))
+        })?;
+        Ok(slot.fd.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+/// A virtual machine.
+pub struct Vm {
+    shared: Arc<VmShared>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Vm {
+    /// Builds a VM with zeroed RAM and devices in their power-on state; nothing is loaded yet.
+    pub fn new(config: VmConfig, serial: SerialSink) -> Result<Vm> {
+        config.validate()?;
+        let system = KvmSystem::get()?;
+        let ram = GuestRam::new(config.mem_bytes)?;
+        let fd = system.kvm.create_vm().kvm("KVM_CREATE_VM")?;
+        register_memslots(&fd, &ram)?;
+        let serial_irq = if config.irqchip {
+            create_irqchip(&fd)?;
+            let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::Io)?;
+            fd.register_irqfd(&evt, SERIAL_IRQ).kvm("KVM_IRQFD")?;
+            Some(evt)
+        } else {
+            None
+        };
+        let mut vcpus = Vec::with_capacity(config.vcpus as usize);
+        for i in 0..config.vcpus {
+            let vcpu = fd.create_vcpu(u64::from(i)).kvm("KVM_CREATE_VCPU")?;
+            let cpuid = boot::vcpu_cpuid(&system.supported_cpuid, i, config.vcpus);
+            vcpu.set_cpuid2(&cpuid).kvm("KVM_SET_CPUID2")?;
+            if config.irqchip {
+                set_lapic_lint(&vcpu)?;
+            }
+            vcpus.push(VcpuSlot {
+                fd: Mutex::new(vcpu),
+            });
+        }
+        let msr_indices = {
+            let first = vcpus[0].fd.lock().unwrap_or_else(|p| p.into_inner());
+            system.saved_msrs(&first).to_vec()
+        };
+        Ok(Vm {
+            shared: Arc::new(VmShared {
+                vcpus,
+                fd,
+                devices: Devices::new(serial, serial_irq),
+                control: RunControl::new(),
+                kicks: kick::KickRegistry::default(),
+                ram,
+                config,
+                msr_indices,
+            }),
+            threads: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Builds a VM and loads `spec` into it, ready to [`start`](Self::start).
+    pub fn boot(config: VmConfig, serial: SerialSink, spec: &BootSpec) -> Result<Vm> {
+        let vm = Vm::new(config, serial)?;
+        vm.load(spec)?;
+        Ok(vm)
+    }
+
+    /// Loads a kernel and points vCPU 0 at its entry.
+    pub fn load(&self, spec: &BootSpec) -> Result<()> {
+        if self.status() != VmStatus::Created {
+            return Err(Error::State {
+                actual: self.status().name(),
+                wanted: "not yet started",
+            });
+        }
+        let entry = boot::load(&self.shared.ram, spec)?;
+        let vcpu = self.shared.vcpu(0)?;
+        boot::setup_boot_vcpu(&vcpu, &self.shared.ram, entry)
+    }
+
+    /// Starts one thread per vCPU.
+    pub fn start(&self) -> Result<()> {
+        let mut threads = self.lock_threads();
+        if !threads.is_empty() {
+            return Err(Error::State {
+                actual: self.status().name(),
+                wanted: "not yet started",
+            });
+        }
+        kick::install_handler()?;
+        self.shared.control.set_want(Want::Run);
+        for index in 0..self.shared.vcpus.len() {
+            let shared = Arc::clone(&self.shared);
+            shared.control.thread_started();
+            let spawned = std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .spawn(move || vcpu_thread(shared, index));
+            match spawned {
+                Ok(handle) => threads.push(handle),
+                Err(e) => {
+                    self.shared.control.thread_exited();
+                    self.shared.control.finish(ExitReason::Stopped);
+                    return Err(Error::Io(e));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs vCPU 0 on the calling thread until the VM stops (single-vCPU VMs that were not
+    /// started with threads). No thread hand-off: what fuzzing loops and benchmarks want.
+    pub fn run_inline(&self) -> Result<ExitReason> {
+        if self.shared.vcpus.len() != 1 || !self.lock_threads().is_empty() {
+            return Err(Error::Invalid(
+                "run_inline needs a single-vCPU VM that is not running on its own threads".into(),
+            ));
+        }
+        if self.shared.control.exit().is_some() {
+            return Err(Error::State {
+                actual: "exited",
+                wanted: "runnable",
+            });
+        }
+        kick::install_handler()?;
+        self.shared.control.set_want(Want::Run);
+        let mut vcpu = self.shared.vcpu(0)?;
+        let _target = kick::KickTarget::register(vcpu.get_kvm_run());
+        let event = vcpu::run_vcpu(0, &mut vcpu, &self.shared.devices, &self.shared.control);
+        self.shared.control.set_want(Want::Pause);
+        Ok(match event {
+            vcpu::RunEvent::Exit(reason) => reason,
+            vcpu::RunEvent::Interrupted => ExitReason::Stopped,
+        })
+    }
+
+    /// Stops every vCPU at its next instruction boundary and waits until all have stopped.
+    pub fn pause(&self) -> Result<()> {
+        match self.status() {
+            VmStatus::Running => {}
+            VmStatus::Paused => return Ok(()),
+            other => {
+                return Err(Error::State {
+                    actual: other.name(),
+                    wanted: "running",
+                })
+            }
+        }
+        self.shared.control.set_want(Want::Pause);
+        self.kick_all();
+        if !self.shared.control.wait_parked(self.shared.vcpus.len()) {
+            return Err(Error::State {
+                actual: "exited",
+                wanted: "running",
+            });
+        }
+        Ok(())
+    }
+
+    /// Lets paused vCPUs run again.
+    pub fn resume(&self) -> Result<()> {
+        match self.status() {
+            VmStatus::Paused => {
+                self.shared.control.set_want(Want::Run);
+                Ok(())
+            }
+            VmStatus::Running => Ok(()),
+            other => Err(Error::State {
+                actual: other.name(),
+                wanted: "paused",
+            }),
+        }
+    }
+
+    /// Stops the VM for good (its reason becomes [`ExitReason::Stopped`] unless it had one).
+    pub fn stop(&self) {
+        self.shared.control.finish(ExitReason::Stopped);
+        self.kick_all();
+    }
+
+    /// Waits until the VM stops and returns why.
+    pub fn wait(&self) -> ExitReason {
+        let reason = self
+            .shared
+            .control
+            .wait_exit(None)
+            .unwrap_or(ExitReason::Stopped);
+        self.join_threads();
+        reason
+    }
+
+    /// Waits at most `timeout`; `None` if the VM is still running then.
+    pub fn wait_timeout(&self, timeout: Duration) -> Option<ExitReason> {
+        let reason = self.shared.control.wait_exit(Some(timeout))?;
+        self.join_threads();
+        Some(reason)
+    }
+
+    pub fn exit_reason(&self) -> Option<ExitReason> {
+        self.shared.control.exit()
+    }
+
+    pub fn status(&self) -> VmStatus {
+        if self.shared.control.exit().is_some() {
+            return VmStatus::Exited;
+        }
+        let started = !self.lock_threads().is_empty();
+        match (started, self.shared.control.want()) {
+            (_, Want::Stop) => VmStatus::Exited,
+            (false, _) => VmStatus::Created,
+            (true, Want::Run) => VmStatus::Running,
+            (true, Want::Pause) => VmStatus::Paused,
+        }
+    }
+
+    pub fn config(&self) -> &VmConfig {
+        &self.shared.config
+    }
+
+    pub fn ram(&self) -> &GuestRam {
+        &self.shared.ram
+    }
+
+    pub fn vcpu_count(&self) -> usize {
+        self.shared.vcpus.len()
+    }
+
+    /// Fails unless no vCPU can be running (created, paused or exited).
+    fn require_stopped(&self) -> Result<()> {
+        match self.status() {
+            VmStatus::Running => Err(Error::State {
+                actual: "running",
+                wanted: "paused",
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// The full state of vCPU `index`; the VM must not be running.
+    pub fn vcpu_state(&self, index: usize) -> Result<VcpuState> {
+        self.require_stopped()?;
+        let vcpu = self.shared.vcpu(index)?;
+        VcpuState::save(&vcpu, &self.shared.msr_indices, self.shared.config.irqchip)
+    }
+
+    /// Loads the full state of vCPU `index`; the VM must not be running.
+    pub fn set_vcpu_state(&self, index: usize, state: &VcpuState) -> Result<()> {
+        self.require_stopped()?;
+        let vcpu = self.shared.vcpu(index)?;
+        state.restore(&vcpu)
+    }
+
+    /// General-purpose and system registers of vCPU `index`; the VM must not be running.
+    pub fn registers(&self, index: usize) -> Result<CpuRegisters> {
+        self.require_stopped()?;
+        let vcpu = self.shared.vcpu(index)?;
+        Ok(CpuRegisters {
+            regs: vcpu.get_regs().kvm("KVM_GET_REGS")?,
+            sregs: vcpu.get_sregs().kvm("KVM_GET_SREGS")?,
+        })
+    }
+
+    /// Sets general-purpose and system registers of vCPU `index`; the VM must not be running.
+    pub fn set_registers(&self, index: usize, regs: &CpuRegisters) -> Result<()> {
+        self.require_stopped()?;
+        let vcpu = self.shared.vcpu(index)?;
+        vcpu.set_sregs(&regs.sregs).kvm("KVM_SET_SREGS")?;
+        vcpu.set_regs(&regs.regs).kvm("KVM_SET_REGS")
+    }
+
+    /// Saves every device's state.
+    pub fn device_state(&self) -> crate::devices::DeviceState {
+        self.shared.devices.save()
+    }
+
+    fn kick_all(&self) {
+        self.shared.kicks.kick_all();
+    }
+
+    fn lock_threads(&self) -> MutexGuard<'_, Vec<JoinHandle<()>>> {
+        self.threads.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn join_threads(&self) {
+        let handles: Vec<_> = self.lock_threads().drain(..).collect();
+        for h in handles {
+            let _ = h.join();
+        }
+        // Keep `status` reporting "exited" now the handles are gone.
+        self.shared.control.finish(ExitReason::Stopped);
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.stop();
+        self.join_threads();
+    }
+}
+
+fn vcpu_thread(shared: Arc<VmShared>, index: usize) {
+    let run_ptr = {
+        let mut vcpu = shared.vcpus[index]
+            .fd
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        vcpu.get_kvm_run() as *mut _
+    };
+    let target = kick::KickTarget::register(run_ptr);
+    shared.kicks.enter(index);
+    loop {
+        if shared.control.wait_runnable() == Want::Stop {
+            break;
+        }
+        let mut vcpu = shared.vcpus[index]
+            .fd
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match vcpu::run_vcpu(index, &mut vcpu, &shared.devices, &shared.control) {
+            vcpu::RunEvent::Interrupted => {}
+            vcpu::RunEvent::Exit(reason) => {
+                shared.control.finish(reason);
+                // The other vCPUs may sit in KVM_RUN (halted APs never exit): kick them.
+                shared.kicks.kick_all();
+                break;
+            }
+        }
+    }
+    shared.kicks.leave(index);
+    drop(target);
+    shared.control.thread_exited();
+}
+
+/// Registers every RAM region as a KVM memslot.
+fn register_memslots(fd: &VmFd, ram: &GuestRam) -> Result<()> {
+    for (slot, region, host_addr) in ram.slots() {
+        let mem = kvm_userspace_memory_region {
+            slot,
+            guest_phys_addr: region.guest_addr,
+            memory_size: region.size,
+            userspace_addr: host_addr,
+            flags: 0,
+        };
+        // SAFETY: the host range is inside RAM's mapping, which lives in `VmShared` next to the
+        // VM fd and is dropped after it (field order), so KVM never sees a freed range in use.
+        unsafe { fd.set_user_memory_region(mem) }.kvm("KVM_SET_USER_MEMORY_REGION")?;
+    }
+    Ok(())
+}
+
+fn create_irqchip(fd: &VmFd) -> Result<()> {
+    // The TSS and identity-map pages sit just below 4 GiB, inside the MMIO hole.
+    fd.set_tss_address(0xfffb_d000).kvm("KVM_SET_TSS_ADDR")?;
+    fd.create_irq_chip().kvm("KVM_CREATE_IRQCHIP")?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    fd.create_pit2(pit).kvm("KVM_CREATE_PIT2")
+}
+
+/// LINT0 delivers ExtINT (the PIC), LINT1 NMI, as firmware would leave them.
+fn set_lapic_lint(vcpu: &VcpuFd) -> Result<()> {
+    const APIC_LVT0: usize = 0x350;
+    const APIC_LVT1: usize = 0x360;
+    const DELIVERY_EXTINT: u32 = 0x7 << 8;
+    const DELIVERY_NMI: u32 = 0x4 << 8;
+    let mut lapic = vcpu.get_lapic().kvm("KVM_GET_LAPIC")?;
+    for (offset, mode) in [(APIC_LVT0, DELIVERY_EXTINT), (APIC_LVT1, DELIVERY_NMI)] {
+        let bytes: [u8; 4] = std::array::from_fn(|i| lapic.regs[offset + i] as u8);
+        let value = (u32::from_le_bytes(bytes) & !0x700) | mode;
+        for (i, b) in value.to_le_bytes().iter().enumerate() {
+            lapic.regs[offset + i] = *b as _;
+        }
+    }
+    vcpu.set_lapic(&lapic).kvm("KVM_SET_LAPIC")
+}

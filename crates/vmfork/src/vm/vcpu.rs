@@ -1,0 +1,133 @@
+//! Running one vCPU: KVM_RUN and the handling of its exits.
+
+use super::control::RunControl;
+use super::exit::{ExitReason, VcpuDump};
+use crate::devices::{Devices, PioOutcome};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+/// What stopped a stretch of KVM_RUN calls.
+#[derive(Debug)]
+pub enum RunEvent {
+    /// The controller asked the vCPU to stop running (pause, stop, or a kick).
+    Interrupted,
+    /// The VM must stop for this reason.
+    Exit(ExitReason),
+}
+
+/// KVM's `KVM_SYSTEM_EVENT_*` types.
+const SYSTEM_EVENT_SHUTDOWN: u32 = 1;
+const SYSTEM_EVENT_RESET: u32 = 2;
+
+/// Runs `vcpu` until the controller interrupts it or the guest does something that stops the VM.
+pub fn run_vcpu(index: usize, vcpu: &mut VcpuFd, devices: &Devices, control: &RunControl) -> RunEvent {
+    loop {
+        if !control.should_run() {
+            return RunEvent::Interrupted;
+        }
+        let exit = match vcpu.run() {
+            Ok(exit) => exit,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                vcpu.set_kvm_immediate_exit(0);
+                continue;
+            }
+            Err(e) => {
+                return RunEvent::Exit(ExitReason::InternalError {
+                    detail: format!("KVM_RUN failed: {e}"),
+                    dump: dump(index, vcpu),
+                })
+            }
+        };
+        match exit {
+            VcpuExit::IoOut(port, data) => match devices.pio_write(port, data) {
+                PioOutcome::Continue => {}
+                PioOutcome::Exit(code) => return RunEvent::Exit(ExitReason::GuestExit(code)),
+                PioOutcome::Reset => return RunEvent::Exit(ExitReason::Reset),
+            },
+            VcpuExit::IoIn(port, data) => devices.pio_read(port, data),
+            // No MMIO devices yet: unmapped reads see all ones, as on a PC bus.
+            VcpuExit::MmioRead(_, data) => data.fill(0xff),
+            VcpuExit::MmioWrite(addr, data) => {
+                let len = data.len();
+                let Some(dump) = dump(index, vcpu) else {
+                    return RunEvent::Exit(unreadable(index));
+                };
+                return RunEvent::Exit(ExitReason::UnmappedWrite { addr, len, dump });
+            }
+            VcpuExit::Shutdown => {
+                return RunEvent::Exit(match dump(index, vcpu) {
+                    Some(d) => ExitReason::TripleFault(d),
+                    None => unreadable(index),
+                })
+            }
+            VcpuExit::Hlt => {
+                return RunEvent::Exit(match dump(index, vcpu) {
+                    Some(d) => ExitReason::Halted(d),
+                    None => unreadable(index),
+                })
+            }
+            VcpuExit::SystemEvent(kind, _) => {
+                return RunEvent::Exit(match kind {
+                    SYSTEM_EVENT_RESET => ExitReason::Reset,
+                    SYSTEM_EVENT_SHUTDOWN => ExitReason::PowerOff,
+                    other => ExitReason::InternalError {
+                        detail: format!("unexpected KVM system event {other}"),
+                        dump: dump(index, vcpu),
+                    },
+                })
+            }
+            VcpuExit::Intr => continue,
+            VcpuExit::InternalError => {
+                let suberror = internal_suberror(vcpu);
+                return RunEvent::Exit(ExitReason::InternalError {
+                    detail: format!("KVM internal error, suberror {suberror} ({})", describe_suberror(suberror)),
+                    dump: dump(index, vcpu),
+                });
+            }
+            VcpuExit::FailEntry(reason, cpu) => {
+                return RunEvent::Exit(ExitReason::InternalError {
+                    detail: format!("VM entry failed: hardware reason {reason:#x} on host CPU {cpu}"),
+                    dump: dump(index, vcpu),
+                })
+            }
+            other => {
+                let detail = format!("unhandled KVM exit {other:?}");
+                return RunEvent::Exit(ExitReason::InternalError {
+                    detail,
+                    dump: dump(index, vcpu),
+                });
+            }
+        }
+    }
+}
+
+fn unreadable(index: usize) -> ExitReason {
+    ExitReason::InternalError {
+        detail: format!("vCPU {index} stopped and its registers could not be read"),
+        dump: None,
+    }
+}
+
+fn internal_suberror(vcpu: &mut VcpuFd) -> u32 {
+    let run = vcpu.get_kvm_run();
+    // SAFETY: KVM filled the `internal` member of the exit union for KVM_EXIT_INTERNAL_ERROR.
+    unsafe { run.__bindgen_anon_1.internal.suberror }
+}
+
+fn describe_suberror(code: u32) -> &'static str {
+    match code {
+        1 => "emulation failure: KVM's instruction emulator refused an instruction",
+        2 => "simultaneous exceptions",
+        3 => "delivery event failure",
+        4 => "unexpected exit reason",
+        _ => "unknown",
+    }
+}
+
+/// Reads the registers of a stopped vCPU for a report.
+pub fn dump(index: usize, vcpu: &VcpuFd) -> Option<VcpuDump> {
+    Some(VcpuDump {
+        vcpu: index,
+        regs: vcpu.get_regs().ok()?,
+        sregs: vcpu.get_sregs().ok()?,
+    })
+}

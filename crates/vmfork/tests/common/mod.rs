@@ -1,0 +1,42 @@
+//! Helpers shared by the integration tests: boot a built-in guest with its serial in a buffer.
+#![allow(dead_code)]
+
+use guests::layout::{mailbox, MAILBOX};
+use guests::Workload;
+use std::time::Duration;
+use vmfork::boot::{BootSpec, Kernel};
+use vmfork::devices::{SerialBuffer, SerialSink};
+use vmfork::{ExitReason, Vm, VmConfig};
+
+/// Generous bound for guests that should finish in milliseconds (CI machines are noisy).
+pub const QUICK: Duration = Duration::from_secs(30);
+
+pub fn config(mem_mib: u64) -> VmConfig {
+    VmConfig {
+        mem_bytes: mem_mib << 20,
+        ..VmConfig::default()
+    }
+}
+
+/// Builds a VM with `workload` loaded and mailbox parameters `(offset, value)` written.
+pub fn guest_vm(workload: Workload, cfg: VmConfig, params: &[(u64, u64)]) -> (Vm, SerialBuffer) {
+    let (sink, buffer) = SerialSink::buffer();
+    let vm = Vm::boot(cfg, sink, &BootSpec::new(Kernel::Elf(workload.elf()))).expect("boot");
+    for &(offset, value) in params {
+        vm.ram().write_u64(MAILBOX + offset, value).unwrap();
+    }
+    (vm, buffer)
+}
+
+/// Runs a guest on its vCPU threads until it stops.
+pub fn run_to_exit(vm: &Vm) -> ExitReason {
+    vm.start().unwrap();
+    vm.wait_timeout(QUICK).unwrap_or_else(|| {
+        vm.stop();
+        panic!("guest did not stop within {QUICK:?}")
+    })
+}
+
+pub fn counter_params(delay: u64) -> Vec<(u64, u64)> {
+    vec![(mailbox::PARAM0, delay)]
+}
