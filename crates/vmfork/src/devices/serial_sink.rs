@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 #[derive(Clone, Debug, Default)]
 pub struct SerialBuffer {
     inner: Arc<Mutex<Vec<u8>>>,
+    first_byte_at: Arc<std::sync::OnceLock<std::time::Instant>>,
 }
 
 /// Most bytes a [`SerialBuffer`] keeps; older bytes are dropped first.
@@ -37,7 +38,15 @@ impl SerialBuffer {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// When the guest printed its first byte (what boot benchmarks measure to).
+    pub fn first_byte_at(&self) -> Option<std::time::Instant> {
+        self.first_byte_at.get().copied()
+    }
+
     fn push(&self, bytes: &[u8]) {
+        if !bytes.is_empty() {
+            self.first_byte_at.get_or_init(std::time::Instant::now);
+        }
         let mut buf = self.lock();
         buf.extend_from_slice(bytes);
         if buf.len() > SERIAL_BUFFER_CAP {

@@ -1,0 +1,96 @@
+//! `vmfork bench SUITE [--json]`: each suite measures in one run and prints a report, as a table
+//! or as one JSON object `{"suite", "metrics": [{"name", "value", "unit", "params"}]}`.
+
+mod boot;
+
+use crate::CliResult;
+use clap::{Args, Subcommand};
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+#[derive(Subcommand)]
+pub enum Suite {
+    /// VMM start to the guest's first serial byte, in-process and as a process; pause+resume.
+    Boot(BenchArgs),
+}
+
+#[derive(Args, Clone, Copy)]
+pub struct BenchArgs {
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Samples per metric (at least 20 for the p99 to mean something).
+    #[arg(long, default_value_t = 50)]
+    pub runs: usize,
+}
+
+pub fn run(suite: Suite) -> CliResult<u8> {
+    let (args, report) = match suite {
+        Suite::Boot(args) => (args, boot::run(args)?),
+    };
+    if args.runs < 5 {
+        return Err("--runs must be at least 5".into());
+    }
+    if args.json {
+        println!("{}", serde_json::to_string(&report).map_err(|e| e.to_string())?);
+    } else {
+        report.print_table();
+    }
+    Ok(0)
+}
+
+#[derive(Serialize)]
+pub struct Report {
+    pub suite: &'static str,
+    pub metrics: Vec<Metric>,
+}
+
+#[derive(Serialize)]
+pub struct Metric {
+    pub name: String,
+    pub value: f64,
+    pub unit: &'static str,
+    pub params: Map<String, Value>,
+}
+
+impl Report {
+    pub fn new(suite: &'static str) -> Self {
+        Self {
+            suite,
+            metrics: Vec::new(),
+        }
+    }
+
+    pub fn add(&mut self, name: &str, value: f64, unit: &'static str, params: &[(&str, Value)]) {
+        self.metrics.push(Metric {
+            name: name.to_string(),
+            value: (value * 100.0).round() / 100.0,
+            unit,
+            params: params
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+        });
+    }
+
+    fn print_table(&self) {
+        println!("suite: {}", self.suite);
+        for m in &self.metrics {
+            let params: Vec<String> = m.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            println!(
+                "  {:<40} {:>12.2} {:<6} {}",
+                m.name,
+                m.value,
+                m.unit,
+                params.join(" ")
+            );
+        }
+    }
+}
+
+/// Median and 99th percentile of `samples` (sorted in place).
+pub fn p50_p99(samples: &mut [f64]) -> (f64, f64) {
+    samples.sort_by(|a, b| a.total_cmp(b));
+    let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
+    (at(0.5), at(0.99))
+}

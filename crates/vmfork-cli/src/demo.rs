@@ -1,0 +1,63 @@
+//! `vmfork demo`: the main job on the built-in guests, with timings.
+
+use crate::CliResult;
+use guests::layout::{mailbox, MAILBOX};
+use guests::Workload;
+use std::time::{Duration, Instant};
+use vmfork::boot::{BootSpec, Kernel};
+use vmfork::devices::SerialSink;
+use vmfork::{Vm, VmConfig};
+
+fn err(e: vmfork::Error) -> String {
+    e.to_string()
+}
+
+pub fn demo() -> CliResult<u8> {
+    let config = VmConfig {
+        mem_bytes: 256 << 20,
+        ..VmConfig::default()
+    };
+
+    println!("== 1. boot the `hello` guest (256 MiB, 1 vCPU)");
+    let (sink, serial) = SerialSink::buffer();
+    let t0 = Instant::now();
+    let vm = Vm::boot(config.clone(), sink, &BootSpec::new(Kernel::Elf(Workload::Hello.elf())))
+        .map_err(err)?;
+    let reason = vm.run_inline().map_err(err)?;
+    let first = serial.first_byte_at().map(|t| t - t0);
+    print!("   guest says: {}", serial.text());
+    println!("   {} ; first serial byte after {:?}", reason.summary(), first.unwrap_or_default());
+
+    println!("== 2. run `counter`, pause it, read its state, resume it");
+    let (sink, serial) = SerialSink::buffer();
+    let vm = Vm::boot(config, sink, &BootSpec::new(Kernel::Elf(Workload::Counter.elf())))
+        .map_err(err)?;
+    vm.ram()
+        .write_u64(MAILBOX + mailbox::PARAM0, 2_000_000)
+        .map_err(err)?;
+    vm.start().map_err(err)?;
+    std::thread::sleep(Duration::from_millis(100));
+    let t = Instant::now();
+    vm.pause().map_err(err)?;
+    let pause_took = t.elapsed();
+    let count = vm.ram().read_u64(MAILBOX + mailbox::PROGRESS).map_err(err)?;
+    let state = vm.vcpu_state(0).map_err(err)?;
+    println!(
+        "   paused in {pause_took:?} at counter {count}: rip={:#x} rbx={} cpl={} ({} MSRs saved)",
+        state.regs.rip,
+        state.regs.rbx,
+        state.sregs.cs.selector & 3,
+        state.msrs.len()
+    );
+    std::thread::sleep(Duration::from_millis(50));
+    let still = vm.ram().read_u64(MAILBOX + mailbox::PROGRESS).map_err(err)?;
+    println!("   50 ms later, still paused at {still}");
+    vm.resume().map_err(err)?;
+    std::thread::sleep(Duration::from_millis(100));
+    vm.stop();
+    vm.wait();
+    let text = serial.text();
+    let last = text.lines().last().unwrap_or("");
+    println!("   resumed and stopped; last line: {last:?}");
+    Ok(0)
+}

@@ -1,0 +1,122 @@
+//! Turning CLI arguments into something to boot: a built-in guest, an ELF or a flat binary.
+
+use crate::units::{parse_number, parse_size};
+use crate::CliResult;
+use clap::Args;
+use guests::Workload;
+use std::path::PathBuf;
+use vmfork::boot::{BootSpec, Kernel};
+use vmfork::VmConfig;
+
+/// What to boot and how big the VM is.
+#[derive(Args, Clone, Debug)]
+pub struct GuestArgs {
+    /// A built-in guest (see `vmfork guests`).
+    #[arg(long, conflicts_with_all = ["kernel", "flat"])]
+    pub guest: Option<String>,
+    /// An ELF kernel (PVH note or 64-bit entry).
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// A flat binary, loaded at --load-addr and entered there in 64-bit mode.
+    #[arg(long, conflicts_with = "kernel")]
+    pub flat: Option<PathBuf>,
+    #[arg(long, default_value = "0x100000", value_parser = parse_number)]
+    pub load_addr: u64,
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    #[arg(long)]
+    pub cmdline: Option<String>,
+    /// Guest RAM (K, M, G suffixes).
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    pub mem: u64,
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    /// A built-in guest's mailbox parameter, as INDEX=VALUE (0: pages/delay, 1: seed, 2: stop).
+    #[arg(long = "param", value_parser = parse_param)]
+    pub params: Vec<(u64, u64)>,
+}
+
+fn parse_param(text: &str) -> Result<(u64, u64), String> {
+    let (index, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("'{text}' is not INDEX=VALUE"))?;
+    let offset = match index {
+        "0" => guests::layout::mailbox::PARAM0,
+        "1" => guests::layout::mailbox::PARAM1,
+        "2" => guests::layout::mailbox::PARAM2,
+        _ => return Err(format!("parameter index '{index}' must be 0, 1 or 2")),
+    };
+    Ok((offset, parse_number(value)?))
+}
+
+/// Looks up a built-in guest by name, with the list in the error.
+pub fn workload(name: &str) -> CliResult<Workload> {
+    Workload::from_name(name).ok_or_else(|| {
+        let names: Vec<_> = Workload::ALL.iter().map(|w| w.name()).collect();
+        format!("unknown guest '{name}' (built-in guests: {})", names.join(", "))
+    })
+}
+
+fn read(path: &PathBuf, what: &str) -> CliResult<Vec<u8>> {
+    std::fs::read(path).map_err(|e| format!("cannot read {what} {}: {e}", path.display()))
+}
+
+impl GuestArgs {
+    pub fn config(&self) -> CliResult<VmConfig> {
+        let vcpus = u8::try_from(self.vcpus)
+            .ok()
+            .filter(|&n| n >= 1 && n <= vmfork::vm::MAX_VCPUS)
+            .ok_or_else(|| {
+                format!(
+                    "--vcpus {} is out of range (1 to {})",
+                    self.vcpus,
+                    vmfork::vm::MAX_VCPUS
+                )
+            })?;
+        Ok(VmConfig {
+            vcpus,
+            mem_bytes: self.mem,
+            ..VmConfig::default()
+        })
+    }
+
+    pub fn boot_spec(&self) -> CliResult<BootSpec> {
+        let kernel = match (&self.guest, &self.kernel, &self.flat) {
+            (Some(name), _, _) => Kernel::Elf(workload(name)?.elf()),
+            (None, Some(path), _) => {
+                let bytes = read(path, "kernel")?;
+                if !bytes.starts_with(b"\x7fELF") {
+                    return Err(format!(
+                        "{} is not an ELF file (use --flat for a flat binary)",
+                        path.display()
+                    ));
+                }
+                Kernel::Elf(bytes)
+            }
+            (None, None, Some(path)) => Kernel::Flat {
+                image: read(path, "flat binary")?,
+                load_addr: self.load_addr,
+            },
+            (None, None, None) => {
+                return Err("say what to boot: --guest NAME, --kernel PATH or --flat PATH".into())
+            }
+        };
+        let mut spec = BootSpec::new(kernel);
+        spec.cmdline = self.cmdline.clone();
+        spec.initrd = match &self.initrd {
+            Some(p) => Some(read(p, "initrd")?),
+            None => None,
+        };
+        Ok(spec)
+    }
+
+    /// Writes the mailbox parameters (built-in guests only).
+    pub fn apply_params(&self, vm: &vmfork::Vm) -> CliResult<()> {
+        for &(offset, value) in &self.params {
+            vm.ram()
+                .write_u64(guests::layout::MAILBOX + offset, value)
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+}
