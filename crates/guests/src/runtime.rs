@@ -67,7 +67,10 @@ pub fn build_image(user_code: &[u8]) -> Result<Vec<u8>, IcedError> {
     };
     put(ENTRY64, &entry64()?);
     put(PVH_ENTRY, &pvh_entry()?);
-    assert!(user_code.len() <= (GDT - USER_CODE) as usize, "workload too large");
+    assert!(
+        user_code.len() <= (GDT - USER_CODE) as usize,
+        "workload too large"
+    );
     put(USER_CODE, user_code);
 
     let gdt: Vec<u8> = GDT_ENTRIES.iter().flat_map(|e| e.to_le_bytes()).collect();

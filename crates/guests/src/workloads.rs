@@ -35,7 +35,12 @@ impl Asm {
         let exit = a.create_label();
         // r15 holds the mailbox address in every workload.
         a.mov(r15, MAILBOX)?;
-        Ok(Self { a, print, print_dec, exit })
+        Ok(Self {
+            a,
+            print,
+            print_dec,
+            exit,
+        })
     }
 
     /// Prints a string placed after the code.

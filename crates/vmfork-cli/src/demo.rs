@@ -21,17 +21,29 @@ pub fn demo() -> CliResult<u8> {
     println!("== 1. boot the `hello` guest (256 MiB, 1 vCPU)");
     let (sink, serial) = SerialSink::buffer();
     let t0 = Instant::now();
-    let vm = Vm::boot(config.clone(), sink, &BootSpec::new(Kernel::Elf(Workload::Hello.elf())))
-        .map_err(err)?;
+    let vm = Vm::boot(
+        config.clone(),
+        sink,
+        &BootSpec::new(Kernel::Elf(Workload::Hello.elf())),
+    )
+    .map_err(err)?;
     let reason = vm.run_inline().map_err(err)?;
     let first = serial.first_byte_at().map(|t| t - t0);
     print!("   guest says: {}", serial.text());
-    println!("   {} ; first serial byte after {:?}", reason.summary(), first.unwrap_or_default());
+    println!(
+        "   {} ; first serial byte after {:?}",
+        reason.summary(),
+        first.unwrap_or_default()
+    );
 
     println!("== 2. run `counter`, pause it, read its state, resume it");
     let (sink, serial) = SerialSink::buffer();
-    let vm = Vm::boot(config, sink, &BootSpec::new(Kernel::Elf(Workload::Counter.elf())))
-        .map_err(err)?;
+    let vm = Vm::boot(
+        config,
+        sink,
+        &BootSpec::new(Kernel::Elf(Workload::Counter.elf())),
+    )
+    .map_err(err)?;
     vm.ram()
         .write_u64(MAILBOX + mailbox::PARAM0, 2_000_000)
         .map_err(err)?;
@@ -40,7 +52,10 @@ pub fn demo() -> CliResult<u8> {
     let t = Instant::now();
     vm.pause().map_err(err)?;
     let pause_took = t.elapsed();
-    let count = vm.ram().read_u64(MAILBOX + mailbox::PROGRESS).map_err(err)?;
+    let count = vm
+        .ram()
+        .read_u64(MAILBOX + mailbox::PROGRESS)
+        .map_err(err)?;
     let state = vm.vcpu_state(0).map_err(err)?;
     println!(
         "   paused in {pause_took:?} at counter {count}: rip={:#x} rbx={} cpl={} ({} MSRs saved)",
@@ -50,7 +65,10 @@ pub fn demo() -> CliResult<u8> {
         state.msrs.len()
     );
     std::thread::sleep(Duration::from_millis(50));
-    let still = vm.ram().read_u64(MAILBOX + mailbox::PROGRESS).map_err(err)?;
+    let still = vm
+        .ram()
+        .read_u64(MAILBOX + mailbox::PROGRESS)
+        .map_err(err)?;
     println!("   50 ms later, still paused at {still}");
     vm.resume().map_err(err)?;
     std::thread::sleep(Duration::from_millis(100));

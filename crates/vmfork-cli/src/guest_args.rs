@@ -53,7 +53,10 @@ fn parse_param(text: &str) -> Result<(u64, u64), String> {
 pub fn workload(name: &str) -> CliResult<Workload> {
     Workload::from_name(name).ok_or_else(|| {
         let names: Vec<_> = Workload::ALL.iter().map(|w| w.name()).collect();
-        format!("unknown guest '{name}' (built-in guests: {})", names.join(", "))
+        format!(
+            "unknown guest '{name}' (built-in guests: {})",
+            names.join(", ")
+        )
     })
 }
 
@@ -65,7 +68,7 @@ impl GuestArgs {
     pub fn config(&self) -> CliResult<VmConfig> {
         let vcpus = u8::try_from(self.vcpus)
             .ok()
-            .filter(|&n| n >= 1 && n <= vmfork::vm::MAX_VCPUS)
+            .filter(|n| (1..=vmfork::vm::MAX_VCPUS).contains(n))
             .ok_or_else(|| {
                 format!(
                     "--vcpus {} is out of range (1 to {})",

@@ -11,7 +11,11 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "vmfork", version, about = "A KVM VMM that forks, resets, snapshots and migrates VMs")]
+#[command(
+    name = "vmfork",
+    version,
+    about = "A KVM VMM that forks, resets, snapshots and migrates VMs"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -38,7 +42,10 @@ enum Command {
 #[derive(Subcommand)]
 enum GuestsAction {
     /// Write a built-in guest as an ELF (bootable by vmfork, QEMU `-M microvm -kernel`, ...).
-    Export { name: String, file: std::path::PathBuf },
+    Export {
+        name: String,
+        file: std::path::PathBuf,
+    },
 }
 
 fn main() -> ExitCode {

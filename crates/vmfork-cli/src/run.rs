@@ -21,7 +21,9 @@ pub fn run(args: RunArgs) -> CliResult<u8> {
     let spec = args.guest.boot_spec()?;
     let timeout = match args.timeout {
         Some(s) if !(s.is_finite() && s > 0.0) => {
-            return Err(format!("--timeout {s} must be a positive number of seconds"))
+            return Err(format!(
+                "--timeout {s} must be a positive number of seconds"
+            ))
         }
         Some(s) => Some(Duration::from_secs_f64(s)),
         None => None,
@@ -38,7 +40,10 @@ pub fn run(args: RunArgs) -> CliResult<u8> {
         let timed_out = timeout.is_some_and(|t| started.elapsed() >= t);
         if interrupt::interrupted() || timed_out {
             if timed_out {
-                eprintln!("vmfork: stopping the VM after the {:?} timeout", timeout.unwrap_or_default());
+                eprintln!(
+                    "vmfork: stopping the VM after the {:?} timeout",
+                    timeout.unwrap_or_default()
+                );
             }
             vm.stop();
         }

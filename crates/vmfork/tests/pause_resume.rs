@@ -53,7 +53,11 @@ fn counter_pauses_resumes_and_exposes_its_state() {
     assert!(after > 1_000_000);
     vm.stop();
     assert_eq!(vm.wait(), ExitReason::Stopped);
-    assert!(serial.text().contains("counter 1000001\n"), "{}", serial.text());
+    assert!(
+        serial.text().contains("counter 1000001\n"),
+        "{}",
+        serial.text()
+    );
 }
 
 #[test]
@@ -64,7 +68,11 @@ fn state_operations_refuse_a_running_vm() {
     assert!(err.contains("running"), "{err}");
     assert!(vm.resume().is_ok());
     vm.pause().unwrap();
-    assert!(vm.vcpu_state(5).unwrap_err().to_string().contains("does not exist"));
+    assert!(vm
+        .vcpu_state(5)
+        .unwrap_err()
+        .to_string()
+        .contains("does not exist"));
     vm.stop();
     vm.wait();
     assert!(vm.pause().is_err());
@@ -99,16 +107,34 @@ fn bad_configurations_are_refused_with_clear_errors() {
     use vmfork::devices::SerialSink;
     use vmfork::Vm;
     for (cfg, needle) in [
-        (VmConfig { vcpus: 0, ..config(16) }, "vCPUs"),
-        (VmConfig { vcpus: 255, ..config(16) }, "vCPUs"),
+        (
+            VmConfig {
+                vcpus: 0,
+                ..config(16)
+            },
+            "vCPUs",
+        ),
+        (
+            VmConfig {
+                vcpus: 255,
+                ..config(16)
+            },
+            "vCPUs",
+        ),
         (config(0), "RAM size"),
         (config(1 << 30), "more than this host has"), // 1 TiB
     ] {
-        let err = Vm::new(cfg, SerialSink::Discard).err().expect("refused").to_string();
+        let err = Vm::new(cfg, SerialSink::Discard)
+            .err()
+            .expect("refused")
+            .to_string();
         assert!(err.contains(needle), "{err}");
     }
     let bad = vmfork::boot::BootSpec::new(vmfork::boot::Kernel::Elf(b"not an elf".to_vec()));
-    let err = Vm::boot(config(16), SerialSink::Discard, &bad).err().unwrap().to_string();
+    let err = Vm::boot(config(16), SerialSink::Discard, &bad)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("not an ELF"), "{err}");
     // An ELF whose segment lands at 1 GiB, past the end of 16 MiB of RAM.
     let mut elf = Workload::Hello.elf();
@@ -134,5 +160,8 @@ fn bad_configurations_are_refused_with_clear_errors() {
     .err()
     .unwrap()
     .to_string();
-    assert!(err.contains("does not fit") || err.contains("past the end"), "{err}");
+    assert!(
+        err.contains("does not fit") || err.contains("past the end"),
+        "{err}"
+    );
 }

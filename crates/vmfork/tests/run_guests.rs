@@ -47,11 +47,20 @@ fn memtouch_writes_its_pattern() {
     assert_eq!(serial.text(), format!("memtouch done {pages}\n"));
     for page in [0, 17, pages - 1] {
         let addr = MEMTOUCH_BASE + page * 4096;
-        assert_eq!(vm.ram().read_u64(addr).unwrap(), memtouch_pattern(seed, page));
-        assert_eq!(vm.ram().read_u64(addr + 4088).unwrap(), memtouch_pattern(seed, page));
+        assert_eq!(
+            vm.ram().read_u64(addr).unwrap(),
+            memtouch_pattern(seed, page)
+        );
+        assert_eq!(
+            vm.ram().read_u64(addr + 4088).unwrap(),
+            memtouch_pattern(seed, page)
+        );
     }
     assert_eq!(vm.ram().read_u64(MEMTOUCH_BASE + pages * 4096).unwrap(), 0);
-    assert_eq!(vm.ram().read_u64(MAILBOX + mailbox::PROGRESS).unwrap(), pages);
+    assert_eq!(
+        vm.ram().read_u64(MAILBOX + mailbox::PROGRESS).unwrap(),
+        pages
+    );
 }
 
 #[test]
@@ -106,7 +115,9 @@ fn triple_fault_is_reported_and_the_vmm_survives() {
 fn a_spinning_guest_is_stopped_by_the_host() {
     let (vm, _) = guest_vm(Workload::Spin, config(16), &[]);
     vm.start().unwrap();
-    assert!(vm.wait_timeout(std::time::Duration::from_millis(200)).is_none());
+    assert!(vm
+        .wait_timeout(std::time::Duration::from_millis(200))
+        .is_none());
     vm.stop();
     assert_eq!(vm.wait(), ExitReason::Stopped);
 }

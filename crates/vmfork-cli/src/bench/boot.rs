@@ -25,8 +25,12 @@ pub fn run(args: BenchArgs) -> CliResult<Report> {
     for _ in 0..args.runs {
         let (sink, serial) = SerialSink::buffer();
         let t0 = Instant::now();
-        let vm = Vm::boot(config.clone(), sink, &BootSpec::new(Kernel::Elf(elf.clone())))
-            .map_err(|e| e.to_string())?;
+        let vm = Vm::boot(
+            config.clone(),
+            sink,
+            &BootSpec::new(Kernel::Elf(elf.clone())),
+        )
+        .map_err(|e| e.to_string())?;
         vm.run_inline().map_err(|e| e.to_string())?;
         let first = serial
             .first_byte_at()
@@ -36,7 +40,11 @@ pub fn run(args: BenchArgs) -> CliResult<Report> {
         std::thread::spawn(move || drop(vm));
     }
     let (p50, p99) = p50_p99(&mut in_process);
-    let params = [("mode", json!("in_process")), ("mem_mib", json!(MEM_MIB)), ("guest", json!("hello"))];
+    let params = [
+        ("mode", json!("in_process")),
+        ("mem_mib", json!(MEM_MIB)),
+        ("guest", json!("hello")),
+    ];
     report.add("boot_to_first_serial_us_p50", p50, "us", &params);
     report.add("boot_to_first_serial_us_p99", p99, "us", &params);
 
@@ -61,14 +69,22 @@ pub fn run(args: BenchArgs) -> CliResult<Report> {
         }
     }
     let (p50, p99) = p50_p99(&mut whole);
-    let params = [("mode", json!("process")), ("mem_mib", json!(MEM_MIB)), ("guest", json!("hello"))];
+    let params = [
+        ("mode", json!("process")),
+        ("mem_mib", json!(MEM_MIB)),
+        ("guest", json!("hello")),
+    ];
     report.add("boot_to_first_serial_ms_p50", p50, "ms", &params);
     report.add("boot_to_first_serial_ms_p99", p99, "ms", &params);
 
     let (vm, _serial) = {
         let (sink, serial) = SerialSink::buffer();
-        let vm = Vm::boot(config, sink, &BootSpec::new(Kernel::Elf(Workload::Counter.elf())))
-            .map_err(|e| e.to_string())?;
+        let vm = Vm::boot(
+            config,
+            sink,
+            &BootSpec::new(Kernel::Elf(Workload::Counter.elf())),
+        )
+        .map_err(|e| e.to_string())?;
         (vm, serial)
     };
     vm.start().map_err(|e| e.to_string())?;

@@ -32,7 +32,10 @@ pub fn run(suite: Suite) -> CliResult<u8> {
         return Err("--runs must be at least 5".into());
     }
     if args.json {
-        println!("{}", serde_json::to_string(&report).map_err(|e| e.to_string())?);
+        println!(
+            "{}",
+            serde_json::to_string(&report).map_err(|e| e.to_string())?
+        );
     } else {
         report.print_table();
     }

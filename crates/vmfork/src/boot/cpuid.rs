@@ -10,9 +10,8 @@ pub(crate) fn vcpu_cpuid(supported: &CpuId, index: u8, count: u8) -> CpuId {
     for entry in cpuid.as_mut_slice() {
         match entry.function {
             1 => {
-                entry.ebx = (entry.ebx & 0x0000_ffff)
-                    | (u32::from(index) << 24)
-                    | (u32::from(count) << 16);
+                entry.ebx =
+                    (entry.ebx & 0x0000_ffff) | (u32::from(index) << 24) | (u32::from(count) << 16);
                 entry.ecx |= HYPERVISOR_BIT;
             }
             // Extended topology: EDX is the x2APIC ID.

@@ -115,10 +115,7 @@ pub fn load(ram: &GuestRam, spec: &BootSpec) -> Result<EntryPoint> {
                 (PvhBootCapability::PvhEntryPresent(a), Kernel::Elf(_)) => Some(a.0),
                 _ => None,
             };
-            (
-                (entry, res.kernel_load.0),
-                res.kernel_end,
-            )
+            ((entry, res.kernel_load.0), res.kernel_end)
         }
     };
     let initrd = match &spec.initrd {
@@ -199,7 +196,11 @@ const E820_RESERVED: u32 = 2;
 fn e820_map(ram: &GuestRam) -> Vec<(u64, u64, u32)> {
     let mut map = vec![
         (0, layout::EBDA_START, E820_RAM),
-        (layout::EBDA_START, layout::HIGHMEM_START - layout::EBDA_START, E820_RESERVED),
+        (
+            layout::EBDA_START,
+            layout::HIGHMEM_START - layout::EBDA_START,
+            E820_RESERVED,
+        ),
     ];
     for r in &ram.layout().regions {
         let start = r.guest_addr.max(layout::HIGHMEM_START);

@@ -109,7 +109,11 @@ impl HostMapping {
 
     fn check_range(&self, offset: usize, len: usize) -> Result<()> {
         match offset.checked_add(len) {
-            Some(end) if end <= self.len && offset % 4096 == 0 && len % 4096 == 0 => Ok(()),
+            Some(end)
+                if end <= self.len && offset.is_multiple_of(4096) && len.is_multiple_of(4096) =>
+            {
+                Ok(())
+            }
             _ => Err(Error::Memory(format!(
                 "range {offset:#x}+{len:#x} is not page-aligned inside the {:#x}-byte mapping",
                 self.len
@@ -153,8 +157,7 @@ pub fn create_memfd(name: &str, size: u64) -> Result<std::fs::File> {
     }
     // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
     let file = unsafe { std::fs::File::from_raw_fd(fd) };
-    file.set_len(size).map_err(|e| {
-        Error::Memory(format!("cannot size guest RAM to {} MiB: {e}", size >> 20))
-    })?;
+    file.set_len(size)
+        .map_err(|e| Error::Memory(format!("cannot size guest RAM to {} MiB: {e}", size >> 20)))?;
     Ok(file)
 }

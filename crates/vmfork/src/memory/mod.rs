@@ -51,7 +51,7 @@ pub struct MemoryLayout {
 impl MemoryLayout {
     /// RAM from 0 up to the MMIO hole, the rest from 4 GiB.
     pub fn for_size(bytes: u64) -> Result<Self> {
-        if bytes < MIN_RAM || bytes % PAGE_SIZE != 0 {
+        if bytes < MIN_RAM || !bytes.is_multiple_of(PAGE_SIZE) {
             return Err(Error::Config(format!(
                 "RAM size {bytes} bytes must be a multiple of 4 KiB and at least {} MiB",
                 MIN_RAM >> 20

@@ -92,12 +92,14 @@ impl VcpuState {
         // vmfork never enables dynamic XSAVE features (KVM_CAP_XSAVE2 sizing).
         unsafe { vcpu.set_xsave(&xsave) }.kvm("KVM_SET_XSAVE")?;
         vcpu.set_xcrs(&self.xcrs).kvm("KVM_SET_XCRS")?;
-        vcpu.set_debug_regs(&self.debugregs).kvm("KVM_SET_DEBUGREGS")?;
+        vcpu.set_debug_regs(&self.debugregs)
+            .kvm("KVM_SET_DEBUGREGS")?;
         if let Some(lapic) = &self.lapic {
             vcpu.set_lapic(lapic).kvm("KVM_SET_LAPIC")?;
         }
         write_msrs(vcpu, &self.msrs)?;
-        vcpu.set_vcpu_events(&self.events).kvm("KVM_SET_VCPU_EVENTS")?;
+        vcpu.set_vcpu_events(&self.events)
+            .kvm("KVM_SET_VCPU_EVENTS")?;
         Ok(())
     }
 
@@ -127,9 +129,8 @@ fn read_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_msr_entry>> {
         .collect();
     let mut out = Vec::with_capacity(entries.len());
     for chunk in entries.chunks(kvm_bindings::KVM_MAX_MSR_ENTRIES) {
-        let mut msrs = Msrs::from_entries(chunk).map_err(|_| {
-            crate::Error::Invalid("too many MSRs in one KVM_GET_MSRS call".into())
-        })?;
+        let mut msrs = Msrs::from_entries(chunk)
+            .map_err(|_| crate::Error::Invalid("too many MSRs in one KVM_GET_MSRS call".into()))?;
         let n = vcpu.get_msrs(&mut msrs).kvm("KVM_GET_MSRS")?;
         if n != chunk.len() {
             return Err(crate::Error::Invalid(format!(
@@ -145,9 +146,8 @@ fn read_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_msr_entry>> {
 
 fn write_msrs(vcpu: &VcpuFd, entries: &[kvm_msr_entry]) -> Result<()> {
     for chunk in entries.chunks(kvm_bindings::KVM_MAX_MSR_ENTRIES) {
-        let msrs = Msrs::from_entries(chunk).map_err(|_| {
-            crate::Error::Invalid("too many MSRs in one KVM_SET_MSRS call".into())
-        })?;
+        let msrs = Msrs::from_entries(chunk)
+            .map_err(|_| crate::Error::Invalid("too many MSRs in one KVM_SET_MSRS call".into()))?;
         let n = vcpu.set_msrs(&msrs).kvm("KVM_SET_MSRS")?;
         if n != chunk.len() {
             return Err(crate::Error::Invalid(format!(

@@ -62,9 +62,16 @@ pub enum ExitReason {
     /// The guest halted with no way to wake up (no in-kernel irqchip).
     Halted(VcpuDump),
     /// The guest wrote to a guest-physical address with no RAM and no device.
-    UnmappedWrite { addr: u64, len: usize, dump: VcpuDump },
+    UnmappedWrite {
+        addr: u64,
+        len: usize,
+        dump: VcpuDump,
+    },
     /// KVM could not run or emulate the guest (e.g. an instruction its emulator refuses).
-    InternalError { detail: String, dump: Option<VcpuDump> },
+    InternalError {
+        detail: String,
+        dump: Option<VcpuDump>,
+    },
     /// The host stopped the VM (stop request, Ctrl-C, timeout).
     Stopped,
 }

@@ -15,7 +15,7 @@ use crate::boot::{self, BootSpec};
 use crate::devices::{Devices, SerialSink, SERIAL_IRQ};
 use crate::error::{Error, KvmContext, Result};
 use crate::memory::GuestRam;
-use crate::state::{CpuRegisters, VcpuState};
+use crate::state::{CpuRegisters, IrqchipState, VcpuState, VmState};
 use control::RunControl;
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{VcpuFd, VmFd};
@@ -235,7 +235,7 @@ impl Vm {
         let event = vcpu::run_vcpu(0, &mut vcpu, &self.shared.devices, &self.shared.control);
         self.shared.control.set_want(Want::Pause);
         Ok(match event {
-            vcpu::RunEvent::Exit(reason) => reason,
+            vcpu::RunEvent::Exit(reason) => *reason,
             vcpu::RunEvent::Interrupted => ExitReason::Stopped,
         })
     }
@@ -379,6 +379,64 @@ impl Vm {
         self.shared.devices.save()
     }
 
+    /// The in-kernel irqchip and PIT state, if the VM has them; the VM must not be running.
+    pub fn irqchip_state(&self) -> Result<Option<IrqchipState>> {
+        self.require_stopped()?;
+        if !self.shared.config.irqchip {
+            return Ok(None);
+        }
+        let fd = &self.shared.fd;
+        let chip = |id| -> Result<kvm_bindings::kvm_irqchip> {
+            let mut c = kvm_bindings::kvm_irqchip {
+                chip_id: id,
+                ..Default::default()
+            };
+            fd.get_irqchip(&mut c).kvm("KVM_GET_IRQCHIP")?;
+            Ok(c)
+        };
+        Ok(Some(IrqchipState {
+            pic_master: chip(kvm_bindings::KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: chip(kvm_bindings::KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: chip(kvm_bindings::KVM_IRQCHIP_IOAPIC)?,
+            pit: fd.get_pit2().kvm("KVM_GET_PIT2")?,
+        }))
+    }
+
+    /// Loads irqchip and PIT state saved by [`Self::irqchip_state`].
+    pub fn set_irqchip_state(&self, state: &IrqchipState) -> Result<()> {
+        self.require_stopped()?;
+        if !self.shared.config.irqchip {
+            return Err(Error::Invalid(
+                "irqchip state given for a VM without an in-kernel irqchip".into(),
+            ));
+        }
+        let fd = &self.shared.fd;
+        for chip in [&state.pic_master, &state.pic_slave, &state.ioapic] {
+            fd.set_irqchip(chip).kvm("KVM_SET_IRQCHIP")?;
+        }
+        fd.set_pit2(&state.pit).kvm("KVM_SET_PIT2")
+    }
+
+    /// The guest's kvmclock; the VM must not be running.
+    pub fn clock(&self) -> Result<kvm_bindings::kvm_clock_data> {
+        self.require_stopped()?;
+        self.shared.fd.get_clock().kvm("KVM_GET_CLOCK")
+    }
+
+    /// The whole VM state but RAM contents; the VM must not be running.
+    pub fn save_state(&self) -> Result<VmState> {
+        let vcpus = (0..self.vcpu_count())
+            .map(|i| self.vcpu_state(i))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(VmState {
+            vcpus,
+            irqchip: self.irqchip_state()?,
+            clock: Some(self.clock()?),
+            devices: self.device_state(),
+            memory: self.shared.ram.layout().clone(),
+        })
+    }
+
     fn kick_all(&self) {
         self.shared.kicks.kick_all();
     }
@@ -425,7 +483,7 @@ fn vcpu_thread(shared: Arc<VmShared>, index: usize) {
         match vcpu::run_vcpu(index, &mut vcpu, &shared.devices, &shared.control) {
             vcpu::RunEvent::Interrupted => {}
             vcpu::RunEvent::Exit(reason) => {
-                shared.control.finish(reason);
+                shared.control.finish(*reason);
                 // The other vCPUs may sit in KVM_RUN (halted APs never exit): kick them.
                 shared.kicks.kick_all();
                 break;

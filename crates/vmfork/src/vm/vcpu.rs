@@ -11,7 +11,13 @@ pub enum RunEvent {
     /// The controller asked the vCPU to stop running (pause, stop, or a kick).
     Interrupted,
     /// The VM must stop for this reason.
-    Exit(ExitReason),
+    Exit(Box<ExitReason>),
+}
+
+impl RunEvent {
+    fn exit(reason: ExitReason) -> Self {
+        RunEvent::Exit(Box::new(reason))
+    }
 }
 
 /// KVM's `KVM_SYSTEM_EVENT_*` types.
@@ -19,7 +25,12 @@ const SYSTEM_EVENT_SHUTDOWN: u32 = 1;
 const SYSTEM_EVENT_RESET: u32 = 2;
 
 /// Runs `vcpu` until the controller interrupts it or the guest does something that stops the VM.
-pub fn run_vcpu(index: usize, vcpu: &mut VcpuFd, devices: &Devices, control: &RunControl) -> RunEvent {
+pub fn run_vcpu(
+    index: usize,
+    vcpu: &mut VcpuFd,
+    devices: &Devices,
+    control: &RunControl,
+) -> RunEvent {
     loop {
         if !control.should_run() {
             return RunEvent::Interrupted;
@@ -31,7 +42,7 @@ pub fn run_vcpu(index: usize, vcpu: &mut VcpuFd, devices: &Devices, control: &Ru
                 continue;
             }
             Err(e) => {
-                return RunEvent::Exit(ExitReason::InternalError {
+                return RunEvent::exit(ExitReason::InternalError {
                     detail: format!("KVM_RUN failed: {e}"),
                     dump: dump(index, vcpu),
                 })
@@ -40,8 +51,8 @@ pub fn run_vcpu(index: usize, vcpu: &mut VcpuFd, devices: &Devices, control: &Ru
         match exit {
             VcpuExit::IoOut(port, data) => match devices.pio_write(port, data) {
                 PioOutcome::Continue => {}
-                PioOutcome::Exit(code) => return RunEvent::Exit(ExitReason::GuestExit(code)),
-                PioOutcome::Reset => return RunEvent::Exit(ExitReason::Reset),
+                PioOutcome::Exit(code) => return RunEvent::exit(ExitReason::GuestExit(code)),
+                PioOutcome::Reset => return RunEvent::exit(ExitReason::Reset),
             },
             VcpuExit::IoIn(port, data) => devices.pio_read(port, data),
             // No MMIO devices yet: unmapped reads see all ones, as on a PC bus.
@@ -49,24 +60,24 @@ pub fn run_vcpu(index: usize, vcpu: &mut VcpuFd, devices: &Devices, control: &Ru
             VcpuExit::MmioWrite(addr, data) => {
                 let len = data.len();
                 let Some(dump) = dump(index, vcpu) else {
-                    return RunEvent::Exit(unreadable(index));
+                    return RunEvent::exit(unreadable(index));
                 };
-                return RunEvent::Exit(ExitReason::UnmappedWrite { addr, len, dump });
+                return RunEvent::exit(ExitReason::UnmappedWrite { addr, len, dump });
             }
             VcpuExit::Shutdown => {
-                return RunEvent::Exit(match dump(index, vcpu) {
+                return RunEvent::exit(match dump(index, vcpu) {
                     Some(d) => ExitReason::TripleFault(d),
                     None => unreadable(index),
                 })
             }
             VcpuExit::Hlt => {
-                return RunEvent::Exit(match dump(index, vcpu) {
+                return RunEvent::exit(match dump(index, vcpu) {
                     Some(d) => ExitReason::Halted(d),
                     None => unreadable(index),
                 })
             }
             VcpuExit::SystemEvent(kind, _) => {
-                return RunEvent::Exit(match kind {
+                return RunEvent::exit(match kind {
                     SYSTEM_EVENT_RESET => ExitReason::Reset,
                     SYSTEM_EVENT_SHUTDOWN => ExitReason::PowerOff,
                     other => ExitReason::InternalError {
@@ -78,20 +89,25 @@ pub fn run_vcpu(index: usize, vcpu: &mut VcpuFd, devices: &Devices, control: &Ru
             VcpuExit::Intr => continue,
             VcpuExit::InternalError => {
                 let suberror = internal_suberror(vcpu);
-                return RunEvent::Exit(ExitReason::InternalError {
-                    detail: format!("KVM internal error, suberror {suberror} ({})", describe_suberror(suberror)),
+                return RunEvent::exit(ExitReason::InternalError {
+                    detail: format!(
+                        "KVM internal error, suberror {suberror} ({})",
+                        describe_suberror(suberror)
+                    ),
                     dump: dump(index, vcpu),
                 });
             }
             VcpuExit::FailEntry(reason, cpu) => {
-                return RunEvent::Exit(ExitReason::InternalError {
-                    detail: format!("VM entry failed: hardware reason {reason:#x} on host CPU {cpu}"),
+                return RunEvent::exit(ExitReason::InternalError {
+                    detail: format!(
+                        "VM entry failed: hardware reason {reason:#x} on host CPU {cpu}"
+                    ),
                     dump: dump(index, vcpu),
                 })
             }
             other => {
                 let detail = format!("unhandled KVM exit {other:?}");
-                return RunEvent::Exit(ExitReason::InternalError {
+                return RunEvent::exit(ExitReason::InternalError {
                     detail,
                     dump: dump(index, vcpu),
                 });
