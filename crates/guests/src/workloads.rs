@@ -130,7 +130,6 @@ pub fn counter() -> Result<Vec<u8>, IcedError> {
     a.jnz(have_delay)?;
     a.mov(r12, DEFAULT_COUNTER_DELAY)?;
     a.set_label(&mut have_delay)?;
-    a.mov(r13, qword_ptr(r15 + mailbox::PARAM2))?;
     // Continue from the mailbox value, so a restored or forked counter counts on.
     a.mov(rbx, qword_ptr(r15 + mailbox::PROGRESS))?;
     let mut top = a.create_label();
@@ -142,7 +141,8 @@ pub fn counter() -> Result<Vec<u8>, IcedError> {
     let a = &mut g.a;
     a.mov(rax, rbx)?;
     a.call(g.print_dec)?;
-    a.cmp(rbx, r13)?;
+    // The stop value is read every time, so the host can set it while the guest runs.
+    a.cmp(rbx, qword_ptr(r15 + mailbox::PARAM2))?;
     a.je(done)?;
     a.mov(rcx, r12)?;
     let mut delay = a.create_label();

@@ -5,14 +5,17 @@
 //! - [`memory`]: guest RAM in a memfd, the one thing fork and snapshots are built on;
 //! - [`devices`]: serial console, i8042, exit port;
 //! - [`boot`]: loading ELF (PVH or 64-bit entry) and flat kernels;
+//! - [`fork`]: fork, fork of a fork, fork reset;
 //! - [`state`]: the saved state of every stateful part (vCPUs, irqchip, clock, devices).
 
 pub mod boot;
 pub mod devices;
 mod error;
+pub mod fork;
 pub mod memory;
 pub mod state;
 pub mod vm;
 
 pub use error::{Error, Result};
+pub use fork::{ForkOptions, ResetScope, ResetStats};
 pub use vm::{ExitReason, Vm, VmConfig, VmStatus};

@@ -117,9 +117,13 @@ pub struct DeviceState {
 
 type SerialDevice = Serial<IrqLine, vm_superio::serial::NoEvents, SerialSink>;
 
-/// The port-I/O devices of one VM.
+/// The port-I/O devices of one VM. The exit port is always there (it is vmfork's own channel);
+/// the device models can be left out of a fork and attached later.
 pub struct Devices {
-    serial: Mutex<SerialDevice>,
+    serial: Mutex<Option<SerialDevice>>,
+    /// State the models load from when attached later (a `no_devices` fork).
+    detached: Mutex<Option<DeviceState>>,
+    serial_irq: Mutex<Option<EventFd>>,
     i8042: Mutex<I8042Device<ResetLine>>,
     reset: ResetLine,
 }
@@ -129,11 +133,31 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+fn build_serial(
+    state: &DeviceState,
+    sink: SerialSink,
+    irq: Option<EventFd>,
+) -> crate::Result<SerialDevice> {
+    if state.serial.in_buffer.len() > 64 {
+        return Err(crate::Error::Invalid(format!(
+            "serial state holds {} received bytes, more than the 64-byte FIFO",
+            state.serial.in_buffer.len()
+        )));
+    }
+    Serial::from_state(
+        &(&state.serial).into(),
+        IrqLine(irq),
+        vm_superio::serial::NoEvents,
+        sink,
+    )
+    .map_err(|e| crate::Error::Invalid(format!("serial state: {e:?}")))
+}
+
 impl Devices {
     /// Devices in their power-on state. `serial_irq` is the irqfd of the serial's IRQ line.
     pub fn new(sink: SerialSink, serial_irq: Option<EventFd>) -> Self {
         let serial = Serial::new(IrqLine(serial_irq), sink);
-        Self::with_serial(serial)
+        Self::assemble(Some(serial), None, None)
     }
 
     /// Devices loaded from saved state (a fork's or a snapshot's).
@@ -142,41 +166,93 @@ impl Devices {
         sink: SerialSink,
         serial_irq: Option<EventFd>,
     ) -> crate::Result<Self> {
-        let serial = Serial::from_state(
-            &(&state.serial).into(),
-            IrqLine(serial_irq),
-            vm_superio::serial::NoEvents,
-            sink,
-        )
-        .map_err(|e| crate::Error::Invalid(format!("serial state: {e:?}")))?;
-        Ok(Self::with_serial(serial))
+        Ok(Self::assemble(
+            Some(build_serial(state, sink, serial_irq)?),
+            None,
+            None,
+        ))
     }
 
-    fn with_serial(serial: SerialDevice) -> Self {
+    /// Only the exit port; `state` is kept for [`Self::attach`].
+    pub fn detached(state: DeviceState, serial_irq: Option<EventFd>) -> Self {
+        Self::assemble(None, Some(state), serial_irq)
+    }
+
+    fn assemble(
+        serial: Option<SerialDevice>,
+        detached: Option<DeviceState>,
+        serial_irq: Option<EventFd>,
+    ) -> Self {
         let reset = ResetLine::default();
         Self {
             serial: Mutex::new(serial),
+            detached: Mutex::new(detached),
+            serial_irq: Mutex::new(serial_irq),
             i8042: Mutex::new(I8042Device::new(reset.clone())),
             reset,
         }
     }
 
-    /// Saves every device's state.
+    /// Attaches the device models of a detached set, loading the state it was made with.
+    pub fn attach(&self, sink: SerialSink) -> crate::Result<()> {
+        let mut serial = lock(&self.serial);
+        if serial.is_some() {
+            return Err(crate::Error::Invalid("devices are already attached".into()));
+        }
+        let state = lock(&self.detached).take().unwrap_or_default();
+        let irq = lock(&self.serial_irq).take();
+        *serial = Some(build_serial(&state, sink, irq)?);
+        Ok(())
+    }
+
+    pub fn attached(&self) -> bool {
+        lock(&self.serial).is_some()
+    }
+
+    /// Loads saved state into the devices, keeping their output sinks (a fork reset).
+    pub fn load_state(&self, state: &DeviceState) -> crate::Result<()> {
+        let mut slot = lock(&self.serial);
+        match slot.take() {
+            Some(serial) => {
+                let irq = serial
+                    .interrupt_evt()
+                    .0
+                    .as_ref()
+                    .and_then(|e| e.try_clone().ok());
+                let sink = serial.into_writer();
+                match build_serial(state, SerialSink::Discard, None) {
+                    Ok(_) => *slot = Some(build_serial(state, sink, irq)?),
+                    Err(e) => {
+                        *slot = Some(Serial::new(IrqLine(irq), sink));
+                        return Err(e);
+                    }
+                }
+            }
+            None => *lock(&self.detached) = Some(state.clone()),
+        }
+        Ok(())
+    }
+
+    /// Saves every device's state (a detached set saves the state it would attach with).
     pub fn save(&self) -> DeviceState {
-        DeviceState {
-            serial: lock(&self.serial).state().into(),
+        match lock(&self.serial).as_ref() {
+            Some(serial) => DeviceState {
+                serial: serial.state().into(),
+            },
+            None => lock(&self.detached).clone().unwrap_or_default(),
         }
     }
 
     /// Handles a port write; `data` holds every byte of the access (and of a `rep outs`).
     pub fn pio_write(&self, port: u16, data: &[u8]) -> PioOutcome {
         if in_range(port, SERIAL_BASE, SERIAL_LEN) {
-            let mut serial = lock(&self.serial);
-            let offset = (port - SERIAL_BASE) as u8;
-            for &byte in data {
-                // Errors here are from the output sink (a closed terminal): the guest must not
-                // notice, so they are dropped like a UART with nothing attached would.
-                let _ = serial.write(offset, byte);
+            if let Some(serial) = lock(&self.serial).as_mut() {
+                let offset = (port - SERIAL_BASE) as u8;
+                for &byte in data {
+                    // Errors come from the output sink (a closed terminal): the guest must not
+                    // notice, so they are dropped as a UART with nothing attached would.
+                    let _ = serial.write(offset, byte);
+                }
             }
         } else if in_range(port, I8042_BASE, I8042_LEN) {
             if let Some(&byte) = data.first() {
@@ -195,10 +271,14 @@ impl Devices {
     /// Handles a port read; ports with no device read as all ones, as on a PC.
     pub fn pio_read(&self, port: u16, data: &mut [u8]) {
         if in_range(port, SERIAL_BASE, SERIAL_LEN) {
-            let mut serial = lock(&self.serial);
-            let offset = (port - SERIAL_BASE) as u8;
-            for b in data.iter_mut() {
-                *b = serial.read(offset);
+            match lock(&self.serial).as_mut() {
+                Some(serial) => {
+                    let offset = (port - SERIAL_BASE) as u8;
+                    for b in data.iter_mut() {
+                        *b = serial.read(offset);
+                    }
+                }
+                None => data.fill(0xff),
             }
         } else if in_range(port, I8042_BASE, I8042_LEN) {
             let value = lock(&self.i8042).read((port - I8042_BASE) as u8);

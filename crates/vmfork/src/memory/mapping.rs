@@ -35,14 +35,28 @@ impl Sharing {
 }
 
 impl HostMapping {
-    /// Maps `len` bytes of `file` from offset 0.
+    /// Maps `len` bytes of `file` from offset 0, read-write.
     pub fn map_file(file: BorrowedFd<'_>, len: usize, sharing: Sharing) -> Result<Self> {
+        Self::map_file_with(file, len, sharing, libc::PROT_READ | libc::PROT_WRITE)
+    }
+
+    /// Maps `len` bytes of `file` from offset 0, read-only and shared: a view of a frozen image.
+    pub fn map_file_readonly(file: BorrowedFd<'_>, len: usize) -> Result<Self> {
+        Self::map_file_with(file, len, Sharing::Shared, libc::PROT_READ)
+    }
+
+    fn map_file_with(
+        file: BorrowedFd<'_>,
+        len: usize,
+        sharing: Sharing,
+        prot: libc::c_int,
+    ) -> Result<Self> {
         // SAFETY: a fresh mapping at a kernel-chosen address; no existing memory is affected.
         let addr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 len,
-                libc::PROT_READ | libc::PROT_WRITE,
+                prot,
                 sharing.flags() | libc::MAP_NORESERVE,
                 file.as_raw_fd(),
                 0,
@@ -105,6 +119,59 @@ impl HostMapping {
             )));
         }
         Ok(())
+    }
+
+    /// Copies `dst.len()` bytes at `offset` out of the mapping. Callers make sure nothing writes
+    /// the range meanwhile (the VM is paused, or the mapping is a frozen image).
+    pub fn read_at(&self, offset: usize, dst: &mut [u8]) -> Result<()> {
+        self.check_bytes(offset, dst.len())?;
+        // SAFETY: the source range lies inside this live mapping (checked above) and `dst` is a
+        // distinct Rust buffer, so the ranges cannot overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.addr.add(offset), dst.as_mut_ptr(), dst.len())
+        };
+        Ok(())
+    }
+
+    /// Copies `src` into the mapping at `offset` (a private mapping copies the page on write).
+    /// The mapping must be writable, and the VM using it paused.
+    pub fn write_at(&self, offset: usize, src: &[u8]) -> Result<()> {
+        self.check_bytes(offset, src.len())?;
+        // SAFETY: the destination range lies inside this live mapping (checked above) and `src`
+        // is a distinct Rust buffer; guest RAM is never borrowed as a Rust reference.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.addr.add(offset), src.len()) };
+        Ok(())
+    }
+
+    /// Copies `len` bytes from `src` at `src_offset` to this mapping at `offset`.
+    pub fn copy_from(
+        &self,
+        offset: usize,
+        src: &HostMapping,
+        src_offset: usize,
+        len: usize,
+    ) -> Result<()> {
+        self.check_bytes(offset, len)?;
+        src.check_bytes(src_offset, len)?;
+        if std::ptr::eq(self, src) {
+            return Err(Error::Memory("copy within one mapping".into()));
+        }
+        // SAFETY: both ranges lie inside live mappings (checked above); two different mappings
+        // never overlap in the address space.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.addr.add(src_offset), self.addr.add(offset), len)
+        };
+        Ok(())
+    }
+
+    fn check_bytes(&self, offset: usize, len: usize) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len => Ok(()),
+            _ => Err(Error::Memory(format!(
+                "range {offset:#x}+{len:#x} is outside the {:#x}-byte mapping",
+                self.len
+            ))),
+        }
     }
 
     fn check_range(&self, offset: usize, len: usize) -> Result<()> {

@@ -3,8 +3,12 @@
 //! Keeping RAM in a file is what makes the rest cheap: a fork maps the same file copy-on-write,
 //! a snapshot's memory file is such an image on disk, and a restore maps it the same way.
 
+mod dirty;
+mod image;
 mod mapping;
 
+pub use dirty::DirtyPages;
+pub use image::FrozenImage;
 pub use mapping::{create_memfd, HostMapping, Sharing};
 
 use crate::error::{Error, Result};
@@ -152,6 +156,40 @@ impl GuestRam {
             memory,
             mapping,
         })
+    }
+
+    /// A copy-on-write view of `image`: reads share its pages, writes copy. The overlay pages
+    /// are copied in (cost O(overlay)); nothing else is touched.
+    pub fn from_image(image: &Arc<FrozenImage>) -> Result<Self> {
+        let ram = Self::map(
+            image.layout().clone(),
+            Arc::clone(image.base()),
+            Sharing::CopyOnWrite,
+        )?;
+        for offset in image.overlay_pages() {
+            image.copy_page_to(&ram.mapping, offset)?;
+        }
+        Ok(ram)
+    }
+
+    /// Turns this shared mapping of the RAM file into a private one, in place: from now on the
+    /// file is frozen (it becomes a fork image) and this VM's writes go to private pages.
+    pub fn make_copy_on_write(&self) -> Result<()> {
+        self.mapping.remap_range(
+            0,
+            self.mapping.len(),
+            self.backing.as_fd(),
+            Sharing::CopyOnWrite,
+        )
+    }
+
+    /// Moves vm-memory's record of pages the VMM wrote into `dirty`, and clears it.
+    pub fn take_vmm_dirty(&self, dirty: &mut DirtyPages) {
+        use vm_memory::GuestMemoryBackend;
+        for (region, r) in self.memory.iter().zip(&self.layout.regions) {
+            let bits = region.get_mmap().bitmap().get_and_reset();
+            dirty.add_region_bitmap(r, &bits);
+        }
     }
 
     pub fn layout(&self) -> &MemoryLayout {

@@ -136,6 +136,14 @@ impl RunControl {
         s.exit.clone()
     }
 
+    /// Makes a stopped VM runnable again (after a fork reset): no exit reason, paused.
+    pub fn rearm(&self) {
+        let mut s = self.lock();
+        s.exit = None;
+        s.want = Want::Pause;
+        self.run.store(false, Ordering::Release);
+    }
+
     /// The exit reason, if the VM has stopped.
     pub fn exit(&self) -> Option<ExitReason> {
         self.lock().exit.clone()

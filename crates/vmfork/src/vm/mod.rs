@@ -12,9 +12,10 @@ pub use exit::{ExitReason, VcpuDump, GUEST_FAULT_STATUS, STOPPED_STATUS};
 pub use kvm_system::KvmSystem;
 
 use crate::boot::{self, BootSpec};
+use crate::devices::SerialBuffer;
 use crate::devices::{Devices, SerialSink, SERIAL_IRQ};
 use crate::error::{Error, KvmContext, Result};
-use crate::memory::GuestRam;
+use crate::memory::{DirtyPages, FrozenImage, GuestRam};
 use crate::state::{CpuRegisters, IrqchipState, VcpuState, VmState};
 use control::RunControl;
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
@@ -95,9 +96,136 @@ pub(crate) struct VmShared {
     pub(crate) devices: Devices,
     pub(crate) control: RunControl,
     pub(crate) kicks: kick::KickRegistry,
+    pub(crate) tracking: Mutex<MemoryTracking>,
+    pub(crate) origin: Option<ForkOrigin>,
     pub(crate) ram: GuestRam,
     pub(crate) config: VmConfig,
     pub(crate) msr_indices: Vec<u32>,
+    pub(crate) serial: Option<SerialBuffer>,
+    pub(crate) id: u64,
+}
+
+/// How a VM's RAM relates to a frozen image, and which pages it has written since.
+pub(crate) struct MemoryTracking {
+    /// The image this VM's RAM is a copy-on-write view of; `None` while the RAM file is still
+    /// written in place (a VM that was never forked).
+    pub(crate) image: Option<Arc<FrozenImage>>,
+    /// Pages written since the image was taken (or since the last reset).
+    pub(crate) dirty: DirtyPages,
+}
+
+/// Where a fork came from: what [`Vm::reset`](crate::vm::Vm::reset) returns it to.
+pub(crate) struct ForkOrigin {
+    pub(crate) state: VmState,
+    pub(crate) image: Arc<FrozenImage>,
+    pub(crate) parent: u64,
+}
+
+/// The parts of a VM that do not depend on its RAM: VM fd, irqchip, vCPUs with CPUID.
+pub(crate) struct VmShell {
+    pub(crate) fd: VmFd,
+    pub(crate) vcpus: Vec<VcpuSlot>,
+    pub(crate) serial_irq: Option<EventFd>,
+    pub(crate) msr_indices: Vec<u32>,
+}
+
+/// Creates a VM shell for `config`.
+pub(crate) fn create_shell(config: &VmConfig) -> Result<VmShell> {
+    config.validate()?;
+    let system = KvmSystem::get()?;
+    let fd = system.kvm.create_vm().kvm("KVM_CREATE_VM")?;
+    let serial_irq = if config.irqchip {
+        create_irqchip(&fd)?;
+        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::Io)?;
+        fd.register_irqfd(&evt, SERIAL_IRQ).kvm("KVM_IRQFD")?;
+        Some(evt)
+    } else {
+        None
+    };
+    let mut vcpus = Vec::with_capacity(config.vcpus as usize);
+    for i in 0..config.vcpus {
+        let vcpu = fd.create_vcpu(u64::from(i)).kvm("KVM_CREATE_VCPU")?;
+        let cpuid = boot::vcpu_cpuid(&system.supported_cpuid, i, config.vcpus);
+        vcpu.set_cpuid2(&cpuid).kvm("KVM_SET_CPUID2")?;
+        if config.irqchip {
+            set_lapic_lint(&vcpu)?;
+        }
+        vcpus.push(VcpuSlot {
+            fd: Mutex::new(vcpu),
+        });
+    }
+    let msr_indices = {
+        let first = vcpus[0].fd.lock().unwrap_or_else(|p| p.into_inner());
+        system.saved_msrs(&first).to_vec()
+    };
+    Ok(VmShell {
+        fd,
+        vcpus,
+        serial_irq,
+        msr_indices,
+    })
+}
+
+static NEXT_VM_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// The parts a VM is assembled from.
+pub(crate) struct VmParts {
+    pub(crate) shell: VmShell,
+    pub(crate) ram: GuestRam,
+    pub(crate) devices: Devices,
+    pub(crate) config: VmConfig,
+    pub(crate) serial: Option<SerialBuffer>,
+    pub(crate) image: Option<Arc<FrozenImage>>,
+    pub(crate) origin: Option<ForkOrigin>,
+}
+
+impl Vm {
+    /// Puts a VM together: memslots (dirty-logged when the RAM is copy-on-write) and run state.
+    pub(crate) fn assemble(parts: VmParts) -> Result<Vm> {
+        let log_dirty = parts.image.is_some();
+        register_memslots(&parts.shell.fd, &parts.ram, log_dirty)?;
+        let dirty = DirtyPages::new(parts.ram.size());
+        Ok(Vm {
+            shared: Arc::new(VmShared {
+                vcpus: parts.shell.vcpus,
+                fd: parts.shell.fd,
+                devices: parts.devices,
+                control: RunControl::new(),
+                kicks: kick::KickRegistry::default(),
+                tracking: Mutex::new(MemoryTracking {
+                    image: parts.image,
+                    dirty,
+                }),
+                origin: parts.origin,
+                ram: parts.ram,
+                config: parts.config,
+                msr_indices: parts.shell.msr_indices,
+                serial: parts.serial,
+                id: NEXT_VM_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            }),
+            threads: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// After a stop, joins the vCPU threads and makes the VM runnable again (state "created").
+    pub(crate) fn rearm(&self) {
+        self.join_threads();
+        self.shared.control.rearm();
+    }
+
+    pub(crate) fn shared(&self) -> &VmShared {
+        &self.shared
+    }
+
+    /// A process-unique id.
+    pub fn id(&self) -> u64 {
+        self.shared.id
+    }
+
+    /// The in-memory serial console, when the VM prints into one (forks do by default).
+    pub fn serial(&self) -> Option<&SerialBuffer> {
+        self.shared.serial.as_ref()
+    }
 }
 
 impl VmShared {
@@ -122,46 +250,21 @@ impl Vm {
     /// Builds a VM with zeroed RAM and devices in their power-on state; nothing is loaded yet.
     pub fn new(config: VmConfig, serial: SerialSink) -> Result<Vm> {
         config.validate()?;
-        let system = KvmSystem::get()?;
         let ram = GuestRam::new(config.mem_bytes)?;
-        let fd = system.kvm.create_vm().kvm("KVM_CREATE_VM")?;
-        register_memslots(&fd, &ram)?;
-        let serial_irq = if config.irqchip {
-            create_irqchip(&fd)?;
-            let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::Io)?;
-            fd.register_irqfd(&evt, SERIAL_IRQ).kvm("KVM_IRQFD")?;
-            Some(evt)
-        } else {
-            None
+        let mut shell = create_shell(&config)?;
+        let buffer = match &serial {
+            SerialSink::Buffer(b) => Some(b.clone()),
+            _ => None,
         };
-        let mut vcpus = Vec::with_capacity(config.vcpus as usize);
-        for i in 0..config.vcpus {
-            let vcpu = fd.create_vcpu(u64::from(i)).kvm("KVM_CREATE_VCPU")?;
-            let cpuid = boot::vcpu_cpuid(&system.supported_cpuid, i, config.vcpus);
-            vcpu.set_cpuid2(&cpuid).kvm("KVM_SET_CPUID2")?;
-            if config.irqchip {
-                set_lapic_lint(&vcpu)?;
-            }
-            vcpus.push(VcpuSlot {
-                fd: Mutex::new(vcpu),
-            });
-        }
-        let msr_indices = {
-            let first = vcpus[0].fd.lock().unwrap_or_else(|p| p.into_inner());
-            system.saved_msrs(&first).to_vec()
-        };
-        Ok(Vm {
-            shared: Arc::new(VmShared {
-                vcpus,
-                fd,
-                devices: Devices::new(serial, serial_irq),
-                control: RunControl::new(),
-                kicks: kick::KickRegistry::default(),
-                ram,
-                config,
-                msr_indices,
-            }),
-            threads: Mutex::new(Vec::new()),
+        let devices = Devices::new(serial, shell.serial_irq.take());
+        Vm::assemble(VmParts {
+            shell,
+            ram,
+            devices,
+            config,
+            serial: buffer,
+            image: None,
+            origin: None,
         })
     }
 
@@ -332,7 +435,7 @@ impl Vm {
     }
 
     /// Fails unless no vCPU can be running (created, paused or exited).
-    fn require_stopped(&self) -> Result<()> {
+    pub(crate) fn require_stopped(&self) -> Result<()> {
         match self.status() {
             VmStatus::Running => Err(Error::State {
                 actual: "running",
@@ -495,15 +598,19 @@ fn vcpu_thread(shared: Arc<VmShared>, index: usize) {
     shared.control.thread_exited();
 }
 
-/// Registers every RAM region as a KVM memslot.
-fn register_memslots(fd: &VmFd, ram: &GuestRam) -> Result<()> {
+/// Registers every RAM region as a KVM memslot (again, to change `log_dirty`).
+pub(crate) fn register_memslots(fd: &VmFd, ram: &GuestRam, log_dirty: bool) -> Result<()> {
     for (slot, region, host_addr) in ram.slots() {
         let mem = kvm_userspace_memory_region {
             slot,
             guest_phys_addr: region.guest_addr,
             memory_size: region.size,
             userspace_addr: host_addr,
-            flags: 0,
+            flags: if log_dirty {
+                kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
         };
         // SAFETY: the host range is inside RAM's mapping, which lives in `VmShared` next to the
         // VM fd and is dropped after it (field order), so KVM never sees a freed range in use.

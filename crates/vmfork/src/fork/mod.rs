@@ -1,0 +1,268 @@
+//! Fork, fork of a fork, and fork reset.
+//!
+//! A fork's RAM is a copy-on-write view of a [`FrozenImage`]: reads share the parent's pages as
+//! they were at the fork instant, writes copy. The first fork of a VM freezes its RAM file in
+//! place (the parent goes on with a private mapping of it); forking a fork adds the pages that
+//! fork had dirtied to an overlay, so the cost grows with dirtied pages, not with RAM. Reset
+//! copies back only the pages a fork dirtied (KVM's dirty log plus the VMM's own writes) and
+//! reloads the vCPU, irqchip, clock and device state saved at the fork instant.
+
+use crate::devices::{Devices, SerialSink};
+use crate::error::{Error, KvmContext, Result};
+use crate::memory::{FrozenImage, GuestRam, PAGE_SIZE};
+use crate::vm::{
+    create_shell, register_memslots, ForkOrigin, MemoryTracking, Vm, VmParts, VmStatus,
+};
+use std::sync::{Arc, MutexGuard};
+
+/// How to fork.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ForkOptions {
+    /// Leave the parent paused after the fork (Xen's behaviour); by default a running parent
+    /// resumes at once.
+    pub pause_parent: bool,
+    /// vCPUs and memory only: no device models (the exit port stays). For fuzzing and
+    /// introspection; [`Vm::attach_devices`] adds them later with the state of the fork instant.
+    pub no_devices: bool,
+    /// No device interrupts are injected into the fork (its serial IRQ line is not wired).
+    pub block_interrupts: bool,
+}
+
+/// What a reset puts back.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ResetScope {
+    /// Memory and vCPU/irqchip/clock/device state.
+    #[default]
+    All,
+    /// Only the pages the fork dirtied.
+    MemoryOnly,
+    /// Only vCPU, irqchip, clock and device state.
+    StateOnly,
+}
+
+/// What a reset did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ResetStats {
+    /// Pages copied back from the fork image.
+    pub pages_restored: usize,
+}
+
+impl Vm {
+    /// Forks this VM (running, paused, or never started) into a new VM that is not started yet.
+    /// Its serial console goes to an in-memory buffer ([`Vm::serial`]).
+    pub fn fork(&self, opts: &ForkOptions) -> Result<Vm> {
+        let (sink, _) = SerialSink::buffer();
+        Ok(self.fork_many(opts, vec![sink])?.remove(0))
+    }
+
+    /// Forks `sinks.len()` children at one instant (one pause, one freeze), each child printing
+    /// to its sink.
+    pub fn fork_many(&self, opts: &ForkOptions, sinks: Vec<SerialSink>) -> Result<Vec<Vm>> {
+        let was_running = match self.status() {
+            VmStatus::Running => {
+                self.pause()?;
+                true
+            }
+            VmStatus::Exited if self.exit_reason() != Some(crate::ExitReason::Stopped) => false,
+            VmStatus::Exited => {
+                return Err(Error::State {
+                    actual: "stopped",
+                    wanted: "running, paused or not yet started",
+                })
+            }
+            _ => false,
+        };
+        let result = self.fork_paused(opts, sinks);
+        if was_running && !opts.pause_parent {
+            self.resume()?;
+        }
+        result
+    }
+
+    fn fork_paused(&self, opts: &ForkOptions, sinks: Vec<SerialSink>) -> Result<Vec<Vm>> {
+        let state = self.save_state()?;
+        let image = self.freeze_memory()?;
+        sinks
+            .into_iter()
+            .map(|sink| {
+                let shell = create_shell(self.config())?;
+                let mut shell = shell;
+                let irq = if opts.block_interrupts {
+                    None
+                } else {
+                    shell.serial_irq.take()
+                };
+                let serial = match &sink {
+                    SerialSink::Buffer(b) => Some(b.clone()),
+                    _ => None,
+                };
+                let devices = if opts.no_devices {
+                    Devices::detached(state.devices.clone(), irq)
+                } else {
+                    Devices::from_state(&state.devices, sink, irq)?
+                };
+                let child = Vm::assemble(VmParts {
+                    shell,
+                    ram: GuestRam::from_image(&image)?,
+                    devices,
+                    config: self.config().clone(),
+                    serial,
+                    image: Some(Arc::clone(&image)),
+                    origin: Some(ForkOrigin {
+                        state: state.clone(),
+                        image: Arc::clone(&image),
+                        parent: self.id(),
+                    }),
+                })?;
+                child.load_saved_state(&state, true)?;
+                Ok(child)
+            })
+            .collect()
+    }
+
+    /// The image of this VM's RAM as it is now: freezes the RAM file on the first fork, else
+    /// adds the pages dirtied since this VM's own image to an overlay.
+    fn freeze_memory(&self) -> Result<Arc<FrozenImage>> {
+        let shared = self.shared();
+        let mut tracking = self.tracking();
+        match tracking.image.clone() {
+            None => {
+                shared.ram.make_copy_on_write()?;
+                register_memslots(&shared.fd, &shared.ram, true)?;
+                // Forget VMM writes made before the freeze: they are part of the image.
+                shared.ram.take_vmm_dirty(&mut tracking.dirty);
+                tracking.dirty.clear();
+                let image = FrozenImage::from_file(
+                    shared.ram.layout().clone(),
+                    Arc::clone(shared.ram.backing()),
+                )?;
+                tracking.image = Some(Arc::clone(&image));
+                Ok(image)
+            }
+            Some(image) => {
+                self.collect_dirty(&mut tracking)?;
+                if tracking.dirty.count() == 0 {
+                    return Ok(image);
+                }
+                image.with_pages_from(shared.ram.mapping(), tracking.dirty.offsets())
+            }
+        }
+    }
+
+    fn tracking(&self) -> MutexGuard<'_, MemoryTracking> {
+        self.shared()
+            .tracking
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds the pages written since the last call (guest writes from KVM's dirty log, VMM
+    /// writes from vm-memory's bitmap) to `tracking.dirty`.
+    fn collect_dirty(&self, tracking: &mut MemoryTracking) -> Result<()> {
+        let shared = self.shared();
+        for (slot, region, _) in shared.ram.slots() {
+            let bitmap = shared
+                .fd
+                .get_dirty_log(slot, region.size as usize)
+                .kvm("KVM_GET_DIRTY_LOG")?;
+            tracking.dirty.add_region_bitmap(&region, &bitmap);
+        }
+        shared.ram.take_vmm_dirty(&mut tracking.dirty);
+        Ok(())
+    }
+
+    /// Loads saved vCPU, irqchip, clock and (optionally) device state.
+    fn load_saved_state(&self, state: &crate::state::VmState, with_cpuid: bool) -> Result<()> {
+        let shared = self.shared();
+        if state.vcpus.len() != self.vcpu_count() {
+            return Err(Error::Invalid(format!(
+                "state has {} vCPUs, the VM {}",
+                state.vcpus.len(),
+                self.vcpu_count()
+            )));
+        }
+        for (i, vcpu_state) in state.vcpus.iter().enumerate() {
+            let slot = shared.vcpus[i].fd.lock().unwrap_or_else(|p| p.into_inner());
+            if with_cpuid {
+                vcpu_state.restore(&slot)?;
+            } else {
+                vcpu_state.restore_without_cpuid(&slot)?;
+            }
+        }
+        if let Some(irqchip) = &state.irqchip {
+            self.set_irqchip_state(irqchip)?;
+        }
+        if let Some(clock) = &state.clock {
+            let clock = kvm_bindings::kvm_clock_data {
+                clock: clock.clock,
+                ..Default::default()
+            };
+            shared.fd.set_clock(&clock).kvm("KVM_SET_CLOCK")?;
+        }
+        Ok(())
+    }
+
+    /// Whether this VM is a fork (and so can be reset).
+    pub fn is_fork(&self) -> bool {
+        self.shared().origin.is_some()
+    }
+
+    /// The id of the VM this one was forked from.
+    pub fn parent_id(&self) -> Option<u64> {
+        self.shared().origin.as_ref().map(|o| o.parent)
+    }
+
+    /// Puts a fork back to the instant it was forked, touching only what it dirtied. The fork
+    /// must not be running.
+    pub fn reset(&self) -> Result<ResetStats> {
+        self.reset_with(ResetScope::All)
+    }
+
+    /// [`Self::reset`] limited to memory or to state.
+    pub fn reset_with(&self, scope: ResetScope) -> Result<ResetStats> {
+        let origin = self.shared().origin.as_ref().ok_or_else(|| {
+            Error::Invalid(format!(
+                "VM {} is not a fork, so it has nothing to reset to",
+                self.id()
+            ))
+        })?;
+        self.require_stopped()?;
+        if self.exit_reason().is_some() {
+            self.rearm();
+        }
+        let mut stats = ResetStats::default();
+        if scope != ResetScope::StateOnly {
+            let mut tracking = self.tracking();
+            self.collect_dirty(&mut tracking)?;
+            let mapping = self.shared().ram.mapping();
+            for offset in tracking.dirty.offsets() {
+                origin.image.copy_page_to(mapping, offset)?;
+                stats.pages_restored += 1;
+            }
+            tracking.dirty.clear();
+        }
+        if scope != ResetScope::MemoryOnly {
+            self.load_saved_state(&origin.state, false)?;
+            self.shared().devices.load_state(&origin.state.devices)?;
+        }
+        Ok(stats)
+    }
+
+    /// Gives a `no_devices` fork its device models, with their state as of the fork instant.
+    pub fn attach_devices(&self, sink: SerialSink) -> Result<()> {
+        self.shared().devices.attach(sink)
+    }
+
+    /// Bytes of RAM this VM holds privately: pages it wrote since its image was taken. (The
+    /// image's own overlay is shared by every fork of the same instant.)
+    pub fn private_memory_bytes(&self) -> Result<u64> {
+        let mut tracking = self.tracking();
+        if tracking.image.is_none() {
+            return Ok(self.ram().size());
+        }
+        if self.status() != VmStatus::Running {
+            self.collect_dirty(&mut tracking)?;
+        }
+        Ok(tracking.dirty.count() as u64 * PAGE_SIZE)
+    }
+}

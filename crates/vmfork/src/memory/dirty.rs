@@ -1,0 +1,105 @@
+//! A bitmap of dirty pages over a VM's RAM file, fed by KVM's dirty log (guest writes) and by
+//! vm-memory's bitmap (the VMM's own writes).
+
+use super::{RamRegion, PAGE_SIZE};
+
+/// One bit per 4 KiB page of the RAM file.
+#[derive(Clone, Debug, Default)]
+pub struct DirtyPages {
+    words: Vec<u64>,
+}
+
+impl DirtyPages {
+    pub fn new(ram_bytes: u64) -> Self {
+        let pages = ram_bytes.div_ceil(PAGE_SIZE) as usize;
+        Self {
+            words: vec![0; pages.div_ceil(64)],
+        }
+    }
+
+    /// Adds a per-region bitmap (bit i = page i of `region`), as KVM_GET_DIRTY_LOG returns it.
+    pub fn add_region_bitmap(&mut self, region: &RamRegion, bitmap: &[u64]) {
+        let first_page = (region.file_offset / PAGE_SIZE) as usize;
+        if first_page.is_multiple_of(64) {
+            let base = first_page / 64;
+            for (i, &word) in bitmap.iter().enumerate() {
+                if word != 0 {
+                    if let Some(w) = self.words.get_mut(base + i) {
+                        *w |= word;
+                    }
+                }
+            }
+        } else {
+            for (i, &word) in bitmap.iter().enumerate() {
+                let mut bits = word;
+                while bits != 0 {
+                    let bit = bits.trailing_zeros() as usize;
+                    self.mark(first_page + i * 64 + bit);
+                    bits &= bits - 1;
+                }
+            }
+        }
+    }
+
+    pub fn mark(&mut self, page: usize) {
+        if let Some(w) = self.words.get_mut(page / 64) {
+            *w |= 1 << (page % 64);
+        }
+    }
+
+    /// File offsets of the dirty pages, in order.
+    pub fn offsets(&self) -> impl Iterator<Item = u64> + '_ {
+        self.words.iter().enumerate().flat_map(|(i, &word)| {
+            let mut bits = word;
+            std::iter::from_fn(move || {
+                if bits == 0 {
+                    return None;
+                }
+                let bit = bits.trailing_zeros() as u64;
+                bits &= bits - 1;
+                Some((i as u64 * 64 + bit) * PAGE_SIZE)
+            })
+        })
+    }
+
+    pub fn count(&self) -> usize {
+        self.words.iter().map(|w| w.count_ones() as usize).sum()
+    }
+
+    pub fn clear(&mut self) {
+        self.words.fill(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn region_bitmaps_land_at_file_offsets() {
+        let mut d = DirtyPages::new(8 << 20);
+        let low = RamRegion {
+            guest_addr: 0,
+            size: 4 << 20,
+            file_offset: 0,
+        };
+        let high = RamRegion {
+            guest_addr: 4 << 30,
+            size: 4 << 20,
+            file_offset: 4 << 20,
+        };
+        d.add_region_bitmap(&low, &[0b101]);
+        d.add_region_bitmap(&high, &[1 << 63]);
+        let offsets: Vec<u64> = d.offsets().collect();
+        assert_eq!(offsets, vec![0, 2 * 4096, (4 << 20) + 63 * 4096]);
+        assert_eq!(d.count(), 3);
+        let odd = RamRegion {
+            guest_addr: 0,
+            size: 4096 * 10,
+            file_offset: 4096 * 3,
+        };
+        d.clear();
+        d.add_region_bitmap(&odd, &[0b11]);
+        assert_eq!(d.offsets().collect::<Vec<_>>(), vec![3 * 4096, 4 * 4096]);
+    }
+}

@@ -1,0 +1,96 @@
+//! Frozen memory images: what a fork's RAM is made of, and what a reset copies back from.
+//!
+//! An image is a base file that nobody writes any more (a memfd frozen at a fork, later a
+//! snapshot's memory file) plus an overlay of the pages that differ from it (the pages a forked
+//! VM had dirtied when it was forked again). Many VMs share one image.
+
+use super::mapping::HostMapping;
+use super::{MemoryLayout, PAGE_SIZE};
+use crate::error::{Error, Result};
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::sync::Arc;
+
+/// An immutable RAM image: base file plus overlay pages.
+#[derive(Debug)]
+pub struct FrozenImage {
+    layout: MemoryLayout,
+    base: Arc<File>,
+    base_view: HostMapping,
+    /// File offset of each overlay page -> index of its bytes in `overlay_data`.
+    overlay: BTreeMap<u64, usize>,
+    overlay_data: Vec<u8>,
+}
+
+impl FrozenImage {
+    /// An image that is exactly `base` (which must never be written again).
+    pub fn from_file(layout: MemoryLayout, base: Arc<File>) -> Result<Arc<Self>> {
+        let len = usize::try_from(layout.total())
+            .map_err(|_| Error::Memory("image larger than the address space".into()))?;
+        let base_view = HostMapping::map_file_readonly(base.as_fd(), len)?;
+        Ok(Arc::new(Self {
+            layout,
+            base,
+            base_view,
+            overlay: BTreeMap::new(),
+            overlay_data: Vec::new(),
+        }))
+    }
+
+    /// A new image: this one with the pages at `offsets` replaced by their current contents in
+    /// `ram` (a mapping of the same layout). Costs O(pages), not O(RAM).
+    pub fn with_pages_from(
+        self: &Arc<Self>,
+        ram: &HostMapping,
+        offsets: impl IntoIterator<Item = u64>,
+    ) -> Result<Arc<Self>> {
+        let mut overlay = self.overlay.clone();
+        let mut data = self.overlay_data.clone();
+        for offset in offsets {
+            let index = *overlay.entry(offset).or_insert_with(|| {
+                data.resize(data.len() + PAGE_SIZE as usize, 0);
+                data.len() - PAGE_SIZE as usize
+            });
+            ram.read_at(
+                offset as usize,
+                &mut data[index..index + PAGE_SIZE as usize],
+            )?;
+        }
+        let base_view = HostMapping::map_file_readonly(self.base.as_fd(), self.base_view.len())?;
+        Ok(Arc::new(Self {
+            layout: self.layout.clone(),
+            base: Arc::clone(&self.base),
+            base_view,
+            overlay,
+            overlay_data: data,
+        }))
+    }
+
+    pub fn layout(&self) -> &MemoryLayout {
+        &self.layout
+    }
+
+    pub fn base(&self) -> &Arc<File> {
+        &self.base
+    }
+
+    /// File offsets of the overlay pages, in order.
+    pub fn overlay_pages(&self) -> impl Iterator<Item = u64> + '_ {
+        self.overlay.keys().copied()
+    }
+
+    /// Bytes the overlay holds privately.
+    pub fn overlay_bytes(&self) -> usize {
+        self.overlay_data.len()
+    }
+
+    /// Copies the image's page at file `offset` into `dst` at the same offset.
+    pub fn copy_page_to(&self, dst: &HostMapping, offset: u64) -> Result<()> {
+        let page = PAGE_SIZE as usize;
+        match self.overlay.get(&offset) {
+            Some(&index) => dst.write_at(offset as usize, &self.overlay_data[index..index + page]),
+            None => dst.copy_from(offset as usize, &self.base_view, offset as usize, page),
+        }
+    }
+}

@@ -1,0 +1,277 @@
+//! Fork, fork of fork and reset on real guests.
+
+mod common;
+
+use common::*;
+use guests::layout::{mailbox, MAILBOX, MEMTOUCH_BASE};
+use guests::{memtouch_pattern, Workload};
+use std::hash::{DefaultHasher, Hasher};
+use std::time::{Duration, Instant};
+use vmfork::devices::SerialSink;
+use vmfork::{ExitReason, ForkOptions, ResetScope, Vm, VmConfig};
+
+const PAGES: u64 = 16;
+
+fn set(vm: &Vm, field: u64, value: u64) {
+    vm.ram().write_u64(MAILBOX + field, value).unwrap();
+}
+
+fn page_word(vm: &Vm, page: u64) -> u64 {
+    vm.ram().read_u64(MEMTOUCH_BASE + page * 4096).unwrap()
+}
+
+fn run_memtouch(vm: &Vm, seed: u64) {
+    set(vm, mailbox::PARAM1, seed);
+    assert_eq!(vm.run_inline().unwrap(), ExitReason::GuestExit(0));
+}
+
+fn ram_hash(vm: &Vm) -> u64 {
+    let mut h = DefaultHasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    for region in &vm.ram().layout().regions {
+        let mut addr = region.guest_addr;
+        while addr < region.end() {
+            let n = (region.end() - addr).min(buf.len() as u64) as usize;
+            vm.ram().read(addr, &mut buf[..n]).unwrap();
+            h.write(&buf[..n]);
+            addr += n as u64;
+        }
+    }
+    h.finish()
+}
+
+fn memtouch_parent() -> Vm {
+    let cfg = VmConfig {
+        irqchip: false,
+        ..config(16)
+    };
+    guest_vm(Workload::Memtouch, cfg, &[(mailbox::PARAM0, PAGES)]).0
+}
+
+#[test]
+fn forks_are_isolated_from_parent_and_siblings() {
+    let parent = memtouch_parent();
+    let opts = ForkOptions::default();
+    let a = parent.fork(&opts).unwrap();
+    let b = parent.fork(&opts).unwrap();
+    run_memtouch(&a, 1);
+    run_memtouch(&b, 2);
+    for page in [0, PAGES - 1] {
+        assert_eq!(page_word(&a, page), memtouch_pattern(1, page));
+        assert_eq!(page_word(&b, page), memtouch_pattern(2, page));
+        assert_eq!(
+            page_word(&parent, page),
+            0,
+            "a child's write reached the parent"
+        );
+    }
+    // The parent writes after the fork: invisible to the children.
+    run_memtouch(&parent, 3);
+    assert_eq!(page_word(&parent, 0), memtouch_pattern(3, 0));
+    assert_eq!(page_word(&a, 0), memtouch_pattern(1, 0));
+    parent.ram().write_u64(0x50_0000, 77).unwrap();
+    assert_eq!(a.ram().read_u64(0x50_0000).unwrap(), 0);
+    assert_eq!(a.serial().unwrap().text(), "memtouch done 16\n");
+    assert!(a.is_fork() && !parent.is_fork());
+    assert_eq!(a.parent_id(), Some(parent.id()));
+}
+
+#[test]
+fn fork_of_fork_sees_every_ancestor_up_to_its_fork_instant() {
+    let root = memtouch_parent();
+    root.ram().write_u64(0x60_0000, 0xAAAA).unwrap();
+    let child = root.fork(&ForkOptions::default()).unwrap();
+    root.ram().write_u64(0x60_0000, 0xDEAD).unwrap(); // after the fork: not seen
+    run_memtouch(&child, 5); // guest writes in the child
+    child.ram().write_u64(0x60_1000, 0xBBBB).unwrap(); // VMM write in the child
+    let grandchild = child.fork(&ForkOptions::default()).unwrap();
+    child.ram().write_u64(0x60_2000, 0xCCCC).unwrap(); // after: not seen
+    child.ram().write_u64(MEMTOUCH_BASE + 3 * 4096, 6).unwrap();
+
+    assert_eq!(grandchild.ram().read_u64(0x60_0000).unwrap(), 0xAAAA);
+    assert_eq!(grandchild.ram().read_u64(0x60_1000).unwrap(), 0xBBBB);
+    assert_eq!(grandchild.ram().read_u64(0x60_2000).unwrap(), 0);
+    assert_eq!(page_word(&grandchild, 3), memtouch_pattern(5, 3));
+    // And a great-grandchild of the grandchild, after the grandchild wrote too.
+    grandchild.ram().write_u64(0x60_3000, 0xDDDD).unwrap();
+    let great = grandchild.fork(&ForkOptions::default()).unwrap();
+    assert_eq!(great.ram().read_u64(0x60_3000).unwrap(), 0xDDDD);
+    assert_eq!(great.ram().read_u64(0x60_1000).unwrap(), 0xBBBB);
+    // Resetting the grandchild returns it to its own fork instant, not the root's.
+    grandchild.reset().unwrap();
+    assert_eq!(grandchild.ram().read_u64(0x60_3000).unwrap(), 0);
+    assert_eq!(page_word(&grandchild, 3), memtouch_pattern(5, 3));
+}
+
+#[test]
+fn reset_restores_memory_and_registers_bit_for_bit_over_1000_resets() {
+    let parent = memtouch_parent();
+    let fork = parent.fork(&ForkOptions::default()).unwrap();
+    let hash0 = ram_hash(&fork);
+    let regs0 = fork.registers(0).unwrap();
+    let state0 = fork.vcpu_state(0).unwrap();
+    for i in 0..1000u64 {
+        run_memtouch(&fork, i + 1);
+        assert_eq!(
+            page_word(&fork, PAGES - 1),
+            memtouch_pattern(i + 1, PAGES - 1)
+        );
+        let stats = fork.reset().unwrap();
+        // 16 pages, the mailbox, the stack.
+        assert!(stats.pages_restored >= PAGES as usize, "{stats:?}");
+        assert_eq!(
+            fork.registers(0).unwrap(),
+            regs0,
+            "registers differ after reset {i}"
+        );
+        assert_eq!(page_word(&fork, 0), 0);
+        if i % 250 == 0 || i == 999 {
+            assert_eq!(ram_hash(&fork), hash0, "RAM differs after reset {i}");
+            let s = fork.vcpu_state(0).unwrap();
+            assert_eq!(s.xsave, state0.xsave);
+            assert_eq!(s.sregs, state0.sregs);
+        }
+    }
+    // A fork of the parent made now is identical to the reset fork.
+    let fresh = parent.fork(&ForkOptions::default()).unwrap();
+    assert_eq!(ram_hash(&fresh), hash0);
+}
+
+#[test]
+fn reset_scopes_restore_only_what_they_name() {
+    let parent = memtouch_parent();
+    let fork = parent.fork(&ForkOptions::default()).unwrap();
+    let regs0 = fork.registers(0).unwrap();
+    run_memtouch(&fork, 9);
+    let after_run = fork.registers(0).unwrap();
+    fork.reset_with(ResetScope::MemoryOnly).unwrap();
+    assert_eq!(page_word(&fork, 0), 0);
+    assert_eq!(fork.registers(0).unwrap(), after_run);
+    run_memtouch_without_rerun_check(&fork);
+    fork.reset_with(ResetScope::StateOnly).unwrap();
+    assert_eq!(fork.registers(0).unwrap(), regs0);
+}
+
+fn run_memtouch_without_rerun_check(vm: &Vm) {
+    vm.ram().write_u64(MEMTOUCH_BASE, 1234).unwrap();
+}
+
+#[test]
+fn forks_of_a_running_counter_continue_from_the_fork_point() {
+    let (parent, _) = guest_vm(Workload::Counter, config(32), &counter_params(100_000));
+    parent.start().unwrap();
+    let deadline = Instant::now() + QUICK;
+    while parent.ram().read_u64(MAILBOX + mailbox::PROGRESS).unwrap() < 5 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let child = parent.fork(&ForkOptions::default()).unwrap();
+    assert_eq!(parent.status(), vmfork::VmStatus::Running);
+    let at_fork = child.ram().read_u64(MAILBOX + mailbox::PROGRESS).unwrap();
+    set(&child, mailbox::PARAM2, at_fork + 3); // stop three numbers later
+    child.start().unwrap();
+    assert_eq!(child.wait_timeout(QUICK).unwrap(), ExitReason::GuestExit(0));
+    let text = child.serial().unwrap().text();
+    let lines: Vec<&str> = text.lines().collect();
+    // The fork may have caught the guest between storing N and printing it.
+    let first: u64 = lines[0].trim_start_matches("counter ").parse().unwrap();
+    assert!(first == at_fork || first == at_fork + 1, "{text}");
+    assert_eq!(*lines.last().unwrap(), format!("counter {}", at_fork + 3));
+    // The parent kept counting on its own.
+    let p = parent.ram().read_u64(MAILBOX + mailbox::PROGRESS).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(parent.ram().read_u64(MAILBOX + mailbox::PROGRESS).unwrap() > p);
+    parent.stop();
+    parent.wait();
+}
+
+#[test]
+fn children_survive_the_parent_and_no_device_forks_attach_later() {
+    let parent = memtouch_parent();
+    let opts = ForkOptions {
+        no_devices: true,
+        block_interrupts: true,
+        ..ForkOptions::default()
+    };
+    let child = parent.fork(&opts).unwrap();
+    drop(parent);
+    run_memtouch(&child, 4); // exit port works without devices
+    assert_eq!(
+        child.serial().unwrap().text(),
+        "",
+        "no serial before attach"
+    );
+    assert_eq!(page_word(&child, 1), memtouch_pattern(4, 1));
+    child.reset().unwrap();
+    let (sink, serial) = SerialSink::buffer();
+    child.attach_devices(sink).unwrap();
+    let err = child
+        .attach_devices(SerialSink::Discard)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("already attached"), "{err}");
+    run_memtouch(&child, 4);
+    assert_eq!(serial.text(), "memtouch done 16\n");
+
+    let (harness, _) = guest_vm(
+        Workload::Harness,
+        VmConfig {
+            irqchip: false,
+            ..config(16)
+        },
+        &[],
+    );
+    let fork = harness.fork(&opts).unwrap();
+    fork.ram().write(guests::layout::INPUT, b"FU").unwrap();
+    set(&fork, mailbox::INPUT_LEN, 2);
+    assert_eq!(fork.run_inline().unwrap(), ExitReason::GuestExit(2));
+}
+
+#[test]
+fn reset_and_fork_refuse_what_they_cannot_do() {
+    let parent = memtouch_parent();
+    let err = parent.reset().unwrap_err().to_string();
+    assert!(err.contains("not a fork"), "{err}");
+    let (spin, _) = guest_vm(Workload::Spin, config(16), &[]);
+    let fork = spin.fork(&ForkOptions::default()).unwrap();
+    fork.start().unwrap();
+    assert!(fork.reset().unwrap_err().to_string().contains("running"));
+    fork.stop();
+    fork.wait();
+    spin.stop();
+    assert!(
+        spin.fork(&ForkOptions::default()).is_err(),
+        "fork of a stopped VM"
+    );
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn destroying_1000_forks_leaks_no_fds_or_memory() {
+    let parent = memtouch_parent();
+    // Warm up allocator and caches.
+    for _ in 0..20 {
+        let f = parent.fork(&ForkOptions::default()).unwrap();
+        run_memtouch(&f, 1);
+    }
+    let fds = open_fds();
+    let rss = rss_kib();
+    for i in 0..1000 {
+        let f = parent.fork(&ForkOptions::default()).unwrap();
+        if i % 10 == 0 {
+            run_memtouch(&f, i);
+        }
+    }
+    assert_eq!(open_fds(), fds, "file descriptors leaked");
+    let grown = rss_kib().saturating_sub(rss);
+    assert!(grown < 32 * 1024, "RSS grew by {grown} KiB over 1000 forks");
+}
