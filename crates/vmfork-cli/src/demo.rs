@@ -1,4 +1,4 @@
-//! `vmfork demo`: the main job on the built-in guests, with timings.
+//! `vmfork demo`: the main job on the built-in guests: boot, pause, fork, reset, with timings.
 
 use crate::CliResult;
 use guests::layout::{mailbox, MAILBOX};
@@ -6,7 +6,7 @@ use guests::Workload;
 use std::time::{Duration, Instant};
 use vmfork::boot::{BootSpec, Kernel};
 use vmfork::devices::SerialSink;
-use vmfork::{Vm, VmConfig};
+use vmfork::{ForkOptions, Vm, VmConfig};
 
 fn err(e: vmfork::Error) -> String {
     e.to_string()
@@ -36,7 +36,7 @@ pub fn demo() -> CliResult<u8> {
         first.unwrap_or_default()
     );
 
-    println!("== 2. run `counter`, pause it, read its state, resume it");
+    println!("== 2. run `counter`, pause it, read its state, resume it, fork it while it runs");
     let (sink, serial) = SerialSink::buffer();
     let vm = Vm::boot(
         config,
@@ -72,6 +72,41 @@ pub fn demo() -> CliResult<u8> {
     println!("   50 ms later, still paused at {still}");
     vm.resume().map_err(err)?;
     std::thread::sleep(Duration::from_millis(100));
+    let t = Instant::now();
+    let child = vm.fork(&ForkOptions::default()).map_err(err)?;
+    let fork_took = t.elapsed();
+    let at_fork = child
+        .ram()
+        .read_u64(MAILBOX + mailbox::PROGRESS)
+        .map_err(err)?;
+    child
+        .ram()
+        .write_u64(MAILBOX + mailbox::PARAM2, at_fork + 3)
+        .map_err(err)?;
+    child.start().map_err(err)?;
+    let child_exit = child.wait();
+    println!(
+        "   forked the running VM in {fork_took:?} at counter {at_fork}; the child counted on \
+         to {} and {}; the parent kept running",
+        at_fork + 3,
+        child_exit.summary()
+    );
+    let child_lines = child.serial().map(|s| s.text()).unwrap_or_default();
+    println!(
+        "   child's console: {:?}",
+        child_lines.lines().collect::<Vec<_>>()
+    );
+    let t = Instant::now();
+    let stats = child.reset().map_err(err)?;
+    let reset_took = t.elapsed();
+    let after_reset = child
+        .ram()
+        .read_u64(MAILBOX + mailbox::PROGRESS)
+        .map_err(err)?;
+    println!(
+        "   reset the child in {reset_took:?} ({} dirtied pages copied back): counter is {after_reset} again",
+        stats.pages_restored
+    );
     vm.stop();
     vm.wait();
     let text = serial.text();

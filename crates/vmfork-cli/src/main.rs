@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod fuzz;
 mod guest_args;
 mod interrupt;
 mod run;
@@ -30,8 +31,10 @@ enum Command {
         #[command(subcommand)]
         action: Option<GuestsAction>,
     },
-    /// The main job on the built-in guests: boot, pause, inspect, resume, and timings.
+    /// The main job on the built-in guests: boot, pause, inspect, fork, reset, with timings.
     Demo,
+    /// Fuzz the `harness` guest: fork once at its entry, then write input, run, reset, repeat.
+    Fuzz(fuzz::FuzzArgs),
     /// Benchmarks; `--json` prints one JSON object per suite.
     Bench {
         #[command(subcommand)]
@@ -54,6 +57,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run::run(args),
         Command::Guests { action } => guests_command(action),
         Command::Demo => demo::demo(),
+        Command::Fuzz(args) => fuzz::run(args),
         Command::Bench { suite } => bench::run(suite),
     };
     match result {

@@ -6,12 +6,14 @@
 //! - [`devices`]: serial console, i8042, exit port;
 //! - [`boot`]: loading ELF (PVH or 64-bit entry) and flat kernels;
 //! - [`fork`]: fork, fork of a fork, fork reset;
+//! - [`fuzz`]: the snapshot-fuzzing loop (fork once, reset per input);
 //! - [`state`]: the saved state of every stateful part (vCPUs, irqchip, clock, devices).
 
 pub mod boot;
 pub mod devices;
 mod error;
 pub mod fork;
+pub mod fuzz;
 pub mod memory;
 pub mod state;
 pub mod vm;

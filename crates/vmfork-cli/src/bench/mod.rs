@@ -2,6 +2,7 @@
 //! or as one JSON object `{"suite", "metrics": [{"name", "value", "unit", "params"}]}`.
 
 mod boot;
+mod fork;
 
 use crate::CliResult;
 use clap::{Args, Subcommand};
@@ -12,6 +13,8 @@ use serde_json::{Map, Value};
 pub enum Suite {
     /// VMM start to the guest's first serial byte, in-process and as a process; pause+resume.
     Boot(BenchArgs),
+    /// Fork and fork-of-fork latency, reset latency, fuzzing execs/s, private bytes per fork.
+    Fork(BenchArgs),
 }
 
 #[derive(Args, Clone, Copy)]
@@ -25,12 +28,14 @@ pub struct BenchArgs {
 }
 
 pub fn run(suite: Suite) -> CliResult<u8> {
-    let (args, report) = match suite {
-        Suite::Boot(args) => (args, boot::run(args)?),
-    };
+    let (Suite::Boot(args) | Suite::Fork(args)) = &suite;
     if args.runs < 5 {
         return Err("--runs must be at least 5".into());
     }
+    let (args, report) = match suite {
+        Suite::Boot(args) => (args, boot::run(args)?),
+        Suite::Fork(args) => (args, fork::run(args)?),
+    };
     if args.json {
         println!(
             "{}",

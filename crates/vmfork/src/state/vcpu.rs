@@ -145,17 +145,27 @@ fn read_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_msr_entry>> {
 }
 
 fn write_msrs(vcpu: &VcpuFd, entries: &[kvm_msr_entry]) -> Result<()> {
-    for chunk in entries.chunks(kvm_bindings::KVM_MAX_MSR_ENTRIES) {
+    let mut rest = entries;
+    while !rest.is_empty() {
+        let chunk = &rest[..rest.len().min(kvm_bindings::KVM_MAX_MSR_ENTRIES)];
         let msrs = Msrs::from_entries(chunk)
             .map_err(|_| crate::Error::Invalid("too many MSRs in one KVM_SET_MSRS call".into()))?;
         let n = vcpu.set_msrs(&msrs).kvm("KVM_SET_MSRS")?;
-        if n != chunk.len() {
+        if n == chunk.len() {
+            rest = &rest[n..];
+            continue;
+        }
+        // KVM refuses some writes depending on vCPU state (e.g. paravirtual MSRs); restoring
+        // the value the vCPU already holds is a no-op, so only a real difference is an error.
+        let refused = chunk[n];
+        let current = read_msrs(vcpu, &[refused.index]).ok();
+        if current.as_deref().and_then(|c| c.first()).map(|c| c.data) != Some(refused.data) {
             return Err(crate::Error::Invalid(format!(
-                "KVM_SET_MSRS wrote {n} of {} MSRs (MSR {:#x} was refused)",
-                chunk.len(),
-                chunk[n].index
+                "KVM_SET_MSRS refused MSR {:#x} = {:#x}",
+                refused.index, refused.data
             )));
         }
+        rest = &rest[n + 1..];
     }
     Ok(())
 }
