@@ -130,36 +130,26 @@ fn bad_configurations_are_refused_with_clear_errors() {
             .to_string();
         assert!(err.contains(needle), "{err}");
     }
-    let bad = vmfork::boot::BootSpec::new(vmfork::boot::Kernel::Elf(b"not an elf".to_vec()));
-    let err = Vm::boot(config(16), SerialSink::Discard, &bad)
-        .err()
-        .unwrap()
-        .to_string();
+    let boot_error = |kernel: Vec<u8>| {
+        let spec = vmfork::boot::BootSpec::new(vmfork::boot::Kernel::Elf(kernel));
+        Vm::boot(config(16), SerialSink::Discard, &spec)
+            .err()
+            .expect("boot refused")
+            .to_string()
+    };
+    let err = boot_error(b"not an elf".to_vec());
     assert!(err.contains("not an ELF"), "{err}");
     // An ELF whose segment lands at 1 GiB, past the end of 16 MiB of RAM.
     let mut elf = Workload::Hello.elf();
     for field in [64 + 0x10, 64 + 0x18] {
         elf[field..field + 8].copy_from_slice(&(1u64 << 30).to_le_bytes());
     }
-    let err = Vm::boot(
-        config(16),
-        SerialSink::Discard,
-        &vmfork::boot::BootSpec::new(vmfork::boot::Kernel::Elf(elf)),
-    )
-    .err()
-    .unwrap()
-    .to_string();
+    let err = boot_error(elf);
     assert!(err.contains("does not fit"), "{err}");
+    // A truncated ELF.
     let mut elf = Workload::Hello.elf();
     elf.truncate(elf.len() / 2);
-    let err = Vm::boot(
-        config(16),
-        SerialSink::Discard,
-        &vmfork::boot::BootSpec::new(vmfork::boot::Kernel::Elf(elf)),
-    )
-    .err()
-    .unwrap()
-    .to_string();
+    let err = boot_error(elf);
     assert!(
         err.contains("does not fit") || err.contains("past the end"),
         "{err}"

@@ -133,17 +133,23 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn build_serial(
-    state: &DeviceState,
-    sink: SerialSink,
-    irq: Option<EventFd>,
-) -> crate::Result<SerialDevice> {
+/// The one way saved serial state can be invalid: more received bytes than the FIFO holds.
+fn check_serial_state(state: &DeviceState) -> crate::Result<()> {
     if state.serial.in_buffer.len() > 64 {
         return Err(crate::Error::Invalid(format!(
             "serial state holds {} received bytes, more than the 64-byte FIFO",
             state.serial.in_buffer.len()
         )));
     }
+    Ok(())
+}
+
+fn build_serial(
+    state: &DeviceState,
+    sink: SerialSink,
+    irq: Option<EventFd>,
+) -> crate::Result<SerialDevice> {
+    check_serial_state(state)?;
     Serial::from_state(
         &(&state.serial).into(),
         IrqLine(irq),

@@ -85,8 +85,7 @@ impl Vm {
         sinks
             .into_iter()
             .map(|sink| {
-                let shell = create_shell(self.config())?;
-                let mut shell = shell;
+                let mut shell = create_shell(self.config())?;
                 let irq = if opts.block_interrupts {
                     None
                 } else {
