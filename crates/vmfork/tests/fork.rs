@@ -247,3 +247,31 @@ fn reset_and_fork_refuse_what_they_cannot_do() {
         "fork of a stopped VM"
     );
 }
+
+#[test]
+fn forks_on_recycled_shells_start_clean() {
+    // Shells of destroyed forks are reused (memslots and RAM range kept): a new fork must see
+    // only its parent's memory and state, nothing of the fork that used the shell before.
+    let cfg = VmConfig {
+        irqchip: true,
+        ..config(16)
+    };
+    let (parent, _) = guest_vm(Workload::Memtouch, cfg, &[(mailbox::PARAM0, PAGES)]);
+    let pristine = parent.fork(&ForkOptions::default()).unwrap();
+    let expected = ram_hash(&pristine);
+    let regs = pristine.registers(0).unwrap();
+    drop(pristine);
+    for seed in 1..=20 {
+        let fork = parent.fork(&ForkOptions::default()).unwrap();
+        assert_eq!(ram_hash(&fork), expected, "fork {seed} sees old memory");
+        let now = fork.registers(0).unwrap();
+        assert_eq!(now.regs.rip, regs.regs.rip);
+        assert_eq!(now.regs.rsp, regs.regs.rsp);
+        run_memtouch(&fork, seed);
+        assert_eq!(page_word(&fork, 3), memtouch_pattern(seed, 3));
+        assert!(fork.reset().unwrap().pages_restored as u64 >= PAGES);
+        run_memtouch(&fork, seed);
+    }
+    let idle: usize = vmfork::vm::pool::idle_shells().iter().map(|s| s.3).sum();
+    assert!(idle >= 1, "destroyed forks should leave shells in the pool");
+}

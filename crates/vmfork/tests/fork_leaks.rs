@@ -6,6 +6,7 @@ mod common;
 use common::*;
 use guests::layout::mailbox;
 use guests::Workload;
+use vmfork::vm::pool;
 use vmfork::{ExitReason, ForkOptions, VmConfig};
 
 fn open_fds() -> usize {
@@ -30,6 +31,8 @@ fn destroying_1000_forks_leaks_no_fds_or_memory() {
         let f = parent.fork(&ForkOptions::default()).unwrap();
         assert_eq!(f.run_inline().unwrap(), ExitReason::GuestExit(0));
     }
+    // Idle pooled shells hold fds of their own: count with the pool empty.
+    pool::drain();
     let fds = open_fds();
     let rss = rss_kib();
     for i in 0..1000 {
@@ -38,6 +41,12 @@ fn destroying_1000_forks_leaks_no_fds_or_memory() {
             assert_eq!(f.run_inline().unwrap(), ExitReason::GuestExit(0));
         }
     }
+    let idle: usize = pool::idle_shells().iter().map(|s| s.3).sum();
+    assert!(
+        idle <= 16,
+        "{idle} idle shells pooled; the pool should cap them"
+    );
+    pool::drain();
     assert_eq!(open_fds(), fds, "file descriptors leaked");
     let grown = rss_kib().saturating_sub(rss);
     assert!(grown < 32 * 1024, "RSS grew by {grown} KiB over 1000 forks");

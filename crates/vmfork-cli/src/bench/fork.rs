@@ -32,11 +32,6 @@ fn memtouch_vm(mem_mib: u64, pages: u64) -> CliResult<Vm> {
     Ok(vm)
 }
 
-/// Drops VMs on another thread: closing a VM with an in-kernel irqchip takes milliseconds.
-fn drop_later(vms: Vec<Vm>) {
-    std::thread::spawn(move || drop(vms));
-}
-
 fn us(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e6
 }
@@ -48,23 +43,35 @@ pub fn run(args: BenchArgs) -> CliResult<Report> {
     for mem_mib in [256u64, 1024, 4096] {
         let parent = memtouch_vm(mem_mib, 16)?;
         parent.fork(&opts).map_err(err)?; // the first fork freezes the RAM file
-        let mut samples = Vec::with_capacity(args.runs);
-        let mut children = Vec::new();
-        for _ in 0..args.runs {
-            let t = Instant::now();
-            let child = parent.fork(&opts).map_err(err)?;
-            samples.push(us(t));
-            children.push(child);
+        for pooled in [false, true] {
+            let opts = ForkOptions {
+                fresh_shell: !pooled,
+                ..opts
+            };
+            if pooled {
+                // Ready shells for every sample, as a server keeps them between requests.
+                vmfork::vm::pool::keep_ready(parent.config(), args.runs).map_err(err)?;
+            }
+            let mut samples = Vec::with_capacity(args.runs);
+            let mut children = Vec::new();
+            for _ in 0..args.runs {
+                let t = Instant::now();
+                let child = parent.fork(&opts).map_err(err)?;
+                samples.push(us(t));
+                children.push(child);
+            }
+            drop(children);
+            vmfork::vm::pool::drain();
+            let (p50, p99) = p50_p99(&mut samples);
+            let params = [("mem_mib", json!(mem_mib)), ("pooled", json!(pooled))];
+            report.add("fork_latency_us_p50", p50, "us", &params);
+            report.add("fork_latency_us_p99", p99, "us", &params);
         }
-        drop_later(children);
-        let (p50, p99) = p50_p99(&mut samples);
-        let params = [("mem_mib", json!(mem_mib)), ("pooled", json!(false))];
-        report.add("fork_latency_us_p50", p50, "us", &params);
-        report.add("fork_latency_us_p99", p99, "us", &params);
     }
 
     for dirty in [0u64, 1000] {
         let root = memtouch_vm(256, dirty.max(1))?;
+        vmfork::vm::pool::keep_ready(root.config(), 2 * args.runs).map_err(err)?;
         let mut samples = Vec::with_capacity(args.runs);
         let mut children = Vec::new();
         for _ in 0..args.runs {
@@ -81,7 +88,7 @@ pub fn run(args: BenchArgs) -> CliResult<Report> {
             children.push(child);
             children.push(parent);
         }
-        drop_later(children);
+        drop(children);
         let (p50, _) = p50_p99(&mut samples);
         report.add(
             "fork_of_fork_latency_us_p50",
@@ -122,7 +129,7 @@ pub fn run(args: BenchArgs) -> CliResult<Report> {
                 ("mem_mib", json!(256)),
             ],
         );
-        drop_later(vec![fork, parent]);
+        drop((fork, parent));
     }
 
     let (_parent, target) = crate::fuzz::harness_target()?;
@@ -151,7 +158,7 @@ pub fn run(args: BenchArgs) -> CliResult<Report> {
         "bytes",
         &[("forks", json!(100)), ("dirty_pages_each", json!(16))],
     );
-    drop_later(forks);
+    drop(forks);
     Ok(report)
 }
 

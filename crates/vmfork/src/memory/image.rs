@@ -18,9 +18,9 @@ pub struct FrozenImage {
     layout: MemoryLayout,
     base: Arc<File>,
     base_view: HostMapping,
-    /// File offset of each overlay page -> index of its bytes in `overlay_data`.
+    /// File offset of each overlay page -> offset of its bytes in `overlay_data`.
     overlay: BTreeMap<u64, usize>,
-    overlay_data: Vec<u8>,
+    overlay_data: Option<HostMapping>,
 }
 
 impl FrozenImage {
@@ -34,7 +34,7 @@ impl FrozenImage {
             base,
             base_view,
             overlay: BTreeMap::new(),
-            overlay_data: Vec::new(),
+            overlay_data: None,
         }))
     }
 
@@ -45,17 +45,28 @@ impl FrozenImage {
         ram: &HostMapping,
         offsets: impl IntoIterator<Item = u64>,
     ) -> Result<Arc<Self>> {
-        let mut overlay = self.overlay.clone();
-        let mut data = self.overlay_data.clone();
+        let page = PAGE_SIZE as usize;
+        let mut pages: BTreeMap<u64, bool> = self.overlay.keys().map(|&o| (o, false)).collect();
         for offset in offsets {
-            let index = *overlay.entry(offset).or_insert_with(|| {
-                data.resize(data.len() + PAGE_SIZE as usize, 0);
-                data.len() - PAGE_SIZE as usize
-            });
-            ram.read_at(
-                offset as usize,
-                &mut data[index..index + PAGE_SIZE as usize],
-            )?;
+            if offset % PAGE_SIZE != 0 || offset >= self.layout.total() {
+                return Err(Error::Memory(format!(
+                    "page offset {offset:#x} outside the image"
+                )));
+            }
+            pages.insert(offset, true);
+        }
+        let data = HostMapping::anonymous_populated(pages.len() * page)?;
+        let mut overlay = BTreeMap::new();
+        for (i, (&offset, &from_ram)) in pages.iter().enumerate() {
+            let at = i * page;
+            if from_ram {
+                data.copy_from(at, ram, offset as usize, page)?;
+            } else if let (Some(&old), Some(old_data)) =
+                (self.overlay.get(&offset), &self.overlay_data)
+            {
+                data.copy_from(at, old_data, old, page)?;
+            }
+            overlay.insert(offset, at);
         }
         let base_view = HostMapping::map_file_readonly(self.base.as_fd(), self.base_view.len())?;
         Ok(Arc::new(Self {
@@ -63,7 +74,7 @@ impl FrozenImage {
             base: Arc::clone(&self.base),
             base_view,
             overlay,
-            overlay_data: data,
+            overlay_data: Some(data),
         }))
     }
 
@@ -82,15 +93,15 @@ impl FrozenImage {
 
     /// Bytes the overlay holds privately.
     pub fn overlay_bytes(&self) -> usize {
-        self.overlay_data.len()
+        self.overlay.len() * PAGE_SIZE as usize
     }
 
     /// Copies the image's page at file `offset` into `dst` at the same offset.
     pub fn copy_page_to(&self, dst: &HostMapping, offset: u64) -> Result<()> {
         let page = PAGE_SIZE as usize;
-        match self.overlay.get(&offset) {
-            Some(&index) => dst.write_at(offset as usize, &self.overlay_data[index..index + page]),
-            None => dst.copy_from(offset as usize, &self.base_view, offset as usize, page),
+        match (self.overlay.get(&offset), &self.overlay_data) {
+            (Some(&at), Some(data)) => dst.copy_from(offset as usize, data, at, page),
+            _ => dst.copy_from(offset as usize, &self.base_view, offset as usize, page),
         }
     }
 }

@@ -5,11 +5,100 @@ use crate::error::{Error, Result};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
-/// An anonymous or file-backed host mapping of `len` bytes, unmapped on drop.
+/// An anonymous or file-backed host mapping of `len` bytes, unmapped on drop — or, when placed
+/// in an [`AddressRange`], put back to the range's inaccessible reservation.
 #[derive(Debug)]
 pub struct HostMapping {
     addr: *mut u8,
     len: usize,
+    /// The reserved range this mapping is placed in (a pooled VM shell's), kept alive by it.
+    range: Option<std::sync::Arc<AddressRange>>,
+    /// The range has been handed back already (see [`HostMapping::release_range`]).
+    released: std::sync::atomic::AtomicBool,
+}
+
+/// A reserved, inaccessible stretch of host address space that guest RAM mappings are placed
+/// into. KVM memslots can stay registered over it while VMs come and go: that is what lets a
+/// pooled VM shell skip memslot creation, whose cost grows with RAM size.
+#[derive(Debug)]
+pub struct AddressRange {
+    addr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: a reservation is only an address; nothing reads or writes through it.
+unsafe impl Send for AddressRange {}
+// SAFETY: as above.
+unsafe impl Sync for AddressRange {}
+
+impl AddressRange {
+    /// Reserves `len` bytes of address space (no memory behind it).
+    pub fn reserve(len: usize) -> Result<Self> {
+        // SAFETY: a fresh inaccessible mapping at a kernel-chosen address.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(Error::Memory(format!(
+                "cannot reserve {} MiB of address space: {}",
+                len >> 20,
+                io::Error::last_os_error()
+            )));
+        }
+        Ok(Self {
+            addr: addr.cast(),
+            len,
+        })
+    }
+
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.addr
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Makes the whole range an inaccessible reservation again.
+    fn clear(&self) -> Result<()> {
+        // SAFETY: replaces exactly this reserved range, which this value owns.
+        let addr = unsafe {
+            libc::mmap(
+                self.addr.cast(),
+                self.len,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+                -1,
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(Error::Memory(format!(
+                "cannot clear a reserved RAM range: {}",
+                io::Error::last_os_error()
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for AddressRange {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the range this value reserved; mappings placed in it are gone
+        // (their owners release the range before handing it back).
+        unsafe { libc::munmap(self.addr.cast(), self.len) };
+    }
 }
 
 // SAFETY: the mapping is plain memory owned by this value; concurrent access to its bytes is
@@ -69,10 +158,91 @@ impl HostMapping {
                 io::Error::last_os_error()
             )));
         }
-        Ok(Self {
-            addr: addr.cast(),
+        Ok(Self::at(addr.cast(), len, None))
+    }
+
+    /// Anonymous zeroed memory of `len` bytes (at least one page), faulted in up front: for
+    /// buffers that are filled at once, where a fault per page would cost more than the copy.
+    pub fn anonymous_populated(len: usize) -> Result<Self> {
+        let len = len.max(4096);
+        // SAFETY: a fresh private anonymous mapping at a kernel-chosen address.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+                -1,
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(Error::Memory(format!(
+                "cannot allocate {} KiB: {}",
+                len >> 10,
+                io::Error::last_os_error()
+            )));
+        }
+        Ok(Self::at(addr.cast(), len, None))
+    }
+
+    fn at(addr: *mut u8, len: usize, range: Option<std::sync::Arc<AddressRange>>) -> Self {
+        Self {
+            addr,
             len,
-        })
+            range,
+            released: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Maps all of `range` to `file` from offset 0, read-write. The mapping must be handed back
+    /// with [`Self::release_range`] before the range is reused (dropping it does that too).
+    pub fn map_file_in(
+        range: &std::sync::Arc<AddressRange>,
+        file: BorrowedFd<'_>,
+        sharing: Sharing,
+    ) -> Result<Self> {
+        // SAFETY: MAP_FIXED replaces only the reserved range, which holds no other mapping
+        // (whoever placed one there released it first).
+        let addr = unsafe {
+            libc::mmap(
+                range.addr.cast(),
+                range.len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                sharing.flags() | libc::MAP_NORESERVE | libc::MAP_FIXED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(Error::Memory(format!(
+                "cannot map guest RAM into its reserved range: {}",
+                io::Error::last_os_error()
+            )));
+        }
+        Ok(Self::at(
+            range.addr,
+            range.len,
+            Some(std::sync::Arc::clone(range)),
+        ))
+    }
+
+    /// For a mapping placed in an [`AddressRange`]: drops its pages and makes the range an
+    /// inaccessible reservation again, so the range can take the next VM's RAM. Nothing may use
+    /// the mapping afterwards.
+    pub fn release_range(&self) -> Result<()> {
+        let Some(range) = &self.range else {
+            return Err(Error::Memory(
+                "mapping is not placed in a reserved range".into(),
+            ));
+        };
+        if !self
+            .released
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            range.clear()?;
+        }
+        Ok(())
     }
 
     /// Replaces `[offset, offset+len)` of this mapping, in place, with a mapping of `file` at the
@@ -115,6 +285,24 @@ impl HostMapping {
         if rc != 0 {
             return Err(Error::Memory(format!(
                 "madvise(DONTNEED) failed: {}",
+                io::Error::last_os_error()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Makes `[offset, offset+len)` present and writable in one call (private copies of a
+    /// copy-on-write file's pages), so copying into it takes no page fault per page: faults are
+    /// what costs most here, under nested paging.
+    pub fn populate_write(&self, offset: usize, len: usize) -> Result<()> {
+        self.check_range(offset, len)?;
+        // SAFETY: the range lies inside this mapping; MADV_POPULATE_WRITE only faults pages in,
+        // as a write would, without changing their contents.
+        let rc =
+            unsafe { libc::madvise(self.addr.add(offset).cast(), len, libc::MADV_POPULATE_WRITE) };
+        if rc != 0 {
+            return Err(Error::Memory(format!(
+                "madvise(POPULATE_WRITE) failed: {}",
                 io::Error::last_os_error()
             )));
         }
@@ -203,6 +391,13 @@ impl HostMapping {
 
 impl Drop for HostMapping {
     fn drop(&mut self) {
+        if let Some(range) = &self.range {
+            if !*self.released.get_mut() {
+                // Give the range back as a reservation; whoever holds it last unmaps it.
+                let _ = range.clear();
+            }
+            return;
+        }
         // SAFETY: unmaps exactly the range this value mapped; nothing refers to it any more
         // (vm-memory regions built over it and KVM memslots are dropped before it).
         unsafe { libc::munmap(self.addr.cast(), self.len) };

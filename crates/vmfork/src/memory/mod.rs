@@ -9,7 +9,7 @@ mod mapping;
 
 pub use dirty::DirtyPages;
 pub use image::FrozenImage;
-pub use mapping::{create_memfd, HostMapping, Sharing};
+pub use mapping::{create_memfd, AddressRange, HostMapping, Sharing};
 
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -159,17 +159,52 @@ impl GuestRam {
     }
 
     /// A copy-on-write view of `image`: reads share its pages, writes copy. The overlay pages
-    /// are copied in (cost O(overlay)); nothing else is touched.
-    pub fn from_image(image: &Arc<FrozenImage>) -> Result<Self> {
-        let ram = Self::map(
-            image.layout().clone(),
-            Arc::clone(image.base()),
-            Sharing::CopyOnWrite,
-        )?;
+    /// are copied in (cost O(overlay)); nothing else is touched. With `range`, the view is
+    /// placed in that reserved address range (a pooled shell's, with memslots over it).
+    pub fn from_image(image: &Arc<FrozenImage>, range: Option<&Arc<AddressRange>>) -> Result<Self> {
+        let layout = image.layout().clone();
+        let backing = Arc::clone(image.base());
+        let ram = match range {
+            None => Self::map(layout, backing, Sharing::CopyOnWrite)?,
+            Some(range) => {
+                if range.len() as u64 != layout.total() {
+                    return Err(Error::Memory(format!(
+                        "a {} MiB range cannot hold {} MiB of RAM",
+                        range.len() >> 20,
+                        layout.total() >> 20
+                    )));
+                }
+                let mapping = Arc::new(HostMapping::map_file_in(
+                    range,
+                    backing.as_fd(),
+                    Sharing::CopyOnWrite,
+                )?);
+                let memory = build_guest_memory(&layout, &mapping)?;
+                Self {
+                    layout,
+                    backing,
+                    memory,
+                    mapping,
+                }
+            }
+        };
+        for (start, pages) in page_runs(image.overlay_pages()) {
+            ram.mapping
+                .populate_write(start as usize, (pages * PAGE_SIZE) as usize)?;
+        }
         for offset in image.overlay_pages() {
             image.copy_page_to(&ram.mapping, offset)?;
         }
         Ok(ram)
+    }
+
+    /// Hands `range` back when this RAM was placed in it: drops the RAM's pages and leaves an
+    /// inaccessible reservation. The RAM must not be used afterwards (its owner is dropping it).
+    pub fn release_range(&self) -> Result<()> {
+        if Arc::strong_count(&self.mapping) != 1 {
+            return Err(Error::Memory("guest RAM is still in use elsewhere".into()));
+        }
+        self.mapping.release_range()
     }
 
     /// Turns this shared mapping of the RAM file into a private one, in place: from now on the
@@ -259,6 +294,18 @@ impl GuestRam {
             )))
         }
     }
+}
+
+/// Groups ascending page offsets into runs of consecutive pages: `(first offset, page count)`.
+pub(crate) fn page_runs(offsets: impl IntoIterator<Item = u64>) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for offset in offsets {
+        match runs.last_mut() {
+            Some((start, n)) if *start + *n * PAGE_SIZE == offset => *n += 1,
+            _ => runs.push((offset, 1)),
+        }
+    }
+    runs
 }
 
 fn describe_layout(layout: &MemoryLayout) -> String {

@@ -5,6 +5,7 @@ mod control;
 mod exit;
 mod kick;
 mod kvm_system;
+pub mod pool;
 mod vcpu;
 
 pub use control::Want;
@@ -15,7 +16,7 @@ use crate::boot::{self, BootSpec};
 use crate::devices::SerialBuffer;
 use crate::devices::{Devices, SerialSink, SERIAL_IRQ};
 use crate::error::{Error, KvmContext, Result};
-use crate::memory::{DirtyPages, FrozenImage, GuestRam};
+use crate::memory::{AddressRange, DirtyPages, FrozenImage, GuestRam, MemoryLayout};
 use crate::state::{CpuRegisters, IrqchipState, VcpuState, VmState};
 use control::RunControl;
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
@@ -90,9 +91,11 @@ pub(crate) struct VcpuSlot {
 
 /// What the controller and the vCPU threads share.
 pub(crate) struct VmShared {
-    // Field order is drop order: vCPUs and the VM fd go before the RAM their memslots point at.
+    // The shell (vCPUs, VM fd, serial irqfd) is handed to the pool when this drops, after its
+    // memslots are deleted, so it never points at the RAM freed after it.
     pub(crate) vcpus: Vec<VcpuSlot>,
-    pub(crate) fd: VmFd,
+    pub(crate) fd: Arc<VmFd>,
+    serial_irq: Option<EventFd>,
     pub(crate) devices: Devices,
     pub(crate) control: RunControl,
     pub(crate) kicks: kick::KickRegistry,
@@ -103,6 +106,8 @@ pub(crate) struct VmShared {
     pub(crate) msr_indices: Vec<u32>,
     pub(crate) serial: Option<SerialBuffer>,
     pub(crate) id: u64,
+    /// The pooled shell's reserved range `ram` is placed in.
+    ram_range: Option<Arc<AddressRange>>,
 }
 
 /// How a VM's RAM relates to a frozen image, and which pages it has written since.
@@ -123,17 +128,20 @@ pub(crate) struct ForkOrigin {
 
 /// The parts of a VM that do not depend on its RAM: VM fd, irqchip, vCPUs with CPUID.
 pub(crate) struct VmShell {
-    pub(crate) fd: VmFd,
+    pub(crate) fd: Arc<VmFd>,
     pub(crate) vcpus: Vec<VcpuSlot>,
     pub(crate) serial_irq: Option<EventFd>,
     pub(crate) msr_indices: Vec<u32>,
+    /// A reserved host range with dirty-logged memslots already registered over it for RAM of
+    /// the config's size (pooled shells): a fork maps its RAM there and skips memslot creation.
+    pub(crate) ram_range: Option<Arc<AddressRange>>,
 }
 
 /// Creates a VM shell for `config`.
 pub(crate) fn create_shell(config: &VmConfig) -> Result<VmShell> {
     config.validate()?;
     let system = KvmSystem::get()?;
-    let fd = system.kvm.create_vm().kvm("KVM_CREATE_VM")?;
+    let fd = Arc::new(system.kvm.create_vm().kvm("KVM_CREATE_VM")?);
     let serial_irq = if config.irqchip {
         create_irqchip(&fd)?;
         let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::Io)?;
@@ -158,11 +166,13 @@ pub(crate) fn create_shell(config: &VmConfig) -> Result<VmShell> {
         let first = vcpus[0].fd.lock().unwrap_or_else(|p| p.into_inner());
         system.saved_msrs(&first).to_vec()
     };
+    pay_first_memslot_cost(&fd)?;
     Ok(VmShell {
         fd,
         vcpus,
         serial_irq,
         msr_indices,
+        ram_range: None,
     })
 }
 
@@ -183,12 +193,23 @@ impl Vm {
     /// Puts a VM together: memslots (dirty-logged when the RAM is copy-on-write) and run state.
     pub(crate) fn assemble(parts: VmParts) -> Result<Vm> {
         let log_dirty = parts.image.is_some();
-        register_memslots(&parts.shell.fd, &parts.ram, log_dirty)?;
+        match &parts.shell.ram_range {
+            None => register_memslots(&parts.shell.fd, &parts.ram, log_dirty)?,
+            // The pooled shell's memslots (dirty-logged) already cover the RAM's range.
+            Some(range) if log_dirty && range.as_ptr() == parts.ram.mapping().as_ptr() => {}
+            Some(_) => {
+                return Err(Error::Memory(
+                    "a pooled shell's RAM must be a fork image placed in its range".into(),
+                ))
+            }
+        }
         let dirty = DirtyPages::new(parts.ram.size());
         Ok(Vm {
             shared: Arc::new(VmShared {
                 vcpus: parts.shell.vcpus,
                 fd: parts.shell.fd,
+                serial_irq: parts.shell.serial_irq,
+                ram_range: parts.shell.ram_range,
                 devices: parts.devices,
                 control: RunControl::new(),
                 kicks: kick::KickRegistry::default(),
@@ -228,6 +249,44 @@ impl Vm {
     }
 }
 
+impl VmShell {
+    /// A handle on the serial IRQ line's irqfd for a device model (the shell keeps its own).
+    pub(crate) fn serial_irq(&self) -> Result<Option<EventFd>> {
+        self.serial_irq
+            .as_ref()
+            .map(|e| e.try_clone().map_err(Error::Io))
+            .transpose()
+    }
+}
+
+impl Drop for VmShared {
+    fn drop(&mut self) {
+        // A VM KVM gave up on is not worth reusing; nor is one whose RAM is not in a pooled
+        // range. Either is closed on the reaper thread, off the caller's path.
+        let healthy = !matches!(self.control.exit(), Some(ExitReason::InternalError { .. }));
+        let reusable_range = match &self.ram_range {
+            Some(_) if healthy => self.ram.release_range().is_ok(),
+            _ => false,
+        };
+        let shell = VmShell {
+            fd: Arc::clone(&self.fd),
+            vcpus: std::mem::take(&mut self.vcpus),
+            serial_irq: self.serial_irq.take(),
+            msr_indices: std::mem::take(&mut self.msr_indices),
+            ram_range: if reusable_range {
+                self.ram_range.take()
+            } else {
+                None
+            },
+        };
+        if shell.ram_range.is_some() {
+            pool::recycle(shell, &self.config);
+        } else {
+            pool::reap(Box::new(shell));
+        }
+    }
+}
+
 impl VmShared {
     fn vcpu(&self, index: usize) -> Result<MutexGuard<'_, VcpuFd>> {
         let slot = self.vcpus.get(index).ok_or_else(|| {
@@ -251,12 +310,13 @@ impl Vm {
     pub fn new(config: VmConfig, serial: SerialSink) -> Result<Vm> {
         config.validate()?;
         let ram = GuestRam::new(config.mem_bytes)?;
-        let mut shell = create_shell(&config)?;
+        // A fresh shell: a booting VM needs KVM's power-on state, not a recycled one.
+        let shell = create_shell(&config)?;
         let buffer = match &serial {
             SerialSink::Buffer(b) => Some(b.clone()),
             _ => None,
         };
-        let devices = Devices::new(serial, shell.serial_irq.take());
+        let devices = Devices::new(serial, shell.serial_irq()?);
         Vm::assemble(VmParts {
             shell,
             ram,
@@ -600,7 +660,22 @@ fn vcpu_thread(shared: Arc<VmShared>, index: usize) {
 
 /// Registers every RAM region as a KVM memslot (again, to change `log_dirty`).
 pub(crate) fn register_memslots(fd: &VmFd, ram: &GuestRam, log_dirty: bool) -> Result<()> {
-    for (slot, region, host_addr) in ram.slots() {
+    // RAM's mapping lives in `VmShared` next to the VM fd and is dropped
+    // after the memslots are deleted or the VM closed, so KVM never sees a freed range in use.
+    register_memslots_at(fd, ram.layout(), ram.mapping().as_ptr() as u64, log_dirty)
+}
+
+/// Registers memslots for `layout` with RAM at host address `base`. The range must stay mapped
+/// (or reserved) while the slots exist.
+pub(crate) fn register_memslots_at(
+    fd: &VmFd,
+    layout: &MemoryLayout,
+    base: u64,
+    log_dirty: bool,
+) -> Result<()> {
+    for (slot, region) in layout.regions.iter().enumerate() {
+        let host_addr = base + region.file_offset;
+        let slot = slot as u32;
         let mem = kvm_userspace_memory_region {
             slot,
             guest_phys_addr: region.guest_addr,
@@ -612,11 +687,32 @@ pub(crate) fn register_memslots(fd: &VmFd, ram: &GuestRam, log_dirty: bool) -> R
                 0
             },
         };
-        // SAFETY: the host range is inside RAM's mapping, which lives in `VmShared` next to the
-        // VM fd and is dropped after it (field order), so KVM never sees a freed range in use.
+        // SAFETY: the caller keeps `[base, base + layout.total())` mapped or reserved while the
+        // slots exist; KVM only reaches it through vCPUs, which run only over mapped RAM.
         unsafe { fd.set_user_memory_region(mem) }.kvm("KVM_SET_USER_MEMORY_REGION")?;
     }
     Ok(())
+}
+
+/// The first memslot of a VM with an in-kernel irqchip costs ~7 ms here (later ones ~0.1 ms):
+/// add and delete a one-page slot so a pooled shell pays it before any fork needs it.
+fn pay_first_memslot_cost(fd: &VmFd) -> Result<()> {
+    #[repr(align(4096))]
+    struct Page([u8; 4096]);
+    static WARM_UP_PAGE: Page = Page([0; 4096]);
+    let mut region = kvm_userspace_memory_region {
+        slot: 0,
+        guest_phys_addr: 0,
+        memory_size: 4096,
+        userspace_addr: WARM_UP_PAGE.0.as_ptr() as u64,
+        flags: 0,
+    };
+    // SAFETY: no vCPU of this VM has run, and the slot is deleted before any can, so KVM never
+    // touches the page; it is a static that outlives the call anyway.
+    unsafe { fd.set_user_memory_region(region) }.kvm("KVM_SET_USER_MEMORY_REGION")?;
+    region.memory_size = 0;
+    // SAFETY: a zero-sized region deletes the slot.
+    unsafe { fd.set_user_memory_region(region) }.kvm("KVM_SET_USER_MEMORY_REGION")
 }
 
 fn create_irqchip(fd: &VmFd) -> Result<()> {
