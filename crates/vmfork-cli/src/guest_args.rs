@@ -40,13 +40,18 @@ fn parse_param(text: &str) -> Result<(u64, u64), String> {
     let (index, value) = text
         .split_once('=')
         .ok_or_else(|| format!("'{text}' is not INDEX=VALUE"))?;
+    param(index, parse_number(value)?)
+}
+
+/// A mailbox parameter by index ("0", "1", "2") as (mailbox offset, value).
+pub fn param(index: &str, value: u64) -> Result<(u64, u64), String> {
     let offset = match index {
         "0" => guests::layout::mailbox::PARAM0,
         "1" => guests::layout::mailbox::PARAM1,
         "2" => guests::layout::mailbox::PARAM2,
         _ => return Err(format!("parameter index '{index}' must be 0, 1 or 2")),
     };
-    Ok((offset, parse_number(value)?))
+    Ok((offset, value))
 }
 
 /// Looks up a built-in guest by name, with the list in the error.

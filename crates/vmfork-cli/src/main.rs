@@ -1,11 +1,14 @@
 //! `vmfork`: run, fork, reset, snapshot and benchmark VMs from the command line.
 
 mod bench;
+mod client;
+mod control;
 mod demo;
 mod fuzz;
 mod guest_args;
 mod interrupt;
 mod run;
+mod serve;
 mod units;
 
 use clap::{Parser, Subcommand};
@@ -40,6 +43,31 @@ enum Command {
         #[command(subcommand)]
         suite: bench::Suite,
     },
+    /// Host VMs behind the control API until Ctrl-C (`POST /vms` boots new ones).
+    Serve(serve::ServeArgs),
+    /// Fork a VM of a running vmfork process; prints the children's ids.
+    Fork(control::ForkArgs),
+    /// Put a fork back to the instant it was forked.
+    Reset(control::ResetArgs),
+    /// Pause a VM.
+    Pause(control::VmArg),
+    /// Resume a paused VM, or start a fork made with --paused.
+    Resume(control::VmArg),
+    /// Destroy a VM (its forks live on).
+    Destroy(control::VmArg),
+    /// The VM family tree with each VM's state and private memory.
+    Ls(control::SocketArg),
+    /// Show (or --set) a paused VM's registers.
+    Regs(control::RegsArgs),
+    /// Read or write guest memory, physical or --virtual.
+    Mem {
+        #[command(subcommand)]
+        action: control::MemAction,
+    },
+    /// Print what a VM wrote to its serial console (forks and `serve` VMs keep it in memory).
+    Console(control::VmArg),
+    /// Give a fork made with --no-devices its devices, as they were at the fork.
+    AttachDevices(control::VmArg),
 }
 
 #[derive(Subcommand)]
@@ -59,6 +87,17 @@ fn main() -> ExitCode {
         Command::Demo => demo::demo(),
         Command::Fuzz(args) => fuzz::run(args),
         Command::Bench { suite } => bench::run(suite),
+        Command::Serve(args) => serve::serve(args),
+        Command::Fork(args) => control::fork(args),
+        Command::Reset(args) => control::reset(args),
+        Command::Pause(args) => control::simple(args, "pause"),
+        Command::Resume(args) => control::simple(args, "resume"),
+        Command::Destroy(args) => control::simple(args, "destroy"),
+        Command::Ls(sock) => control::ls(sock),
+        Command::Regs(args) => control::regs(args),
+        Command::Mem { action } => control::mem(action),
+        Command::Console(args) => control::console(args),
+        Command::AttachDevices(args) => control::simple(args, "attach-devices"),
     };
     match result {
         Ok(code) => ExitCode::from(code),

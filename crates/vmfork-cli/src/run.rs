@@ -4,6 +4,7 @@ use crate::guest_args::GuestArgs;
 use crate::{interrupt, CliResult};
 use clap::Args;
 use std::time::{Duration, Instant};
+use vmfork::api::{ApiServer, Registry};
 use vmfork::devices::SerialSink;
 use vmfork::Vm;
 
@@ -14,6 +15,10 @@ pub struct RunArgs {
     /// Stop the VM after this many seconds (exit status 130).
     #[arg(long)]
     pub timeout: Option<f64>,
+    /// Serve the control API on this Unix socket (fork, reset, inspect this VM's family). The
+    /// process then runs until every VM of the family has exited or been destroyed.
+    #[arg(long)]
+    pub api_sock: Option<std::path::PathBuf>,
 }
 
 pub fn run(args: RunArgs) -> CliResult<u8> {
@@ -31,6 +36,12 @@ pub fn run(args: RunArgs) -> CliResult<u8> {
     interrupt::install()?;
     let vm = Vm::boot(config, SerialSink::Stdout, &spec).map_err(|e| e.to_string())?;
     args.guest.apply_params(&vm)?;
+    let registry = Registry::new(None);
+    let vm = registry.add(vm);
+    let server = match &args.api_sock {
+        Some(path) => Some(ApiServer::start(path, registry.clone()).map_err(|e| e.to_string())?),
+        None => None,
+    };
     vm.start().map_err(|e| e.to_string())?;
     let started = Instant::now();
     let reason = loop {
@@ -50,6 +61,14 @@ pub fn run(args: RunArgs) -> CliResult<u8> {
     };
     if reason.is_fault() {
         eprintln!("vmfork: {reason}");
+    }
+    if server.is_some() {
+        // Forks may outlive the root VM: serve them until they are gone too.
+        while registry.any_alive() && !interrupt::interrupted() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        drop(server);
+        registry.destroy_all();
     }
     Ok(reason.status().clamp(0, 255) as u8)
 }

@@ -19,12 +19,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 
 /// Parses a decimal or 0x-prefixed hexadecimal number.
 pub fn parse_number(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let parsed = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
-        Some(hex) => u64::from_str_radix(hex, 16),
-        None => t.parse(),
-    };
-    parsed.map_err(|_| format!("'{text}' is not a number"))
+    vmfork::api::parse_number(text).ok_or_else(|| format!("'{text}' is not a number"))
 }
 
 #[cfg(test)]

@@ -143,3 +143,151 @@ fn exported_guests_boot_under_qemu_microvm() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+fn post(sock: &std::path::Path, path: &str, body: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn serve_and_the_control_verbs() {
+    let sock = std::env::temp_dir().join(format!("vmfork-cli-{}.sock", std::process::id()));
+    let sock_arg = sock.to_str().unwrap();
+    let mut daemon = Command::new(env!("CARGO_BIN_EXE_vmfork"))
+        .args(["serve", "--api-sock", sock_arg])
+        .spawn()
+        .expect("start vmfork serve");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !sock.exists() {
+        assert!(std::time::Instant::now() < deadline, "serve never listened");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let ctl = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--api-sock", sock_arg]);
+        vmfork(&all)
+    };
+    // Boot a memtouch through the API (POST /vms), let it finish, fork it, read the fork.
+    let body = r#"{"guest":"memtouch","mem":"32M","params":{"0":8}}"#;
+    let reply = post(&sock, "/vms", body);
+    assert!(reply.starts_with("HTTP/1.1 201"), "{reply}");
+    let id = reply
+        .split("\"id\": ")
+        .nth(1)
+        .unwrap()
+        .split(',')
+        .next()
+        .unwrap()
+        .trim()
+        .to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !stdout(&ctl(&["console", &id])).contains("memtouch done 8") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "memtouch never finished"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let o = ctl(&["ls"]);
+    assert!(stdout(&o).contains("exited"), "{}", stdout(&o));
+    let bad = post(&sock, "/vms", r#"{"guest":"nonesuch"}"#);
+    assert!(
+        bad.starts_with("HTTP/1.1 400") && bad.contains("unknown guest"),
+        "{bad}"
+    );
+    let bad = post(&sock, "/vms", r#"{"guest":"hello","mem":"lots"}"#);
+    assert!(bad.starts_with("HTTP/1.1 400"), "{bad}");
+    let o = ctl(&["fork", "99999"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("no VM 99999"), "{}", stderr(&o));
+    let o = ctl(&["regs", "99999"]);
+    assert!(stderr(&o).contains("HTTP 404"), "{}", stderr(&o));
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
+    let _ = std::fs::remove_file(&sock);
+}
+
+#[test]
+fn run_with_api_sock_forks_resets_and_destroys() {
+    let sock = std::env::temp_dir().join(format!("vmfork-run-{}.sock", std::process::id()));
+    let sock_arg = sock.to_str().unwrap().to_string();
+    let run = Command::new(env!("CARGO_BIN_EXE_vmfork"))
+        .args([
+            "run",
+            "--guest",
+            "counter",
+            "--param",
+            "0=2000000",
+            "--mem",
+            "32M",
+        ])
+        .args(["--timeout", "60", "--api-sock", &sock_arg])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start vmfork run");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !sock.exists() {
+        assert!(std::time::Instant::now() < deadline, "run never listened");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let ctl = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--api-sock", &sock_arg]);
+        vmfork(&all)
+    };
+    let o = ctl(&["ls"]);
+    let root: String = stdout(&o)
+        .lines()
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .into();
+    let o = ctl(&["fork", &root, "-n", "2", "--paused"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let kids: Vec<String> = stdout(&o).lines().map(String::from).collect();
+    assert_eq!(kids.len(), 2);
+    let o = ctl(&["ls"]);
+    let tree = stdout(&o);
+    assert!(
+        tree.contains(&format!("  {} ", kids[0])),
+        "children indented under the root:\n{tree}"
+    );
+    let o = ctl(&["mem", "write", &kids[0], "0x200100", "c0ffee"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let o = ctl(&["mem", "read", &kids[0], "0x200100", "3"]);
+    assert!(stdout(&o).contains("c0 ff ee"), "{}", stdout(&o));
+    let o = ctl(&["reset", &kids[0], "--paused"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let o = ctl(&["mem", "read", &kids[0], "0x200100", "3"]);
+    assert!(stdout(&o).contains("00 00 00"), "{}", stdout(&o));
+    let o = ctl(&["reset", &root]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("not a fork"), "{}", stderr(&o));
+    let o = ctl(&["regs", &kids[1]]);
+    assert!(stdout(&o).contains("rip"), "{}", stdout(&o));
+    let o = ctl(&["resume", &kids[1]]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    for id in [&root, &kids[0], &kids[1]] {
+        let o = ctl(&["destroy", id]);
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    }
+    // With every VM gone, the process ends and removes its socket.
+    let out = run.wait_with_output().unwrap();
+    assert!(!sock.exists());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("counter"));
+}

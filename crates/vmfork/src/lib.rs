@@ -7,13 +7,17 @@
 //! - [`boot`]: loading ELF (PVH or 64-bit entry) and flat kernels;
 //! - [`fork`]: fork, fork of a fork, fork reset;
 //! - [`fuzz`]: the snapshot-fuzzing loop (fork once, reset per input);
+//! - [`introspect`]: guest virtual memory through the guest's page tables;
+//! - [`api`]: the control API, HTTP+JSON on a Unix socket;
 //! - [`state`]: the saved state of every stateful part (vCPUs, irqchip, clock, devices).
 
+pub mod api;
 pub mod boot;
 pub mod devices;
 mod error;
 pub mod fork;
 pub mod fuzz;
+pub mod introspect;
 pub mod memory;
 pub mod state;
 pub mod vm;

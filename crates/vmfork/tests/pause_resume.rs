@@ -155,3 +155,40 @@ fn bad_configurations_are_refused_with_clear_errors() {
         "{err}"
     );
 }
+
+#[test]
+fn virtual_memory_goes_through_the_guest_page_tables() {
+    let (vm, _) = guest_vm(Workload::Counter, config(32), &counter_params(200_000));
+    vm.start().unwrap();
+    let deadline = Instant::now() + QUICK;
+    while progress(&vm) == 0 {
+        assert!(Instant::now() < deadline, "counter never started");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    vm.pause().unwrap();
+    // Running in long mode now; the guest runtime maps the low 4 GiB 1:1 with 2 MiB pages.
+    let sregs = vm.registers(0).unwrap().sregs;
+    assert_eq!(
+        vmfork::introspect::PagingMode::from_registers(sregs.cr0, sregs.cr4, sregs.efer),
+        vmfork::introspect::PagingMode::Long4
+    );
+    let addr = MAILBOX + mailbox::PROGRESS;
+    assert_eq!(vm.translate(0, addr).unwrap(), addr);
+    let mut by_virtual = [0u8; 8];
+    vm.read_virtual(0, addr, &mut by_virtual).unwrap();
+    assert_eq!(u64::from_le_bytes(by_virtual), progress(&vm));
+    // A write across a page boundary lands in both pages.
+    vm.write_virtual(0, MAILBOX + 0xffc, &[1, 2, 3, 4, 5, 6, 7, 8])
+        .unwrap();
+    assert_eq!(
+        vm.ram().read_u64(MAILBOX + 0xffc).unwrap(),
+        0x0807_0605_0403_0201
+    );
+    // Beyond the identity map: not mapped, a clear error, nothing read.
+    let err = vm.translate(0, 1 << 40).unwrap_err().to_string();
+    assert!(err.contains("not mapped"), "{err}");
+    // Running VMs refuse (their registers move under us).
+    vm.resume().unwrap();
+    assert!(vm.translate(0, addr).is_err());
+    vm.stop();
+}
