@@ -10,7 +10,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let empty = Writer::new(Vec::new(), &Header::new("vmfork seed", 0))?.finish()?;
     std::fs::write(format!("{dir}/empty"), empty)?;
 
-    let mut w = Writer::new(Cursor::new(Vec::new()), &Header::new("vmfork seed", HEADER_DIFF))?;
+    let mut w = Writer::new(
+        Cursor::new(Vec::new()),
+        &Header::new("vmfork seed", HEADER_DIFF),
+    )?;
     w.record(RecordType::VmConfig as u32, 0, 0, b"{\"vcpus\":1}")?;
     for vcpu in 0..2 {
         w.record(RecordType::Vcpu as u32, vcpu, 0, &[vcpu as u8; 40])?;
