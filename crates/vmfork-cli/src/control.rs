@@ -80,36 +80,45 @@ fn parse_assignment(text: &str) -> Result<(String, u64), String> {
     Ok((name.to_string(), parse_number(value)?))
 }
 
+/// Which VM and address a memory command works on.
+#[derive(Args)]
+pub struct MemTarget {
+    pub vm: u64,
+    #[arg(value_parser = parse_number)]
+    pub addr: u64,
+    /// ADDR is virtual, translated by the vCPU's page tables.
+    #[arg(long)]
+    pub r#virtual: bool,
+    #[arg(long, default_value_t = 0)]
+    pub vcpu: usize,
+    #[command(flatten)]
+    pub sock: SocketArg,
+}
+
+impl MemTarget {
+    fn path(&self) -> String {
+        format!(
+            "/vms/{}/memory?addr={:#x}&virtual={}&vcpu={}",
+            self.vm, self.addr, self.r#virtual, self.vcpu
+        )
+    }
+}
+
 #[derive(Subcommand)]
 pub enum MemAction {
     /// Print guest memory as a hex dump.
     Read {
-        vm: u64,
-        #[arg(value_parser = parse_number)]
-        addr: u64,
+        #[command(flatten)]
+        at: MemTarget,
         #[arg(default_value = "64", value_parser = parse_number)]
         len: u64,
-        /// ADDR is virtual, translated by the vCPU's page tables.
-        #[arg(long)]
-        r#virtual: bool,
-        #[arg(long, default_value_t = 0)]
-        vcpu: usize,
-        #[command(flatten)]
-        sock: SocketArg,
     },
     /// Write hex bytes into guest memory (the VM must be paused).
     Write {
-        vm: u64,
-        #[arg(value_parser = parse_number)]
-        addr: u64,
+        #[command(flatten)]
+        at: MemTarget,
         /// Bytes as hex, e.g. 90cc.
         hex: String,
-        #[arg(long)]
-        r#virtual: bool,
-        #[arg(long, default_value_t = 0)]
-        vcpu: usize,
-        #[command(flatten)]
-        sock: SocketArg,
     },
 }
 
@@ -241,17 +250,9 @@ pub fn regs(a: RegsArgs) -> CliResult<u8> {
 
 pub fn mem(action: MemAction) -> CliResult<u8> {
     match action {
-        MemAction::Read {
-            vm,
-            addr,
-            len,
-            r#virtual,
-            vcpu,
-            sock,
-        } => {
-            let path =
-                format!("/vms/{vm}/memory?addr={addr:#x}&len={len}&virtual={virtual}&vcpu={vcpu}");
-            let reply = request(&sock.path, "GET", &path, None)?;
+        MemAction::Read { at, len } => {
+            let path = format!("{}&len={len}", at.path());
+            let reply = request(&at.sock.path, "GET", &path, None)?;
             let data = vmfork::api::from_hex(reply["data"].as_str().unwrap_or(""))
                 .ok_or("the server sent bad hex")?;
             for (i, line) in data.chunks(16).enumerate() {
@@ -268,26 +269,19 @@ pub fn mem(action: MemAction) -> CliResult<u8> {
                     .collect();
                 println!(
                     "{:016x}  {:<48} {text}",
-                    addr + 16 * i as u64,
+                    at.addr + 16 * i as u64,
                     hex.join(" ")
                 );
             }
             Ok(0)
         }
-        MemAction::Write {
-            vm,
-            addr,
-            hex,
-            r#virtual,
-            vcpu,
-            sock,
-        } => {
+        MemAction::Write { at, hex } => {
             if vmfork::api::from_hex(&hex).is_none() {
                 return Err(format!("'{hex}' is not an even number of hex digits"));
             }
-            let path = format!("/vms/{vm}/memory?addr={addr:#x}&virtual={virtual}&vcpu={vcpu}");
-            let reply = request(&sock.path, "PUT", &path, Some(&json!({ "data": hex })))?;
-            println!("wrote {} bytes at {addr:#x}", reply["len"]);
+            let body = json!({ "data": hex });
+            let reply = request(&at.sock.path, "PUT", &at.path(), Some(&body))?;
+            println!("wrote {} bytes at {:#x}", reply["len"], at.addr);
             Ok(0)
         }
     }

@@ -26,6 +26,8 @@ pub enum Error {
         actual: &'static str,
         wanted: &'static str,
     },
+    #[error("VM {0} is not a fork, so it has nothing to reset to")]
+    NotAFork(u64),
     #[error("{0}")]
     Invalid(String),
 }

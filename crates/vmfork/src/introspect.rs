@@ -8,12 +8,8 @@
 use crate::error::{Error, Result};
 use crate::memory::PAGE_SIZE;
 use crate::vm::Vm;
+use crate::x86::{CR0_PG, CR4_LA57, CR4_PAE, CR4_PSE, EFER_LMA};
 
-const CR0_PG: u64 = 1 << 31;
-const CR4_PSE: u64 = 1 << 4;
-const CR4_PAE: u64 = 1 << 5;
-const CR4_LA57: u64 = 1 << 12;
-const EFER_LMA: u64 = 1 << 10;
 const PRESENT: u64 = 1;
 const PAGE_SIZE_BIT: u64 = 1 << 7;
 /// Physical address bits 12..51 of a 64-bit (long mode or PAE) entry.

@@ -21,6 +21,7 @@ pub mod introspect;
 pub mod memory;
 pub mod state;
 pub mod vm;
+mod x86;
 
 pub use error::{Error, Result};
 pub use fork::{ForkOptions, ResetScope, ResetStats};

@@ -86,7 +86,7 @@ impl Registry {
 /// the host's (500).
 pub(crate) fn error_response(e: &Error) -> Response {
     let status = match e {
-        Error::State { .. } => 409,
+        Error::State { .. } | Error::NotAFork(_) => 409,
         Error::Invalid(_) | Error::Config(_) | Error::Memory(_) | Error::Load(_) => 400,
         Error::KvmUnavailable(_) | Error::Kvm { .. } | Error::Io(_) => 500,
     };

@@ -223,12 +223,11 @@ impl Vm {
 
     /// [`Self::reset`] limited to memory or to state.
     pub fn reset_with(&self, scope: ResetScope) -> Result<ResetStats> {
-        let origin = self.shared().origin.as_ref().ok_or_else(|| {
-            Error::Invalid(format!(
-                "VM {} is not a fork, so it has nothing to reset to",
-                self.id()
-            ))
-        })?;
+        let origin = self
+            .shared()
+            .origin
+            .as_ref()
+            .ok_or(Error::NotAFork(self.id()))?;
         self.require_stopped()?;
         if self.exit_reason().is_some() {
             self.rearm();

@@ -5,6 +5,38 @@ use crate::error::{Error, Result};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
+const READ_WRITE: libc::c_int = libc::PROT_READ | libc::PROT_WRITE;
+
+/// The one mmap call: at `fixed` (replacing what is there) or where the kernel chooses, of
+/// `file` at an offset or anonymous.
+///
+/// # Safety
+/// With `fixed`, `[fixed, fixed+len)` must be a range the caller owns whose current contents
+/// nothing uses any more.
+unsafe fn mmap(
+    fixed: Option<*mut u8>,
+    len: usize,
+    prot: libc::c_int,
+    flags: libc::c_int,
+    file: Option<(BorrowedFd<'_>, libc::off_t)>,
+) -> io::Result<*mut u8> {
+    let (fd, offset) = file.map_or((-1, 0), |(f, o)| (f.as_raw_fd(), o));
+    let (addr, flags) = match fixed {
+        Some(a) => (a.cast(), flags | libc::MAP_FIXED),
+        None => (std::ptr::null_mut(), flags),
+    };
+    // SAFETY: the caller vouches for a fixed range; otherwise the kernel picks a free one.
+    let mapped = unsafe { libc::mmap(addr, len, prot, flags, fd, offset) };
+    if mapped == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(mapped.cast())
+}
+
+fn mmap_error(what: &str, e: io::Error) -> Error {
+    Error::Memory(format!("cannot {what}: {e}"))
+}
+
 /// An anonymous or file-backed host mapping of `len` bytes, unmapped on drop — or, when placed
 /// in an [`AddressRange`], put back to the range's inaccessible reservation.
 #[derive(Debug)]
@@ -34,28 +66,11 @@ unsafe impl Sync for AddressRange {}
 impl AddressRange {
     /// Reserves `len` bytes of address space (no memory behind it).
     pub fn reserve(len: usize) -> Result<Self> {
+        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
         // SAFETY: a fresh inaccessible mapping at a kernel-chosen address.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(Error::Memory(format!(
-                "cannot reserve {} MiB of address space: {}",
-                len >> 20,
-                io::Error::last_os_error()
-            )));
-        }
-        Ok(Self {
-            addr: addr.cast(),
-            len,
-        })
+        let addr = unsafe { mmap(None, len, libc::PROT_NONE, flags, None) }
+            .map_err(|e| mmap_error(&format!("reserve {} MiB of address space", len >> 20), e))?;
+        Ok(Self { addr, len })
     }
 
     pub fn as_ptr(&self) -> *mut u8 {
@@ -72,23 +87,10 @@ impl AddressRange {
 
     /// Makes the whole range an inaccessible reservation again.
     fn clear(&self) -> Result<()> {
+        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
         // SAFETY: replaces exactly this reserved range, which this value owns.
-        let addr = unsafe {
-            libc::mmap(
-                self.addr.cast(),
-                self.len,
-                libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
-                -1,
-                0,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(Error::Memory(format!(
-                "cannot clear a reserved RAM range: {}",
-                io::Error::last_os_error()
-            )));
-        }
+        unsafe { mmap(Some(self.addr), self.len, libc::PROT_NONE, flags, None) }
+            .map_err(|e| mmap_error("clear a reserved RAM range", e))?;
         Ok(())
     }
 }
@@ -140,50 +142,22 @@ impl HostMapping {
         sharing: Sharing,
         prot: libc::c_int,
     ) -> Result<Self> {
+        let flags = sharing.flags() | libc::MAP_NORESERVE;
         // SAFETY: a fresh mapping at a kernel-chosen address; no existing memory is affected.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                prot,
-                sharing.flags() | libc::MAP_NORESERVE,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(Error::Memory(format!(
-                "cannot map {} MiB of guest RAM: {}",
-                len >> 20,
-                io::Error::last_os_error()
-            )));
-        }
-        Ok(Self::at(addr.cast(), len, None))
+        let addr = unsafe { mmap(None, len, prot, flags, Some((file, 0))) }
+            .map_err(|e| mmap_error(&format!("map {} MiB of guest RAM", len >> 20), e))?;
+        Ok(Self::at(addr, len, None))
     }
 
     /// Anonymous zeroed memory of `len` bytes (at least one page), faulted in up front: for
     /// buffers that are filled at once, where a fault per page would cost more than the copy.
     pub fn anonymous_populated(len: usize) -> Result<Self> {
         let len = len.max(4096);
+        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE;
         // SAFETY: a fresh private anonymous mapping at a kernel-chosen address.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
-                -1,
-                0,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(Error::Memory(format!(
-                "cannot allocate {} KiB: {}",
-                len >> 10,
-                io::Error::last_os_error()
-            )));
-        }
-        Ok(Self::at(addr.cast(), len, None))
+        let addr = unsafe { mmap(None, len, READ_WRITE, flags, None) }
+            .map_err(|e| mmap_error(&format!("allocate {} KiB", len >> 10), e))?;
+        Ok(Self::at(addr, len, None))
     }
 
     fn at(addr: *mut u8, len: usize, range: Option<std::sync::Arc<AddressRange>>) -> Self {
@@ -202,24 +176,19 @@ impl HostMapping {
         file: BorrowedFd<'_>,
         sharing: Sharing,
     ) -> Result<Self> {
-        // SAFETY: MAP_FIXED replaces only the reserved range, which holds no other mapping
-        // (whoever placed one there released it first).
-        let addr = unsafe {
-            libc::mmap(
-                range.addr.cast(),
+        let flags = sharing.flags() | libc::MAP_NORESERVE;
+        // SAFETY: the fixed address replaces only the reserved range, which holds no other
+        // mapping (whoever placed one there released it first).
+        unsafe {
+            mmap(
+                Some(range.addr),
                 range.len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                sharing.flags() | libc::MAP_NORESERVE | libc::MAP_FIXED,
-                file.as_raw_fd(),
-                0,
+                READ_WRITE,
+                flags,
+                Some((file, 0)),
             )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(Error::Memory(format!(
-                "cannot map guest RAM into its reserved range: {}",
-                io::Error::last_os_error()
-            )));
         }
+        .map_err(|e| mmap_error("map guest RAM into its reserved range", e))?;
         Ok(Self::at(
             range.addr,
             range.len,
@@ -255,54 +224,44 @@ impl HostMapping {
         sharing: Sharing,
     ) -> Result<()> {
         self.check_range(offset, len)?;
-        // SAFETY: the range lies inside the mapping this value owns (checked above); MAP_FIXED
-        // replaces only those pages, and guest RAM is never referenced by Rust references.
-        let addr = unsafe {
-            libc::mmap(
-                self.addr.add(offset).cast(),
+        let flags = sharing.flags() | libc::MAP_NORESERVE;
+        // SAFETY: the range lies inside the mapping this value owns (checked above); the fixed
+        // address replaces only those pages, and guest RAM is never referenced by Rust references.
+        unsafe {
+            mmap(
+                Some(self.addr.add(offset)),
                 len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                sharing.flags() | libc::MAP_NORESERVE | libc::MAP_FIXED,
-                file.as_raw_fd(),
-                offset as libc::off_t,
+                READ_WRITE,
+                flags,
+                Some((file, offset as libc::off_t)),
             )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(Error::Memory(format!(
-                "cannot remap guest RAM: {}",
-                io::Error::last_os_error()
-            )));
         }
+        .map_err(|e| mmap_error("remap guest RAM", e))?;
         Ok(())
     }
 
     /// Drops the private pages of `[offset, offset+len)`: a copy-on-write mapping reads its file
     /// again there, an anonymous one reads zeroes.
     pub fn discard(&self, offset: usize, len: usize) -> Result<()> {
-        self.check_range(offset, len)?;
-        // SAFETY: the range lies inside this mapping; MADV_DONTNEED changes only its contents.
-        let rc = unsafe { libc::madvise(self.addr.add(offset).cast(), len, libc::MADV_DONTNEED) };
-        if rc != 0 {
-            return Err(Error::Memory(format!(
-                "madvise(DONTNEED) failed: {}",
-                io::Error::last_os_error()
-            )));
-        }
-        Ok(())
+        self.advise(offset, len, libc::MADV_DONTNEED, "DONTNEED")
     }
 
     /// Makes `[offset, offset+len)` present and writable in one call (private copies of a
     /// copy-on-write file's pages), so copying into it takes no page fault per page: faults are
     /// what costs most here, under nested paging.
     pub fn populate_write(&self, offset: usize, len: usize) -> Result<()> {
+        self.advise(offset, len, libc::MADV_POPULATE_WRITE, "POPULATE_WRITE")
+    }
+
+    /// madvise over part of the mapping, for advice that only drops or faults in its pages.
+    fn advise(&self, offset: usize, len: usize, advice: libc::c_int, name: &str) -> Result<()> {
         self.check_range(offset, len)?;
-        // SAFETY: the range lies inside this mapping; MADV_POPULATE_WRITE only faults pages in,
-        // as a write would, without changing their contents.
-        let rc =
-            unsafe { libc::madvise(self.addr.add(offset).cast(), len, libc::MADV_POPULATE_WRITE) };
+        // SAFETY: the range lies inside this mapping (checked above); the advice drops or faults
+        // in pages of it and touches no other memory.
+        let rc = unsafe { libc::madvise(self.addr.add(offset).cast(), len, advice) };
         if rc != 0 {
             return Err(Error::Memory(format!(
-                "madvise(POPULATE_WRITE) failed: {}",
+                "madvise({name}) failed: {}",
                 io::Error::last_os_error()
             )));
         }
