@@ -250,17 +250,21 @@ fn reset_and_fork_refuse_what_they_cannot_do() {
 
 #[test]
 fn forks_on_recycled_shells_start_clean() {
-    // Shells of destroyed forks are reused (memslots and RAM range kept): a new fork must see
-    // only its parent's memory and state, nothing of the fork that used the shell before.
+    // Shells of destroyed forks are reused (memslots, RAM range and RAM mapping kept): a new
+    // fork must see only its parent's memory and state, nothing of the fork that used the shell
+    // before, whether that fork was of the same family or of another.
     let cfg = VmConfig {
         irqchip: true,
         ..config(16)
     };
-    let (parent, _) = guest_vm(Workload::Memtouch, cfg, &[(mailbox::PARAM0, PAGES)]);
+    let (parent, _) = guest_vm(Workload::Memtouch, cfg.clone(), &[(mailbox::PARAM0, PAGES)]);
+    let (other, _) = guest_vm(Workload::Memtouch, cfg, &[(mailbox::PARAM0, PAGES)]);
+    other.ram().write_u64(0x30_0000, 0xfeed).unwrap();
     let pristine = parent.fork(&ForkOptions::default()).unwrap();
     let expected = ram_hash(&pristine);
     let regs = pristine.registers(0).unwrap();
     drop(pristine);
+    let other_expected = ram_hash(&other.fork(&ForkOptions::default()).unwrap());
     for seed in 1..=20 {
         let fork = parent.fork(&ForkOptions::default()).unwrap();
         assert_eq!(ram_hash(&fork), expected, "fork {seed} sees old memory");
@@ -271,6 +275,18 @@ fn forks_on_recycled_shells_start_clean() {
         assert_eq!(page_word(&fork, 3), memtouch_pattern(seed, 3));
         assert!(fork.reset().unwrap().pages_restored as u64 >= PAGES);
         run_memtouch(&fork, seed);
+        // The VMM's own writes must be undone for the shell's next VM too.
+        fork.ram().write_u64(0x20_0000 + seed * 4096, seed).unwrap();
+        drop(fork);
+        if seed % 5 == 0 {
+            let stranger = other.fork(&ForkOptions::default()).unwrap();
+            assert_eq!(
+                ram_hash(&stranger),
+                other_expected,
+                "fork of another family"
+            );
+            run_memtouch(&stranger, seed);
+        }
     }
     let idle: usize = vmfork::vm::pool::idle_shells().iter().map(|s| s.3).sum();
     assert!(idle >= 1, "destroyed forks should leave shells in the pool");

@@ -79,7 +79,7 @@ pub fn run(args: BenchArgs) -> CliResult<Report> {
             if dirty > 0 {
                 let exit = parent.run_inline().map_err(err)?;
                 if exit != ExitReason::GuestExit(0) {
-                    return Err(format!("memtouch: {exit}"));
+                    return Err(format!("memtouch at dirty {dirty}: {exit}"));
                 }
             }
             let t = Instant::now();
@@ -110,7 +110,7 @@ pub fn run(args: BenchArgs) -> CliResult<Report> {
             if dirty > 0 {
                 let exit = fork.run_inline().map_err(err)?;
                 if exit != ExitReason::GuestExit(0) {
-                    return Err(format!("memtouch: {exit}"));
+                    return Err(format!("memtouch at dirty {dirty}: {exit}"));
                 }
             }
             let t = Instant::now();

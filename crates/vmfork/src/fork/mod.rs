@@ -88,7 +88,7 @@ impl Vm {
         sinks
             .into_iter()
             .map(|sink| {
-                let shell = take_shell(self.config(), opts.fresh_shell)?;
+                let mut shell = take_shell(self.config(), opts.fresh_shell, Some(image.base()))?;
                 let irq = if opts.block_interrupts {
                     None
                 } else {
@@ -103,7 +103,8 @@ impl Vm {
                 } else {
                     Devices::from_state(&state.devices, sink, irq)?
                 };
-                let ram = GuestRam::from_image(&image, shell.ram_range.as_ref())?;
+                let ram =
+                    GuestRam::from_image(&image, shell.ram_range.as_ref(), shell.resident.take())?;
                 let child = Vm::assemble(VmParts {
                     shell,
                     ram,
@@ -143,7 +144,7 @@ impl Vm {
                 Ok(image)
             }
             Some(image) => {
-                self.collect_dirty(&mut tracking)?;
+                self.shared().collect_dirty(&mut tracking)?;
                 if tracking.dirty.count() == 0 {
                     return Ok(image);
                 }
@@ -157,21 +158,6 @@ impl Vm {
             .tracking
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Adds the pages written since the last call (guest writes from KVM's dirty log, VMM
-    /// writes from vm-memory's bitmap) to `tracking.dirty`.
-    fn collect_dirty(&self, tracking: &mut MemoryTracking) -> Result<()> {
-        let shared = self.shared();
-        for (slot, region, _) in shared.ram.slots() {
-            let bitmap = shared
-                .fd
-                .get_dirty_log(slot, region.size as usize)
-                .kvm("KVM_GET_DIRTY_LOG")?;
-            tracking.dirty.add_region_bitmap(&region, &bitmap);
-        }
-        shared.ram.take_vmm_dirty(&mut tracking.dirty);
-        Ok(())
     }
 
     /// Loads saved vCPU, irqchip, clock and (optionally) device state.
@@ -235,7 +221,7 @@ impl Vm {
         let mut stats = ResetStats::default();
         if scope != ResetScope::StateOnly {
             let mut tracking = self.tracking();
-            self.collect_dirty(&mut tracking)?;
+            self.shared().collect_dirty(&mut tracking)?;
             let mapping = self.shared().ram.mapping();
             for offset in tracking.dirty.offsets() {
                 origin.image.copy_page_to(mapping, offset)?;
@@ -263,7 +249,7 @@ impl Vm {
             return Ok(self.ram().size());
         }
         if self.status() != VmStatus::Running {
-            self.collect_dirty(&mut tracking)?;
+            self.shared().collect_dirty(&mut tracking)?;
         }
         Ok(tracking.dirty.count() as u64 * PAGE_SIZE)
     }

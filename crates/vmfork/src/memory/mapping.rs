@@ -214,6 +214,13 @@ impl HostMapping {
         Ok(())
     }
 
+    /// Marks the range as handed back without clearing it, for a caller that maps over it at
+    /// once (clearing first would make KVM invalidate the memslot twice).
+    pub(super) fn forget_range(&self) {
+        self.released
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
     /// Replaces `[offset, offset+len)` of this mapping, in place, with a mapping of `file` at the
     /// same offset. KVM's MMU notifiers see the switch, so memslots over it stay valid.
     pub fn remap_range(

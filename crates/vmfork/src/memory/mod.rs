@@ -6,10 +6,12 @@
 mod dirty;
 mod image;
 mod mapping;
+mod resident;
 
 pub use dirty::DirtyPages;
 pub use image::FrozenImage;
 pub use mapping::{create_memfd, AddressRange, HostMapping, Sharing};
+pub use resident::ResidentRam;
 
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -160,42 +162,50 @@ impl GuestRam {
 
     /// A copy-on-write view of `image`: reads share its pages, writes copy. The overlay pages
     /// are copied in (cost O(overlay)); nothing else is touched. With `range`, the view is
-    /// placed in that reserved address range (a pooled shell's, with memslots over it).
-    pub fn from_image(image: &Arc<FrozenImage>, range: Option<&Arc<AddressRange>>) -> Result<Self> {
+    /// placed in that reserved address range (a pooled shell's, with memslots over it), reusing
+    /// `resident` when it maps the image's base.
+    pub fn from_image(
+        image: &Arc<FrozenImage>,
+        range: Option<&Arc<AddressRange>>,
+        resident: Option<ResidentRam>,
+    ) -> Result<Self> {
         let layout = image.layout().clone();
         let backing = Arc::clone(image.base());
-        let ram = match range {
-            None => Self::map(layout, backing, Sharing::CopyOnWrite)?,
-            Some(range) => {
-                if range.len() as u64 != layout.total() {
-                    return Err(Error::Memory(format!(
-                        "a {} MiB range cannot hold {} MiB of RAM",
-                        range.len() >> 20,
-                        layout.total() >> 20
-                    )));
+        let Some(range) = range else {
+            let ram = Self::map(layout, backing, Sharing::CopyOnWrite)?;
+            for (start, pages) in page_runs(image.overlay_pages()) {
+                ram.mapping
+                    .populate_write(start as usize, (pages * PAGE_SIZE) as usize)?;
+            }
+            for offset in image.overlay_pages() {
+                image.copy_page_to(&ram.mapping, offset)?;
+            }
+            return Ok(ram);
+        };
+        if range.len() as u64 != layout.total() {
+            return Err(Error::Memory(format!(
+                "a {} MiB range cannot hold {} MiB of RAM",
+                range.len() >> 20,
+                layout.total() >> 20
+            )));
+        }
+        let resident = match resident {
+            Some(r) if r.maps(&backing) => r,
+            other => {
+                if let Some(r) = other {
+                    r.abandon();
                 }
-                let mapping = Arc::new(HostMapping::map_file_in(
-                    range,
-                    backing.as_fd(),
-                    Sharing::CopyOnWrite,
-                )?);
-                let memory = build_guest_memory(&layout, &mapping)?;
-                Self {
-                    layout,
-                    backing,
-                    memory,
-                    mapping,
-                }
+                ResidentRam::premap(range, &backing)?
             }
         };
-        for (start, pages) in page_runs(image.overlay_pages()) {
-            ram.mapping
-                .populate_write(start as usize, (pages * PAGE_SIZE) as usize)?;
-        }
-        for offset in image.overlay_pages() {
-            image.copy_page_to(&ram.mapping, offset)?;
-        }
-        Ok(ram)
+        let mapping = resident.make_view_of(image)?;
+        let memory = build_guest_memory(&layout, &mapping)?;
+        Ok(Self {
+            layout,
+            backing,
+            memory,
+            mapping,
+        })
     }
 
     /// Hands `range` back when this RAM was placed in it: drops the RAM's pages and leaves an
@@ -205,6 +215,19 @@ impl GuestRam {
             return Err(Error::Memory("guest RAM is still in use elsewhere".into()));
         }
         self.mapping.release_range()
+    }
+
+    /// Leaves this RAM (placed in a reserved range) mapped for the next fork of its family,
+    /// recording the pages that hold private copies. The RAM must not be used afterwards.
+    pub fn leave_resident(&self, stale: Vec<u64>) -> Result<ResidentRam> {
+        if Arc::strong_count(&self.mapping) != 1 {
+            return Err(Error::Memory("guest RAM is still in use elsewhere".into()));
+        }
+        Ok(ResidentRam::left_by(
+            Arc::clone(&self.mapping),
+            &self.backing,
+            stale,
+        ))
     }
 
     /// Turns this shared mapping of the RAM file into a private one, in place: from now on the

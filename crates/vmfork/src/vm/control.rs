@@ -30,6 +30,9 @@ pub struct RunControl {
     state: Mutex<State>,
     changed: Condvar,
     run: AtomicBool,
+    /// The vCPUs were let run since [`Self::take_ran`] last said no: the guest may have written
+    /// memory, so its dirty log is worth reading.
+    ran: AtomicBool,
 }
 
 impl RunControl {
@@ -43,6 +46,7 @@ impl RunControl {
             }),
             changed: Condvar::new(),
             run: AtomicBool::new(false),
+            ran: AtomicBool::new(false),
         }
     }
 
@@ -65,8 +69,21 @@ impl RunControl {
             return;
         }
         s.want = want;
+        if want == Want::Run {
+            self.ran.store(true, Ordering::Release);
+        }
         self.run.store(want == Want::Run, Ordering::Release);
         self.changed.notify_all();
+    }
+
+    /// Whether the vCPUs may have run since the last call. While any vCPU thread is not parked
+    /// (or the VM wants to run) the answer is always yes.
+    pub fn take_ran(&self) -> bool {
+        let s = self.lock();
+        if s.want == Want::Run || s.alive > s.parked {
+            return true;
+        }
+        self.ran.swap(false, Ordering::AcqRel)
     }
 
     /// Records why the VM stopped (the first reason wins) and tells every vCPU to stop.

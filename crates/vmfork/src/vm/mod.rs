@@ -16,7 +16,9 @@ use crate::boot::{self, BootSpec};
 use crate::devices::SerialBuffer;
 use crate::devices::{Devices, SerialSink, SERIAL_IRQ};
 use crate::error::{Error, KvmContext, Result};
-use crate::memory::{AddressRange, DirtyPages, FrozenImage, GuestRam, MemoryLayout};
+use crate::memory::{
+    AddressRange, DirtyPages, FrozenImage, GuestRam, MemoryLayout, ResidentRam, PAGE_SIZE,
+};
 use crate::state::{CpuRegisters, IrqchipState, VcpuState, VmState};
 use control::RunControl;
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
@@ -89,6 +91,10 @@ pub(crate) struct VcpuSlot {
     pub(crate) fd: Mutex<VcpuFd>,
 }
 
+/// A dying fork's shell keeps its RAM mapped when at most this many pages (or 1/256 of its RAM,
+/// if more) differ from the base file: copying them back beats mapping the range afresh.
+const MAX_RESIDENT_STALE_PAGES: u64 = 1024;
+
 /// What the controller and the vCPU threads share.
 pub(crate) struct VmShared {
     // The shell (vCPUs, VM fd, serial irqfd) is handed to the pool when this drops, after its
@@ -135,6 +141,8 @@ pub(crate) struct VmShell {
     /// A reserved host range with dirty-logged memslots already registered over it for RAM of
     /// the config's size (pooled shells): a fork maps its RAM there and skips memslot creation.
     pub(crate) ram_range: Option<Arc<AddressRange>>,
+    /// What the last VM left mapped in `ram_range`, for the next fork of its family to reuse.
+    pub(crate) resident: Option<ResidentRam>,
 }
 
 /// Creates a VM shell for `config`.
@@ -173,6 +181,7 @@ pub(crate) fn create_shell(config: &VmConfig) -> Result<VmShell> {
         serial_irq,
         msr_indices,
         ram_range: None,
+        resident: None,
     })
 }
 
@@ -262,11 +271,15 @@ impl VmShell {
 impl Drop for VmShared {
     fn drop(&mut self) {
         // A VM KVM gave up on is not worth reusing; nor is one whose RAM is not in a pooled
-        // range. Either is closed on the reaper thread, off the caller's path.
+        // range. Either is closed on the reaper thread, off the caller's path. A reusable
+        // shell keeps its RAM mapped when few pages differ from the family's base file.
         let healthy = !matches!(self.control.exit(), Some(ExitReason::InternalError { .. }));
-        let reusable_range = match &self.ram_range {
-            Some(_) if healthy => self.ram.release_range().is_ok(),
-            _ => false,
+        let (reusable_range, resident) = match &self.ram_range {
+            Some(_) if healthy => match self.leave_resident() {
+                Some(resident) => (true, Some(resident)),
+                None => (self.ram.release_range().is_ok(), None),
+            },
+            _ => (false, None),
         };
         let shell = VmShell {
             fd: Arc::clone(&self.fd),
@@ -278,6 +291,7 @@ impl Drop for VmShared {
             } else {
                 None
             },
+            resident,
         };
         if shell.ram_range.is_some() {
             pool::recycle(shell, &self.config);
@@ -288,6 +302,41 @@ impl Drop for VmShared {
 }
 
 impl VmShared {
+    /// Adds the pages written since the last call (guest writes from KVM's dirty log, VMM
+    /// writes from vm-memory's bitmap) to `tracking.dirty`, and clears the dirty log.
+    pub(crate) fn collect_dirty(&self, tracking: &mut MemoryTracking) -> Result<()> {
+        // A paused parent forked again and again has not written since the last look: skip
+        // reading a dirty log whose size grows with RAM.
+        if self.control.take_ran() {
+            for (slot, region, _) in self.ram.slots() {
+                let bitmap = self
+                    .fd
+                    .get_dirty_log(slot, region.size as usize)
+                    .kvm("KVM_GET_DIRTY_LOG")?;
+                tracking.dirty.add_region_bitmap(&region, &bitmap);
+            }
+        }
+        self.ram.take_vmm_dirty(&mut tracking.dirty);
+        Ok(())
+    }
+
+    /// The RAM of a dying fork, kept mapped for its shell's next VM: `None` when too many pages
+    /// differ from the base file for a fix-up to beat mapping the range afresh.
+    fn leave_resident(&self) -> Option<ResidentRam> {
+        let mut tracking = self.tracking.lock().unwrap_or_else(|p| p.into_inner());
+        self.collect_dirty(&mut tracking).ok()?;
+        let image = tracking.image.clone()?;
+        let mut stale = std::mem::take(&mut tracking.dirty);
+        for offset in image.overlay_pages() {
+            stale.mark((offset / PAGE_SIZE) as usize);
+        }
+        let pages = self.ram.size() / PAGE_SIZE;
+        if stale.count() as u64 > MAX_RESIDENT_STALE_PAGES.max(pages / 256) {
+            return None;
+        }
+        self.ram.leave_resident(stale.offsets().collect()).ok()
+    }
+
     fn vcpu(&self, index: usize) -> Result<MutexGuard<'_, VcpuFd>> {
         let slot = self.vcpus.get(index).ok_or_else(|| {
             Error::Invalid(format!(

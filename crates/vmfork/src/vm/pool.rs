@@ -7,19 +7,30 @@
 //! of the right shape and just map its RAM into the range: a fresh shell made ahead of time by
 //! the filler thread, or one recycled from a destroyed fork. Shells the pool has no room for are
 //! closed on the reaper thread, never on the caller's.
+//!
+//! Mapping RAM over a whole range costs time that grows with its size (KVM invalidates the
+//! memslot), so shells keep RAM mapped: a recycled shell keeps its last fork's mapping, and the
+//! filler maps the base file of the family most recently forked into new shells. A fork that
+//! finds its family's base there fixes up only the pages that differ. Mappings whose family is
+//! gone are dropped by the filler thread.
 
 use super::{create_shell, register_memslots_at, VmConfig, VmShell};
 use crate::error::{KvmContext, Result};
-use crate::memory::{AddressRange, MemoryLayout};
+use crate::memory::{AddressRange, MemoryLayout, ResidentRam};
 use std::collections::HashMap;
+use std::fs::File;
 use std::sync::mpsc::{channel, Sender};
+use std::sync::Weak;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
 
 /// Idle shells kept per shape; more are closed. (Each holds KVM's per-memslot arrays, ~2 MiB of
 /// kernel memory per GiB of RAM with shadow paging.)
 const MAX_IDLE_PER_SHAPE: usize = 16;
 /// Shells the filler keeps ready for a shape once a fork has used it.
 const DEFAULT_READY: usize = 2;
+/// How often the filler looks for idle shells still mapping RAM of a family that is gone.
+const SWEEP_INTERVAL: Duration = Duration::from_millis(200);
 
 /// What makes shells interchangeable: vCPU count (CPUID depends on it), the irqchip, and the
 /// RAM size the memslots are laid out for.
@@ -48,15 +59,20 @@ impl Shape {
     }
 }
 
-/// A new shell with a reserved RAM range and dirty-logged memslots over it.
-fn create_pooled_shell(config: &VmConfig) -> Result<VmShell> {
+/// A new shell with a reserved RAM range and dirty-logged memslots over it, with `base` mapped
+/// there when given.
+fn create_pooled_shell(config: &VmConfig, base: Option<&Arc<File>>) -> Result<VmShell> {
     let mut shell = create_shell(config)?;
     let layout = MemoryLayout::for_size(config.mem_bytes)?;
     let len = usize::try_from(layout.total())
         .map_err(|_| crate::Error::Config("RAM size does not fit the address space".into()))?;
     let range = AddressRange::reserve(len)?;
     register_memslots_at(&shell.fd, &layout, range.as_ptr() as u64, true)?;
-    shell.ram_range = Some(Arc::new(range));
+    let range = Arc::new(range);
+    if let Some(base) = base {
+        shell.resident = Some(ResidentRam::premap(&range, base)?);
+    }
+    shell.ram_range = Some(range);
     Ok(shell)
 }
 
@@ -65,6 +81,8 @@ struct PoolState {
     idle: HashMap<Shape, Vec<VmShell>>,
     /// How many ready shells the filler keeps per shape.
     target: HashMap<Shape, usize>,
+    /// The base file of the family forked last, per shape: what the filler maps into new shells.
+    recent_base: HashMap<Shape, Weak<File>>,
     /// Teardown jobs queued or running, and filler work in progress.
     busy: usize,
 }
@@ -114,11 +132,12 @@ impl Pool {
     }
 }
 
-/// The filler thread: tops every shape up to its target.
+/// The filler thread: tops every shape up to its target, and drops RAM mappings of families
+/// that are gone from idle shells.
 fn fill_forever() {
     let pool = pool();
     loop {
-        let shape = {
+        let (shape, base) = {
             let mut state = pool.lock();
             loop {
                 let short = state.target.iter().find_map(|(shape, &want)| {
@@ -127,12 +146,34 @@ fn fill_forever() {
                 });
                 if let Some(shape) = short {
                     state.busy += 1;
-                    break shape;
+                    let base = state.recent_base.get(&shape).and_then(Weak::upgrade);
+                    break (shape, base);
                 }
-                state = pool.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+                state = pool
+                    .changed
+                    .wait_timeout(state, SWEEP_INTERVAL)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+                let mut orphaned = take_shells_with_orphaned_ram(&mut state);
+                if !orphaned.is_empty() {
+                    // Out of the pool (and counted busy) while their RAM is unmapped, so no
+                    // fork can map its own RAM into the range meanwhile.
+                    state.busy += 1;
+                    drop(state);
+                    for (_, shell) in &mut orphaned {
+                        shell.resident = None;
+                    }
+                    state = pool.lock();
+                    state.busy -= 1;
+                    for (shape, shell) in orphaned {
+                        state.idle.entry(shape).or_default().push(shell);
+                    }
+                    pool.changed.notify_all();
+                }
             }
         };
-        let made = create_pooled_shell(&shape.config());
+        let made = create_pooled_shell(&shape.config(), base.as_ref());
+        drop(base);
         let mut state = pool.lock();
         state.busy -= 1;
         match made {
@@ -147,9 +188,36 @@ fn fill_forever() {
     }
 }
 
-/// A shell for a VM that loads its whole state (fork, restore): a ready one if the pool has
-/// one, else a new one. `fresh` skips the pool (to measure what it saves).
-pub(crate) fn take_shell(config: &VmConfig, fresh: bool) -> Result<VmShell> {
+/// Takes out of the pool the idle shells holding RAM of families nobody uses any more, for the
+/// caller to unmap (their pages would stay allocated otherwise) outside the pool lock.
+fn take_shells_with_orphaned_ram(state: &mut PoolState) -> Vec<(Shape, VmShell)> {
+    state.recent_base.retain(|_, base| base.strong_count() > 0);
+    let mut taken = Vec::new();
+    for (shape, idle) in &mut state.idle {
+        let mut i = 0;
+        while i < idle.len() {
+            if idle[i]
+                .resident
+                .as_ref()
+                .is_some_and(ResidentRam::is_orphaned)
+            {
+                taken.push((*shape, idle.swap_remove(i)));
+            } else {
+                i += 1;
+            }
+        }
+    }
+    taken
+}
+
+/// A shell for a VM that loads its whole state (fork, restore) from an image on `base`: a
+/// ready one if the pool has one (preferably one that already maps `base`), else a new one.
+/// `fresh` skips the pool (to measure what it saves).
+pub(crate) fn take_shell(
+    config: &VmConfig,
+    fresh: bool,
+    base: Option<&Arc<File>>,
+) -> Result<VmShell> {
     if fresh {
         return create_shell(config);
     }
@@ -160,20 +228,35 @@ pub(crate) fn take_shell(config: &VmConfig, fresh: bool) -> Result<VmShell> {
         let mut state = pool.lock();
         let target = state.target.entry(shape).or_insert(0);
         *target = (*target).max(DEFAULT_READY);
-        state.idle.get_mut(&shape).and_then(Vec::pop)
+        if let Some(base) = base {
+            state.recent_base.insert(shape, Arc::downgrade(base));
+        }
+        state
+            .idle
+            .get_mut(&shape)
+            .and_then(|idle| {
+                let mapping_base = idle.iter().rposition(
+                    |shell| matches!((&shell.resident, base), (Some(r), Some(b)) if r.maps(b)),
+                );
+                let empty = || idle.iter().rposition(|shell| shell.resident.is_none());
+                let at = mapping_base.or_else(empty)?;
+                Some(idle.swap_remove(at))
+            })
+            .or_else(|| state.idle.get_mut(&shape).and_then(Vec::pop))
     };
     pool.changed.notify_all();
     match taken {
         Some(shell) => Ok(shell),
-        None => create_pooled_shell(config),
+        None => create_pooled_shell(config, None),
     }
 }
 
-/// Takes back the shell of a destroyed fork, its RAM range already released: forgets the dirty
-/// log of the old RAM and keeps the shell for the next fork, or closes it on the reaper thread
-/// when the pool is full.
+/// Takes back the shell of a destroyed fork, its RAM either left mapped ([`ResidentRam`]) or
+/// released: forgets the dirty log of the old RAM and keeps the shell for the next fork, or
+/// closes it on the reaper thread when the pool is full.
 pub(crate) fn recycle(shell: VmShell, config: &VmConfig) {
-    let clean = forget_dirty_log(&shell, config).is_ok();
+    // A shell keeping its RAM mapped had its dirty log read (and so cleared) already.
+    let clean = shell.resident.is_some() || forget_dirty_log(&shell, config).is_ok();
     for slot in &shell.vcpus {
         // A kick may have left `immediate_exit` set; the next VM must not see it.
         let mut vcpu = slot.fd.lock().unwrap_or_else(|p| p.into_inner());

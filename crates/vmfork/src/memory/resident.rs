@@ -1,0 +1,88 @@
+//! RAM left mapped in a pooled shell's reserved range, for the next fork of the same family.
+//!
+//! Mapping a fork's image over a whole range makes KVM invalidate the whole memslot (~0.1 ms
+//! per GiB here, more with shadow paging), so a fork would cost more the larger its RAM. A shell
+//! that keeps a copy-on-write mapping of the family's base file instead needs only the pages
+//! that differ put right: the ones its last VM dirtied and the overlay pages of both images.
+
+use super::image::FrozenImage;
+use super::mapping::{AddressRange, HostMapping, Sharing};
+use super::{page_runs, PAGE_SIZE};
+use crate::error::Result;
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::sync::{Arc, Weak};
+
+/// A copy-on-write mapping of a base file, placed in a pooled shell's range, and the pages of
+/// it that hold private copies (which may differ from the base).
+#[derive(Debug)]
+pub struct ResidentRam {
+    pub(super) mapping: Arc<HostMapping>,
+    /// Weak: idle shells must not keep a destroyed family's RAM file alive (see
+    /// [`Self::is_orphaned`]).
+    base: Weak<File>,
+    stale: Vec<u64>,
+}
+
+impl ResidentRam {
+    /// Maps `base` copy-on-write over all of `range`, with no private pages yet: done ahead of
+    /// time by the pool's filler thread so that a fork skips the mmap.
+    pub fn premap(range: &Arc<AddressRange>, base: &Arc<File>) -> Result<Self> {
+        let mapping = HostMapping::map_file_in(range, base.as_fd(), Sharing::CopyOnWrite)?;
+        Ok(Self {
+            mapping: Arc::new(mapping),
+            base: Arc::downgrade(base),
+            stale: Vec::new(),
+        })
+    }
+
+    /// What a VM's RAM leaves behind: `mapping` (of `base`) with private copies at `stale`.
+    pub(super) fn left_by(mapping: Arc<HostMapping>, base: &Arc<File>, stale: Vec<u64>) -> Self {
+        Self {
+            mapping,
+            base: Arc::downgrade(base),
+            stale,
+        }
+    }
+
+    /// Whether this is a mapping of `base`.
+    pub fn maps(&self, base: &Arc<File>) -> bool {
+        std::ptr::eq(self.base.as_ptr(), Arc::as_ptr(base))
+    }
+
+    /// Nobody but mappings like this one uses the base file any more: the family is gone and
+    /// the mapping should be dropped to free its memory.
+    pub fn is_orphaned(&self) -> bool {
+        self.base.strong_count() == 0
+    }
+
+    /// Pages holding private copies.
+    pub fn stale_pages(&self) -> usize {
+        self.stale.len()
+    }
+
+    /// Turns this mapping into a view of `image` (whose base it maps): copies the image's page
+    /// over every stale page and every overlay page. Cost O(those pages), not O(RAM).
+    pub(super) fn make_view_of(self, image: &FrozenImage) -> Result<Arc<HostMapping>> {
+        for (start, pages) in page_runs(image.overlay_pages()) {
+            self.mapping
+                .populate_write(start as usize, (pages * PAGE_SIZE) as usize)?;
+        }
+        let pages: BTreeSet<u64> = self
+            .stale
+            .iter()
+            .copied()
+            .chain(image.overlay_pages())
+            .collect();
+        for offset in pages {
+            image.copy_page_to(&self.mapping, offset)?;
+        }
+        Ok(self.mapping)
+    }
+
+    /// Gives up the mapping without clearing the range, because the caller maps over it at once.
+    pub(super) fn abandon(self) {
+        self.mapping.forget_range();
+    }
+}
