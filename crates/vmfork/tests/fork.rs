@@ -189,6 +189,37 @@ fn forks_of_a_running_counter_continue_from_the_fork_point() {
 }
 
 #[test]
+fn block_interrupts_forks_start_and_reset_with_every_line_masked() {
+    let cfg = VmConfig {
+        irqchip: true,
+        ..config(16)
+    };
+    let (parent, _) = guest_vm(Workload::Memtouch, cfg, &[(mailbox::PARAM0, PAGES)]);
+    let masked = |vm: &Vm| {
+        let chip = vm.irqchip_state().unwrap().expect("irqchip");
+        let lapic = vm.vcpu_state(0).unwrap().local_interrupts_masked();
+        (chip.all_lines_masked(), lapic)
+    };
+    assert_eq!(masked(&parent), (false, false));
+    let opts = ForkOptions {
+        block_interrupts: true,
+        ..ForkOptions::default()
+    };
+    let fork = parent.fork(&opts).unwrap();
+    assert_eq!(masked(&fork), (true, true));
+    run_memtouch(&fork, 2);
+    fork.reset().unwrap();
+    assert_eq!(
+        masked(&fork),
+        (true, true),
+        "a reset keeps interrupts blocked"
+    );
+    assert_eq!(masked(&parent), (false, false), "the parent is untouched");
+    let plain = parent.fork(&ForkOptions::default()).unwrap();
+    assert_eq!(masked(&plain), (false, false));
+}
+
+#[test]
 fn children_survive_the_parent_and_no_device_forks_attach_later() {
     let parent = memtouch_parent();
     let opts = ForkOptions {

@@ -24,7 +24,10 @@ pub struct ForkOptions {
     /// vCPUs and memory only: no device models (the exit port stays). For fuzzing and
     /// introspection; [`Vm::attach_devices`] adds them later with the state of the fork instant.
     pub no_devices: bool,
-    /// No device interrupts are injected into the fork (its serial IRQ line is not wired).
+    /// No interrupts are injected into the fork: its serial IRQ line is not wired, and it starts
+    /// (and resets) with the PIC, IOAPIC and local APIC LVT entries masked, so neither timers
+    /// nor devices interrupt it. A guest that reprograms its interrupt controllers can unmask
+    /// them again.
     pub block_interrupts: bool,
     /// Create a new KVM VM for the child instead of taking a ready one from the shell pool
     /// ([`crate::vm::pool`]); for measuring what the pool saves.
@@ -83,7 +86,10 @@ impl Vm {
     }
 
     fn fork_paused(&self, opts: &ForkOptions, sinks: Vec<SerialSink>) -> Result<Vec<Vm>> {
-        let state = self.save_state()?;
+        let mut state = self.save_state()?;
+        if opts.block_interrupts {
+            state = state.with_interrupts_masked();
+        }
         let image = self.freeze_memory()?;
         sinks
             .into_iter()
