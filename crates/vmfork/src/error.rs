@@ -30,6 +30,8 @@ pub enum Error {
     NotAFork(u64),
     #[error("{0}")]
     Invalid(String),
+    #[error("snapshot {path}: {problem}")]
+    Snapshot { path: String, problem: String },
 }
 
 /// Result with the library's [`Error`].

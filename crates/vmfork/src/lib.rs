@@ -9,7 +9,8 @@
 //! - [`fuzz`]: the snapshot-fuzzing loop (fork once, reset per input);
 //! - [`introspect`]: guest virtual memory through the guest's page tables;
 //! - [`api`]: the control API, HTTP+JSON on a Unix socket;
-//! - [`state`]: the saved state of every stateful part (vCPUs, irqchip, clock, devices).
+//! - [`state`]: the saved state of every stateful part (vCPUs, irqchip, clock, devices);
+//! - [`snapshot`]: snapshots on disk (record stream + sparse memory file), restore, diffs.
 
 pub mod api;
 pub mod boot;
@@ -19,10 +20,12 @@ pub mod fork;
 pub mod fuzz;
 pub mod introspect;
 pub mod memory;
+pub mod snapshot;
 pub mod state;
 pub mod vm;
 mod x86;
 
 pub use error::{Error, Result};
 pub use fork::{ForkOptions, ResetScope, ResetStats};
+pub use snapshot::{Snapshot, SnapshotOptions, SnapshotReport};
 pub use vm::{ExitReason, Vm, VmConfig, VmStatus};

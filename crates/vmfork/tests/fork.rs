@@ -5,7 +5,6 @@ mod common;
 use common::*;
 use guests::layout::{mailbox, MAILBOX, MEMTOUCH_BASE};
 use guests::{memtouch_pattern, Workload};
-use std::hash::{DefaultHasher, Hasher};
 use std::time::{Duration, Instant};
 use vmfork::devices::SerialSink;
 use vmfork::{ExitReason, ForkOptions, ResetScope, Vm, VmConfig};
@@ -23,21 +22,6 @@ fn page_word(vm: &Vm, page: u64) -> u64 {
 fn run_memtouch(vm: &Vm, seed: u64) {
     set(vm, mailbox::PARAM1, seed);
     assert_eq!(vm.run_inline().unwrap(), ExitReason::GuestExit(0));
-}
-
-fn ram_hash(vm: &Vm) -> u64 {
-    let mut h = DefaultHasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    for region in &vm.ram().layout().regions {
-        let mut addr = region.guest_addr;
-        while addr < region.end() {
-            let n = (region.end() - addr).min(buf.len() as u64) as usize;
-            vm.ram().read(addr, &mut buf[..n]).unwrap();
-            h.write(&buf[..n]);
-            addr += n as u64;
-        }
-    }
-    h.finish()
 }
 
 fn memtouch_parent() -> Vm {

@@ -87,7 +87,11 @@ impl Registry {
 pub(crate) fn error_response(e: &Error) -> Response {
     let status = match e {
         Error::State { .. } | Error::NotAFork(_) => 409,
-        Error::Invalid(_) | Error::Config(_) | Error::Memory(_) | Error::Load(_) => 400,
+        Error::Invalid(_)
+        | Error::Config(_)
+        | Error::Memory(_)
+        | Error::Load(_)
+        | Error::Snapshot { .. } => 400,
         Error::KvmUnavailable(_) | Error::Kvm { .. } | Error::Io(_) => 500,
     };
     Response::error(status, e.to_string())

@@ -10,6 +10,7 @@
 use crate::devices::{Devices, SerialSink};
 use crate::error::{Error, KvmContext, Result};
 use crate::memory::{FrozenImage, GuestRam, PAGE_SIZE};
+use crate::state::VmState;
 use crate::vm::{
     pool::take_shell, register_memslots, ForkOrigin, MemoryTracking, Vm, VmParts, VmStatus,
 };
@@ -94,45 +95,59 @@ impl Vm {
         sinks
             .into_iter()
             .map(|sink| {
-                let mut shell = take_shell(self.config(), opts.fresh_shell, Some(image.base()))?;
-                let irq = if opts.block_interrupts {
-                    None
-                } else {
-                    shell.serial_irq()?
+                let origin = ForkOrigin {
+                    state: state.clone(),
+                    image: Arc::clone(&image),
+                    parent: self.id(),
                 };
-                let serial = match &sink {
-                    SerialSink::Buffer(b) => Some(b.clone()),
-                    _ => None,
-                };
-                let devices = if opts.no_devices {
-                    Devices::detached(state.devices.clone(), irq)
-                } else {
-                    Devices::from_state(&state.devices, sink, irq)?
-                };
-                let ram =
-                    GuestRam::from_image(&image, shell.ram_range.as_ref(), shell.resident.take())?;
-                let child = Vm::assemble(VmParts {
-                    shell,
-                    ram,
-                    devices,
-                    config: self.config().clone(),
-                    serial,
-                    image: Some(Arc::clone(&image)),
-                    origin: Some(ForkOrigin {
-                        state: state.clone(),
-                        image: Arc::clone(&image),
-                        parent: self.id(),
-                    }),
-                })?;
-                child.load_saved_state(&state, true)?;
-                Ok(child)
+                Vm::from_image(self.config(), &state, &image, sink, opts, Some(origin))
             })
             .collect()
     }
 
+    /// A new VM (not started) whose RAM is a copy-on-write view of `image` and whose vCPUs,
+    /// irqchip, clock and devices are loaded from `state`: a fork, or a restore (a fork of a
+    /// snapshot's image). Of `opts`, all but `pause_parent` apply.
+    pub(crate) fn from_image(
+        config: &crate::vm::VmConfig,
+        state: &VmState,
+        image: &Arc<FrozenImage>,
+        sink: SerialSink,
+        opts: &ForkOptions,
+        origin: Option<ForkOrigin>,
+    ) -> Result<Vm> {
+        let mut shell = take_shell(config, opts.fresh_shell, Some(image.base()))?;
+        let irq = if opts.block_interrupts {
+            None
+        } else {
+            shell.serial_irq()?
+        };
+        let serial = match &sink {
+            SerialSink::Buffer(b) => Some(b.clone()),
+            _ => None,
+        };
+        let devices = if opts.no_devices {
+            Devices::detached(state.devices.clone(), irq)
+        } else {
+            Devices::from_state(&state.devices, sink, irq)?
+        };
+        let ram = GuestRam::from_image(image, shell.ram_range.as_ref(), shell.resident.take())?;
+        let vm = Vm::assemble(VmParts {
+            shell,
+            ram,
+            devices,
+            config: config.clone(),
+            serial,
+            image: Some(Arc::clone(image)),
+            origin,
+        })?;
+        vm.load_saved_state(state, true)?;
+        Ok(vm)
+    }
+
     /// The image of this VM's RAM as it is now: freezes the RAM file on the first fork, else
     /// adds the pages dirtied since this VM's own image to an overlay.
-    fn freeze_memory(&self) -> Result<Arc<FrozenImage>> {
+    pub(crate) fn freeze_memory(&self) -> Result<Arc<FrozenImage>> {
         let shared = self.shared();
         let mut tracking = self.tracking();
         match tracking.image.clone() {
@@ -140,7 +155,7 @@ impl Vm {
                 shared.ram.make_copy_on_write()?;
                 register_memslots(&shared.fd, &shared.ram, true)?;
                 // Forget VMM writes made before the freeze: they are part of the image.
-                shared.ram.take_vmm_dirty(&mut tracking.dirty);
+                shared.ram.take_vmm_dirty(&mut tracking.dirty, None);
                 tracking.dirty.clear();
                 let image = FrozenImage::from_file(
                     shared.ram.layout().clone(),
@@ -159,7 +174,7 @@ impl Vm {
         }
     }
 
-    fn tracking(&self) -> MutexGuard<'_, MemoryTracking> {
+    pub(crate) fn tracking(&self) -> MutexGuard<'_, MemoryTracking> {
         self.shared()
             .tracking
             .lock()
@@ -167,7 +182,7 @@ impl Vm {
     }
 
     /// Loads saved vCPU, irqchip, clock and (optionally) device state.
-    fn load_saved_state(&self, state: &crate::state::VmState, with_cpuid: bool) -> Result<()> {
+    fn load_saved_state(&self, state: &VmState, with_cpuid: bool) -> Result<()> {
         let shared = self.shared();
         if state.vcpus.len() != self.vcpu_count() {
             return Err(Error::Invalid(format!(

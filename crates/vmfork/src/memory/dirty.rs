@@ -66,6 +66,13 @@ impl DirtyPages {
         self.words.iter().map(|w| w.count_ones() as usize).sum()
     }
 
+    /// Adds every page of `other` (of the same RAM size).
+    pub fn union(&mut self, other: &DirtyPages) {
+        for (w, o) in self.words.iter_mut().zip(&other.words) {
+            *w |= o;
+        }
+    }
+
     pub fn clear(&mut self) {
         self.words.fill(0);
     }

@@ -96,6 +96,29 @@ impl FrozenImage {
         self.overlay.len() * PAGE_SIZE as usize
     }
 
+    /// Reads the image's bytes at file `offset` (within one page, or a run of base pages with
+    /// no overlay page among them) into `buf`.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let page_start = offset - offset % PAGE_SIZE;
+        match (self.overlay.get(&page_start), &self.overlay_data) {
+            (Some(&at), Some(data)) if buf.len() as u64 <= PAGE_SIZE - offset % PAGE_SIZE => {
+                data.read_at(at + (offset - page_start) as usize, buf)
+            }
+            _ => self.base_view.read_at(offset as usize, buf),
+        }
+    }
+
+    /// Whether the page at file `offset` comes from the overlay.
+    pub fn in_overlay(&self, offset: u64) -> bool {
+        self.overlay.contains_key(&offset)
+    }
+
+    /// Byte ranges of the base file that may hold data, ascending: everything but the holes of
+    /// a sparse file (an untouched memfd or snapshot memory file is mostly holes).
+    pub fn base_data_ranges(&self) -> Result<Vec<(u64, u64)>> {
+        super::mapping::data_ranges(self.base.as_fd(), self.layout.total())
+    }
+
     /// Copies the image's page at file `offset` into `dst` at the same offset.
     pub fn copy_page_to(&self, dst: &HostMapping, offset: u64) -> Result<()> {
         let page = PAGE_SIZE as usize;

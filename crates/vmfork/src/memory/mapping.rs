@@ -389,3 +389,46 @@ pub fn create_memfd(name: &str, size: u64) -> Result<std::fs::File> {
         .map_err(|e| Error::Memory(format!("cannot size guest RAM to {} MiB: {e}", size >> 20)))?;
     Ok(file)
 }
+
+/// The byte ranges `[start, end)` of `file` (of `len` bytes) that hold data, ascending, found
+/// with SEEK_DATA/SEEK_HOLE: holes of a sparse file read as zeroes and need not be copied.
+/// Where the filesystem cannot tell, the whole file is one range.
+pub fn data_ranges(file: BorrowedFd<'_>, len: u64) -> Result<Vec<(u64, u64)>> {
+    let seek = |offset: u64, whence: libc::c_int| -> io::Result<Option<u64>> {
+        let offset = libc::off_t::try_from(offset).map_err(io::Error::other)?;
+        // SAFETY: lseek only moves the file offset of a descriptor this process owns (the
+        // callers read with pread, which ignores it).
+        let r = unsafe { libc::lseek(file.as_raw_fd(), offset, whence) };
+        if r >= 0 {
+            return Ok(Some(r as u64));
+        }
+        let e = io::Error::last_os_error();
+        // ENXIO: no data (or hole) at or after `offset`.
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            Ok(None)
+        } else {
+            Err(e)
+        }
+    };
+    let mut ranges = Vec::new();
+    let mut at = 0u64;
+    while at < len {
+        let start = match seek(at, libc::SEEK_DATA) {
+            Ok(Some(s)) if s < len => s,
+            Ok(_) => break,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(vec![(0, len)]),
+            Err(e) => return Err(Error::Io(e)),
+        };
+        let end = match seek(start, libc::SEEK_HOLE) {
+            Ok(Some(e)) => e.min(len),
+            Ok(None) => len,
+            Err(e) => return Err(Error::Io(e)),
+        };
+        if end <= start {
+            break;
+        }
+        ranges.push((start, end));
+        at = end;
+    }
+    Ok(ranges)
+}

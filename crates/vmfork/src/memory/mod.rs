@@ -10,7 +10,7 @@ mod resident;
 
 pub use dirty::DirtyPages;
 pub use image::FrozenImage;
-pub use mapping::{create_memfd, AddressRange, HostMapping, Sharing};
+pub use mapping::{create_memfd, data_ranges, AddressRange, HostMapping, Sharing};
 pub use resident::ResidentRam;
 
 use crate::error::{Error, Result};
@@ -241,12 +241,15 @@ impl GuestRam {
         )
     }
 
-    /// Moves vm-memory's record of pages the VMM wrote into `dirty`, and clears it.
-    pub fn take_vmm_dirty(&self, dirty: &mut DirtyPages) {
+    /// Moves vm-memory's record of pages the VMM wrote into `dirty` (and `also`), and clears it.
+    pub fn take_vmm_dirty(&self, dirty: &mut DirtyPages, mut also: Option<&mut DirtyPages>) {
         use vm_memory::GuestMemoryBackend;
         for (region, r) in self.memory.iter().zip(&self.layout.regions) {
             let bits = region.get_mmap().bitmap().get_and_reset();
             dirty.add_region_bitmap(r, &bits);
+            if let Some(also) = also.as_deref_mut() {
+                also.add_region_bitmap(r, &bits);
+            }
         }
     }
 

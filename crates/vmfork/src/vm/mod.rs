@@ -123,6 +123,9 @@ pub(crate) struct MemoryTracking {
     pub(crate) image: Option<Arc<FrozenImage>>,
     /// Pages written since the image was taken (or since the last reset).
     pub(crate) dirty: DirtyPages,
+    /// The last snapshot of this VM (or the one it was restored from) and the pages written
+    /// since: what a diff snapshot writes.
+    pub(crate) since_snapshot: Option<crate::snapshot::SnapshotMark>,
 }
 
 /// Where a fork came from: what [`Vm::reset`](crate::vm::Vm::reset) returns it to.
@@ -225,6 +228,7 @@ impl Vm {
                 tracking: Mutex::new(MemoryTracking {
                     image: parts.image,
                     dirty,
+                    since_snapshot: None,
                 }),
                 origin: parts.origin,
                 ram: parts.ram,
@@ -307,6 +311,7 @@ impl VmShared {
     pub(crate) fn collect_dirty(&self, tracking: &mut MemoryTracking) -> Result<()> {
         // A paused parent forked again and again has not written since the last look: skip
         // reading a dirty log whose size grows with RAM.
+        let mut since_snapshot = tracking.since_snapshot.as_mut().map(|m| &mut m.dirty);
         if self.control.take_ran() {
             for (slot, region, _) in self.ram.slots() {
                 let bitmap = self
@@ -314,9 +319,12 @@ impl VmShared {
                     .get_dirty_log(slot, region.size as usize)
                     .kvm("KVM_GET_DIRTY_LOG")?;
                 tracking.dirty.add_region_bitmap(&region, &bitmap);
+                if let Some(s) = since_snapshot.as_deref_mut() {
+                    s.add_region_bitmap(&region, &bitmap);
+                }
             }
         }
-        self.ram.take_vmm_dirty(&mut tracking.dirty);
+        self.ram.take_vmm_dirty(&mut tracking.dirty, since_snapshot);
         Ok(())
     }
 

@@ -40,3 +40,19 @@ pub fn run_to_exit(vm: &Vm) -> ExitReason {
 pub fn counter_params(delay: u64) -> Vec<(u64, u64)> {
     vec![(mailbox::PARAM0, delay)]
 }
+
+/// A hash of all guest RAM.
+pub fn ram_hash(vm: &Vm) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    for region in &vm.ram().layout().regions {
+        let mut addr = region.guest_addr;
+        while addr < region.end() {
+            let n = (region.end() - addr).min(buf.len() as u64) as usize;
+            vm.ram().read(addr, &mut buf[..n]).unwrap();
+            std::hash::Hasher::write(&mut h, &buf[..n]);
+            addr += n as u64;
+        }
+    }
+    std::hash::Hasher::finish(&h)
+}

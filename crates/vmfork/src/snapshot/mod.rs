@@ -1,0 +1,809 @@
+//! Snapshots: a VM on disk, and restore, which is a fork of a snapshot's memory image.
+//!
+//! A snapshot directory holds `state.vmfs`, the record stream (see `vmfork-format` and
+//! docs/snapshot-format.md) with every component's state, and `memory.bin`, guest RAM as a
+//! sparse file. Taking one pauses the VM only to save its state and freeze its memory image
+//! (what a fork does); the image is written while the VM runs on. A diff snapshot writes only
+//! the pages dirtied since the VM's previous snapshot and names that snapshot (id and memory
+//! checksum) as its base. Writes go to a temporary directory that is synced and renamed into
+//! place, so an interrupted snapshot never appears under the requested name.
+//!
+//! Memory can instead be embedded in the stream (MEMORY_PAGES records): for pipes (`-`) and
+//! small self-contained files such as the golden snapshots the tests keep.
+
+mod memory_file;
+mod records;
+
+pub use memory_file::MemoryDigest;
+pub use records::{BaseRecord, LoadedState, MemoryFileRecord, SnapshotIdRecord, StateRecord};
+
+use crate::devices::SerialSink;
+use crate::error::{Error, Result};
+use crate::fork::ForkOptions;
+use crate::memory::{create_memfd, page_runs, DirtyPages, FrozenImage, HostMapping, PAGE_SIZE};
+use crate::vm::{Vm, VmStatus};
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+use vmfork_format::{Header, Reader, Record, RecordType, Writer};
+
+/// The record stream inside a snapshot directory.
+pub const STATE_FILE: &str = "state.vmfs";
+/// The sparse memory file inside a snapshot directory.
+pub const MEMORY_FILE: &str = "memory.bin";
+/// Longest chain of diff snapshots a restore follows.
+pub const MAX_CHAIN: usize = 64;
+/// Pages per MEMORY_PAGES record when memory is embedded.
+const EMBEDDED_RUN_PAGES: u64 = 256;
+
+fn producer() -> String {
+    format!("vmfork {}", env!("CARGO_PKG_VERSION"))
+}
+
+fn problem(path: &Path, problem: impl std::fmt::Display) -> Error {
+    Error::Snapshot {
+        path: path.display().to_string(),
+        problem: problem.to_string(),
+    }
+}
+
+/// A VM's last snapshot and the pages written since: what its next diff snapshot holds.
+#[derive(Debug)]
+pub(crate) struct SnapshotMark {
+    pub(crate) id: [u8; 16],
+    pub(crate) memory_crc32: u32,
+    pub(crate) dir: PathBuf,
+    pub(crate) dirty: DirtyPages,
+}
+
+/// How to take a snapshot.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SnapshotOptions {
+    /// Write only the pages dirtied since this VM's previous snapshot (or the snapshot it was
+    /// restored from), chained to it.
+    pub diff: bool,
+}
+
+/// What a snapshot took.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SnapshotReport {
+    pub id: String,
+    pub path: PathBuf,
+    pub diff: bool,
+    /// How long the VM was paused (state saved, memory image frozen).
+    pub pause_us: u64,
+    pub total_us: u64,
+    /// Pages examined, and the non-zero ones written.
+    pub pages: u64,
+    pub data_pages: u64,
+}
+
+/// Random bytes for a snapshot id.
+fn new_id() -> Result<[u8; 16]> {
+    let mut id = [0u8; 16];
+    File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut id))
+        .map_err(Error::Io)?;
+    Ok(id)
+}
+
+pub fn hex_id(id: &[u8; 16]) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What was frozen at the snapshot instant.
+struct Frozen {
+    state: crate::state::VmState,
+    image: Arc<FrozenImage>,
+    /// Pages to write: all of the image, or those dirtied since the base.
+    pages: Vec<u64>,
+    base: Option<BaseRecord>,
+    previous: Option<SnapshotMark>,
+    id: [u8; 16],
+}
+
+impl Vm {
+    /// Snapshots this VM into directory `dir` (which must not exist, or be empty). A running VM
+    /// is paused only while its state is saved and its memory image frozen.
+    pub fn snapshot(&self, dir: &Path, opts: &SnapshotOptions) -> Result<SnapshotReport> {
+        self.snapshot_with_progress(dir, opts, &mut |_, _| {})
+    }
+
+    /// [`Self::snapshot`], calling `progress(pages_done, pages_total)` as memory is written.
+    pub fn snapshot_with_progress(
+        &self,
+        dir: &Path,
+        opts: &SnapshotOptions,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<SnapshotReport> {
+        let started = Instant::now();
+        let target = Target::prepare(dir)?;
+        let frozen = self.freeze_for_snapshot(&target.path, opts)?;
+        let pause = started.elapsed();
+        let written = target.write(self, &frozen, progress);
+        self.settle_snapshot_mark(&frozen, written.as_ref().ok().map(|d| d.crc32));
+        let digest = written?;
+        Ok(SnapshotReport {
+            id: hex_id(&frozen.id),
+            path: target.path.clone(),
+            diff: opts.diff,
+            pause_us: pause.as_micros() as u64,
+            total_us: started.elapsed().as_micros() as u64,
+            pages: frozen.pages.len() as u64,
+            data_pages: digest.data_pages,
+        })
+    }
+
+    /// Writes a snapshot with its memory embedded to `out` (a pipe, a socket, a file).
+    pub fn snapshot_to_stream(&self, out: impl Write) -> Result<SnapshotReport> {
+        let started = Instant::now();
+        let frozen = self.freeze_for_snapshot(Path::new("-"), &SnapshotOptions::default())?;
+        let pause = started.elapsed();
+        let written = write_embedded(self, &frozen, out);
+        // A stream has no directory a later diff could name as its base.
+        self.settle_snapshot_mark(&frozen, None);
+        let digest = written?;
+        Ok(SnapshotReport {
+            id: hex_id(&frozen.id),
+            path: PathBuf::from("-"),
+            diff: false,
+            pause_us: pause.as_micros() as u64,
+            total_us: started.elapsed().as_micros() as u64,
+            pages: frozen.pages.len() as u64,
+            data_pages: digest.data_pages,
+        })
+    }
+
+    /// Pauses (if running), saves the state, freezes the memory image, starts tracking pages
+    /// for the next diff, and resumes.
+    fn freeze_for_snapshot(&self, dir: &Path, opts: &SnapshotOptions) -> Result<Frozen> {
+        let was_running = match self.status() {
+            VmStatus::Running => {
+                self.pause()?;
+                true
+            }
+            VmStatus::Exited if self.exit_reason() == Some(crate::ExitReason::Stopped) => {
+                return Err(Error::State {
+                    actual: "stopped",
+                    wanted: "running, paused or not yet started",
+                })
+            }
+            _ => false,
+        };
+        let frozen = self.freeze_paused(dir, opts);
+        if was_running {
+            self.resume()?;
+        }
+        frozen
+    }
+
+    fn freeze_paused(&self, dir: &Path, opts: &SnapshotOptions) -> Result<Frozen> {
+        let state = self.save_state()?;
+        let image = self.freeze_memory()?;
+        let id = new_id()?;
+        let mut tracking = self.tracking();
+        let previous = tracking.since_snapshot.take();
+        let (pages, base) = match (&previous, opts.diff) {
+            (_, false) => (None, None),
+            (Some(prev), true) => (
+                Some(prev.dirty.offsets().collect::<Vec<_>>()),
+                Some(BaseRecord {
+                    id: prev.id,
+                    memory_crc32: prev.memory_crc32,
+                    path: prev.dir.display().to_string(),
+                }),
+            ),
+            _ => {
+                tracking.since_snapshot = previous;
+                return Err(problem(
+                    dir,
+                    "a diff snapshot needs an earlier snapshot of this VM (or a VM restored from \
+                     one); take a full snapshot first",
+                ));
+            }
+        };
+        tracking.since_snapshot = Some(SnapshotMark {
+            id,
+            memory_crc32: 0,
+            dir: dir.to_path_buf(),
+            dirty: DirtyPages::new(self.ram().size()),
+        });
+        drop(tracking);
+        let pages = match pages {
+            Some(p) => p,
+            None => memory_file::full_pages(&image)?,
+        };
+        Ok(Frozen {
+            state,
+            image,
+            pages,
+            base,
+            previous,
+            id,
+        })
+    }
+
+    /// After writing: on success the new snapshot becomes the base of the next diff (with its
+    /// memory checksum); on failure the previous one stays, with every page dirtied since it.
+    fn settle_snapshot_mark(&self, frozen: &Frozen, written_crc: Option<u32>) {
+        let mut tracking = self.tracking();
+        let current = tracking.since_snapshot.take();
+        tracking.since_snapshot = match (current, written_crc) {
+            (Some(mut mark), Some(crc)) if mark.id == frozen.id => {
+                mark.memory_crc32 = crc;
+                Some(mark)
+            }
+            (Some(mark), _) if mark.id == frozen.id => frozen.previous.as_ref().map(|prev| {
+                let mut dirty = prev.dirty.clone();
+                dirty.union(&mark.dirty);
+                SnapshotMark {
+                    id: prev.id,
+                    memory_crc32: prev.memory_crc32,
+                    dir: prev.dir.clone(),
+                    dirty,
+                }
+            }),
+            (other, _) => other,
+        };
+    }
+}
+
+/// Where a snapshot directory is written: a temporary sibling, renamed into place when done.
+struct Target {
+    path: PathBuf,
+    temp: PathBuf,
+}
+
+impl Target {
+    fn prepare(dir: &Path) -> Result<Self> {
+        let name = dir
+            .file_name()
+            .ok_or_else(|| problem(dir, "not a directory name"))?;
+        let parent = match dir.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let parent = parent
+            .canonicalize()
+            .map_err(|e| problem(dir, format!("its parent directory: {e}")))?;
+        let path = parent.join(name);
+        if path.exists() {
+            let empty = std::fs::read_dir(&path)
+                .map(|mut d| d.next().is_none())
+                .unwrap_or(false);
+            if !empty {
+                return Err(problem(
+                    &path,
+                    "already exists and is not an empty directory (snapshots are never \
+                     overwritten)",
+                ));
+            }
+        }
+        let temp = parent.join(format!(
+            ".{}.partial-{}",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
+        Ok(Self { path, temp })
+    }
+
+    fn write(
+        &self,
+        vm: &Vm,
+        frozen: &Frozen,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<MemoryDigest> {
+        let _ = std::fs::remove_dir_all(&self.temp);
+        std::fs::create_dir(&self.temp).map_err(|e| problem(&self.temp, e))?;
+        let result = self.write_into_temp(vm, frozen, progress);
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(&self.temp);
+        }
+        result
+    }
+
+    fn write_into_temp(
+        &self,
+        vm: &Vm,
+        frozen: &Frozen,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<MemoryDigest> {
+        let size = vm.ram().size();
+        let memory =
+            File::create(self.temp.join(MEMORY_FILE)).map_err(|e| problem(&self.temp, e))?;
+        memory.set_len(size).map_err(|e| problem(&self.temp, e))?;
+        let digest = memory_file::write_pages(&frozen.image, &memory, &frozen.pages, progress)?;
+        memory.sync_all().map_err(|e| problem(&self.temp, e))?;
+        let record = MemoryFileRecord {
+            name: MEMORY_FILE.into(),
+            size,
+            diff_runs: if frozen.base.is_some() {
+                page_runs(frozen.pages.iter().copied())
+            } else {
+                Vec::new()
+            },
+            data_pages: digest.data_pages,
+            crc32: digest.crc32,
+        };
+        let state = File::create(self.temp.join(STATE_FILE)).map_err(|e| problem(&self.temp, e))?;
+        let flags = if frozen.base.is_some() {
+            vmfork_format::HEADER_DIFF
+        } else {
+            0
+        };
+        let out = write_state(
+            vm,
+            frozen,
+            &record,
+            BufWriter::new(state),
+            flags,
+            |_| Ok(()),
+        )?;
+        let state = out
+            .into_inner()
+            .map_err(|e| problem(&self.temp, e.error()))?;
+        state.sync_all().map_err(|e| problem(&self.temp, e))?;
+        sync_dir(&self.temp)?;
+        std::fs::rename(&self.temp, &self.path).map_err(|e| problem(&self.path, e))?;
+        if let Some(parent) = self.path.parent() {
+            sync_dir(parent)?;
+        }
+        Ok(digest)
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| problem(dir, format!("sync: {e}")))
+}
+
+/// Writes the state records (and whatever `extra` adds before END) as one stream.
+fn write_state<W: Write>(
+    vm: &Vm,
+    frozen: &Frozen,
+    memory: &MemoryFileRecord,
+    out: W,
+    flags: u32,
+    extra: impl FnOnce(&mut Writer<W>) -> Result<()>,
+) -> Result<W> {
+    let here = Path::new("-");
+    let id = SnapshotIdRecord {
+        id: frozen.id,
+        created_unix_s: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    };
+    let records = records::save_records(
+        vm.config(),
+        &frozen.state,
+        &id,
+        memory,
+        frozen.base.as_ref(),
+    )
+    .map_err(|e| problem(here, e))?;
+    let format = |e: vmfork_format::FormatError| problem(here, e);
+    let mut writer = Writer::new(out, &Header::new(&producer(), flags)).map_err(format)?;
+    for (kind, instance, body) in records {
+        writer
+            .record(kind as u32, instance, 0, &body)
+            .map_err(format)?;
+    }
+    extra(&mut writer)?;
+    writer.finish().map_err(format)
+}
+
+/// A snapshot with its memory embedded as MEMORY_PAGES records.
+fn write_embedded(vm: &Vm, frozen: &Frozen, out: impl Write) -> Result<MemoryDigest> {
+    let here = Path::new("-");
+    // Embedded pages are written zero-skipped like a memory file; the digest is computed on
+    // the way (a first pass over the pages, cheap next to the write).
+    let mut digest = MemoryDigest::default();
+    let mut hasher = crc32fast::Hasher::new();
+    let mut nonzero = Vec::new();
+    let mut page = vec![0u8; PAGE_SIZE as usize];
+    for &offset in &frozen.pages {
+        frozen.image.read_at(offset, &mut page)?;
+        if page.iter().any(|&b| b != 0) {
+            hasher.update(&page);
+            digest.data_pages += 1;
+            nonzero.push(offset);
+        }
+    }
+    digest.crc32 = hasher.finalize();
+    let record = MemoryFileRecord {
+        name: String::new(),
+        size: vm.ram().size(),
+        diff_runs: Vec::new(),
+        data_pages: digest.data_pages,
+        crc32: digest.crc32,
+    };
+    let image = &frozen.image;
+    write_state(
+        vm,
+        frozen,
+        &record,
+        BufWriter::new(out),
+        vmfork_format::HEADER_MEMORY_EMBEDDED,
+        |writer| {
+            for (first, count) in page_runs(nonzero.iter().copied()) {
+                let mut at = first;
+                let end = first + count * PAGE_SIZE;
+                while at < end {
+                    let n = ((end - at) / PAGE_SIZE).min(EMBEDDED_RUN_PAGES);
+                    let mut body = Vec::with_capacity(16 + (n * PAGE_SIZE) as usize);
+                    body.extend_from_slice(&at.to_le_bytes());
+                    body.extend_from_slice(&n.to_le_bytes());
+                    body.resize(16 + (n * PAGE_SIZE) as usize, 0);
+                    image.read_at(at, &mut body[16..])?;
+                    writer
+                        .record(RecordType::MemoryPages as u32, 0, 0, &body)
+                        .map_err(|e| problem(here, e))?;
+                    at += n * PAGE_SIZE;
+                }
+            }
+            Ok(())
+        },
+    )?
+    .flush()
+    .map_err(|e| problem(here, e))?;
+    Ok(digest)
+}
+
+/// One record as `snapshot info` lists it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RecordSummary {
+    pub name: String,
+    pub instance: u32,
+    pub flags: u32,
+    pub offset: u64,
+    pub length: u64,
+}
+
+/// An opened snapshot: its checked state and its memory image (a diff chain already folded
+/// in). Restoring it many times shares the memory file's page cache.
+pub struct Snapshot {
+    path: PathBuf,
+    header: Header,
+    loaded: LoadedState,
+    records: Vec<RecordSummary>,
+    /// Base snapshots, nearest first.
+    chain: Vec<PathBuf>,
+    image: Arc<FrozenImage>,
+}
+
+impl std::fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshot")
+            .field("path", &self.path)
+            .field("id", &hex_id(&self.loaded.id.id))
+            .finish()
+    }
+}
+
+/// Reads and checks a state stream: every record's checksum, the END digest, and the
+/// components' consistency (in any record order). MEMORY_PAGES records go to `pages`.
+fn read_state(
+    path: &Path,
+    input: impl Read,
+    mut pages: impl FnMut(&Record) -> Result<()>,
+) -> Result<(Header, LoadedState, Vec<RecordSummary>)> {
+    let format = |e: vmfork_format::FormatError| problem(path, e);
+    let mut reader = Reader::new(input).map_err(format)?;
+    let mut kept = Vec::new();
+    let mut summary = Vec::new();
+    while let Some(record) = reader.next_record().map_err(format)? {
+        summary.push(RecordSummary {
+            name: record.name(),
+            instance: record.instance,
+            flags: record.flags,
+            offset: record.offset,
+            length: record.body.len() as u64,
+        });
+        if record.known_type() == Some(RecordType::MemoryPages) {
+            if record.flags & vmfork_format::FLAG_IGNORE == 0 {
+                pages(&record)?;
+            }
+        } else {
+            kept.push(record);
+        }
+    }
+    let header = reader.header.clone();
+    let loaded = records::load_records(&kept).map_err(|e| problem(path, e))?;
+    let embedded = header.flags & vmfork_format::HEADER_MEMORY_EMBEDDED != 0;
+    if embedded != loaded.memory.name.is_empty() {
+        return Err(problem(
+            path,
+            "header and MEMORY_FILE record disagree on whether memory is embedded",
+        ));
+    }
+    let diff = header.flags & vmfork_format::HEADER_DIFF != 0;
+    if diff != loaded.base.is_some() {
+        return Err(problem(
+            path,
+            "header and BASE record disagree on whether this is a diff snapshot",
+        ));
+    }
+    Ok((header, loaded, summary))
+}
+
+impl Snapshot {
+    /// Opens a snapshot directory (or a stream file with embedded memory): checks the stream,
+    /// the memory file's size, and the chain of bases by id and checksum. Memory is mapped,
+    /// not read.
+    pub fn open(path: &Path) -> Result<Self> {
+        Self::open_at_depth(path, 0)
+    }
+
+    fn open_at_depth(path: &Path, depth: usize) -> Result<Self> {
+        if depth > MAX_CHAIN {
+            return Err(problem(
+                path,
+                format!("diff chain longer than {MAX_CHAIN} snapshots (or a loop)"),
+            ));
+        }
+        if path.is_file() {
+            let file = File::open(path).map_err(|e| problem(path, e))?;
+            return Self::from_stream(path, BufReader::new(file));
+        }
+        let state_path = path.join(STATE_FILE);
+        let state = File::open(&state_path).map_err(|e| {
+            problem(
+                path,
+                format!("cannot open {STATE_FILE}: {e} (is this a snapshot directory?)"),
+            )
+        })?;
+        let (header, loaded, records) = read_state(path, BufReader::new(state), |_| Ok(()))?;
+        if loaded.memory.name != MEMORY_FILE {
+            return Err(problem(
+                path,
+                format!(
+                    "memory file name {:?} is not {MEMORY_FILE}",
+                    loaded.memory.name
+                ),
+            ));
+        }
+        let memory_path = path.join(MEMORY_FILE);
+        let memory = File::open(&memory_path)
+            .map_err(|e| problem(path, format!("cannot open {MEMORY_FILE}: {e}")))?;
+        let len = memory.metadata().map_err(|e| problem(path, e))?.len();
+        if len != loaded.memory.size {
+            return Err(problem(
+                path,
+                format!(
+                    "{MEMORY_FILE} is {len} bytes, the snapshot's RAM is {} bytes",
+                    loaded.memory.size
+                ),
+            ));
+        }
+        let (image, chain) = match &loaded.base {
+            None => (
+                FrozenImage::from_file(loaded.state.memory.clone(), Arc::new(memory))?,
+                Vec::new(),
+            ),
+            Some(base_ref) => {
+                let base_path = PathBuf::from(&base_ref.path);
+                let base = Self::open_at_depth(&base_path, depth + 1).map_err(|e| {
+                    problem(path, format!("its base snapshot {}: {e}", base_ref.path))
+                })?;
+                if base.loaded.id.id != base_ref.id
+                    || base.loaded.memory.crc32 != base_ref.memory_crc32
+                {
+                    return Err(problem(
+                        path,
+                        format!(
+                            "its base {} is a different snapshot (id {}, expected {})",
+                            base_ref.path,
+                            hex_id(&base.loaded.id.id),
+                            hex_id(&base_ref.id)
+                        ),
+                    ));
+                }
+                if base.loaded.config.mem_bytes != loaded.config.mem_bytes {
+                    return Err(problem(path, "its base has a different RAM size"));
+                }
+                let view = HostMapping::map_file_readonly(memory.as_fd(), len as usize)?;
+                let pages = loaded
+                    .memory
+                    .diff_runs
+                    .iter()
+                    .flat_map(|&(first, n)| (0..n).map(move |i| first + i * PAGE_SIZE));
+                let image = base.image.with_pages_from(&view, pages)?;
+                let mut chain = vec![base_path];
+                chain.extend(base.chain);
+                (image, chain)
+            }
+        };
+        Ok(Snapshot {
+            path: path.to_path_buf(),
+            header,
+            loaded,
+            records,
+            chain,
+            image,
+        })
+    }
+
+    /// Reads a snapshot with embedded memory from a stream (a pipe, or a file) into memory.
+    pub fn from_stream(path: &Path, input: impl Read) -> Result<Self> {
+        let memfd = create_memfd("vmfork-restore", 0)?;
+        let mut highest = 0u64;
+        let (header, loaded, records) = read_state(path, input, |record| {
+            let body = &record.body;
+            let bad = || {
+                problem(
+                    path,
+                    format!("MEMORY_PAGES record at byte {} is malformed", record.offset),
+                )
+            };
+            let first = u64::from_le_bytes(
+                body.get(0..8)
+                    .ok_or_else(bad)?
+                    .try_into()
+                    .map_err(|_| bad())?,
+            );
+            let count = u64::from_le_bytes(
+                body.get(8..16)
+                    .ok_or_else(bad)?
+                    .try_into()
+                    .map_err(|_| bad())?,
+            );
+            let len = count.checked_mul(PAGE_SIZE).ok_or_else(bad)?;
+            if first % PAGE_SIZE != 0 || body.len() as u64 != 16 + len {
+                return Err(bad());
+            }
+            let end = first.checked_add(len).ok_or_else(bad)?;
+            // Checked against the RAM size once VM_CONFIG is known (records come in any order);
+            // until then, against what this host could give a VM.
+            if end > crate::memory::host_memory_bytes().unwrap_or(u64::MAX) {
+                return Err(bad());
+            }
+            memfd
+                .write_all_at(&body[16..], first)
+                .map_err(|e| problem(path, e))?;
+            highest = highest.max(end);
+            Ok(())
+        })?;
+        if header.flags & vmfork_format::HEADER_MEMORY_EMBEDDED == 0 {
+            return Err(problem(
+                path,
+                "this stream's memory is in a separate file; open its directory instead",
+            ));
+        }
+        if highest > loaded.memory.size {
+            return Err(problem(path, "embedded pages lie outside the VM's RAM"));
+        }
+        memfd
+            .set_len(loaded.memory.size)
+            .map_err(|e| problem(path, e))?;
+        let image = FrozenImage::from_file(loaded.state.memory.clone(), Arc::new(memfd))?;
+        let snapshot = Snapshot {
+            path: path.to_path_buf(),
+            header,
+            loaded,
+            records,
+            chain: Vec::new(),
+            image,
+        };
+        let digest = snapshot.memory_digest_of_image()?;
+        if digest.crc32 != snapshot.loaded.memory.crc32
+            || digest.data_pages != snapshot.loaded.memory.data_pages
+        {
+            return Err(problem(path, "embedded memory does not match its checksum"));
+        }
+        Ok(snapshot)
+    }
+
+    fn memory_digest_of_image(&self) -> Result<MemoryDigest> {
+        let pages = memory_file::full_pages(&self.image)?;
+        let mut digest = MemoryDigest::default();
+        let mut hasher = crc32fast::Hasher::new();
+        let mut page = vec![0u8; PAGE_SIZE as usize];
+        for offset in pages {
+            self.image.read_at(offset, &mut page)?;
+            if page.iter().any(|&b| b != 0) {
+                hasher.update(&page);
+                digest.data_pages += 1;
+            }
+        }
+        digest.crc32 = hasher.finalize();
+        Ok(digest)
+    }
+
+    /// A new VM (not started) in the snapshot's state, its serial port printing to `sink`.
+    pub fn restore(&self, sink: SerialSink) -> Result<Vm> {
+        let vm = Vm::from_image(
+            &self.loaded.config,
+            &self.loaded.state,
+            &self.image,
+            sink,
+            &ForkOptions::default(),
+            None,
+        )?;
+        // A diff snapshot of the restored VM is based on this snapshot (if it has a directory).
+        if self.path.is_dir() {
+            vm.tracking().since_snapshot = Some(SnapshotMark {
+                id: self.loaded.id.id,
+                memory_crc32: self.loaded.memory.crc32,
+                dir: self
+                    .path
+                    .canonicalize()
+                    .unwrap_or_else(|_| self.path.clone()),
+                dirty: DirtyPages::new(self.loaded.config.mem_bytes),
+            });
+        }
+        Ok(vm)
+    }
+
+    pub fn id(&self) -> String {
+        hex_id(&self.loaded.id.id)
+    }
+
+    pub fn config(&self) -> &crate::vm::VmConfig {
+        &self.loaded.config
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    pub fn loaded(&self) -> &LoadedState {
+        &self.loaded
+    }
+
+    pub fn records(&self) -> &[RecordSummary] {
+        &self.records
+    }
+
+    /// The base snapshots of a diff, nearest first.
+    pub fn chain(&self) -> &[PathBuf] {
+        &self.chain
+    }
+
+    /// Checks the memory of this snapshot and of every base against their checksums (reads
+    /// every data page; [`Self::open`] does not).
+    pub fn verify(&self) -> Result<()> {
+        let mut dirs = vec![self.path.clone()];
+        dirs.extend(self.chain.iter().cloned());
+        if self.path.is_file() {
+            return Ok(()); // embedded memory was checked when it was read
+        }
+        for dir in dirs {
+            let snap = if dir == self.path {
+                None
+            } else {
+                Some(Snapshot::open(&dir)?)
+            };
+            let loaded = snap.as_ref().map_or(&self.loaded, |s| &s.loaded);
+            let memory = File::open(dir.join(MEMORY_FILE)).map_err(|e| problem(&dir, e))?;
+            let digest = memory_file::digest_of(&memory, loaded.memory.size)?;
+            if digest.crc32 != loaded.memory.crc32 || digest.data_pages != loaded.memory.data_pages
+            {
+                return Err(problem(
+                    &dir,
+                    format!(
+                        "{MEMORY_FILE} does not match its checksum ({} data pages, CRC32 {:08x}; \
+                         expected {} and {:08x}): the file is corrupt",
+                        digest.data_pages,
+                        digest.crc32,
+                        loaded.memory.data_pages,
+                        loaded.memory.crc32
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes this snapshot (a diff chain folded in) as one full snapshot in `dir`.
+    pub fn merge_into(&self, dir: &Path) -> Result<SnapshotReport> {
+        let vm = self.restore(SerialSink::Discard)?;
+        vm.tracking().since_snapshot = None;
+        vm.snapshot(dir, &SnapshotOptions::default())
+    }
+}
