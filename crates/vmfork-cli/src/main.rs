@@ -9,6 +9,7 @@ mod guest_args;
 mod interrupt;
 mod run;
 mod serve;
+mod snapshot;
 mod units;
 
 use clap::{Parser, Subcommand};
@@ -57,6 +58,10 @@ enum Command {
     Destroy(control::VmArg),
     /// The VM family tree with each VM's state and private memory.
     Ls(control::SocketArg),
+    /// Snapshot a VM of a running vmfork process into a directory; or `snapshot info|verify|merge`.
+    Snapshot(snapshot::SnapshotArgs),
+    /// Restore a snapshot into N VMs and run them (like `run`); `-` reads a stream from stdin.
+    Restore(snapshot::RestoreArgs),
     /// Show (or --set) a paused VM's registers.
     Regs(control::RegsArgs),
     /// Read or write guest memory, physical or --virtual.
@@ -95,6 +100,8 @@ fn main() -> ExitCode {
         Command::Destroy(args) => control::simple(args, "destroy"),
         Command::Ls(sock) => control::ls(sock),
         Command::Regs(args) => control::regs(args),
+        Command::Snapshot(args) => snapshot::snapshot(args),
+        Command::Restore(args) => snapshot::restore(args),
         Command::Mem { action } => control::mem(action),
         Command::Console(args) => control::console(args),
         Command::AttachDevices(args) => control::simple(args, "attach-devices"),

@@ -291,3 +291,136 @@ fn run_with_api_sock_forks_resets_and_destroys() {
     assert!(!sock.exists());
     assert!(String::from_utf8_lossy(&out.stdout).contains("counter"));
 }
+
+fn wait_for_socket(sock: &std::path::Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !sock.exists() {
+        assert!(std::time::Instant::now() < deadline, "never listened");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// Reads the u64 at guest address `addr` with `vmfork mem read`.
+fn read_u64(sock: &str, vm: &str, addr: &str) -> u64 {
+    let o = vmfork(&["mem", "read", vm, addr, "8", "--api-sock", sock]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let bytes: Vec<u8> = stdout(&o)
+        .split_whitespace()
+        .filter(|w| w.len() == 2)
+        .filter_map(|w| u8::from_str_radix(w, 16).ok())
+        .collect();
+    u64::from_le_bytes(bytes[bytes.len() - 8..].try_into().unwrap())
+}
+
+#[test]
+fn snapshot_info_verify_and_restore_a_running_counter() {
+    let base = std::env::temp_dir().join(format!("vmfork-snap-cli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base).unwrap();
+    let sock = base.join("run.sock");
+    let sock_arg = sock.to_str().unwrap().to_string();
+    let run = Command::new(env!("CARGO_BIN_EXE_vmfork"))
+        .args(["run", "--guest", "counter", "--param", "0=2000000"])
+        .args(["--mem", "32M", "--timeout", "60", "--api-sock", &sock_arg])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start vmfork run");
+    wait_for_socket(&sock);
+    let ctl = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--api-sock", &sock_arg]);
+        vmfork(&all)
+    };
+    let root: String = stdout(&ctl(&["ls"]))
+        .lines()
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .into();
+    let snap = base.join("snap");
+    let snap_arg = snap.to_str().unwrap();
+    let o = ctl(&["snapshot", &root, snap_arg]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stdout(&o).contains("paused"), "{}", stdout(&o));
+    let o = ctl(&["snapshot", &root, snap_arg]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("never overwritten"), "{}", stderr(&o));
+    let o = ctl(&["destroy", &root]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    run.wait_with_output().unwrap();
+
+    let o = vmfork(&["snapshot", "info", snap_arg]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    for needle in [
+        "format     version 1",
+        "1 vCPU(s), 32 MiB",
+        "VCPU",
+        "IRQCHIP",
+        "memory.bin",
+    ] {
+        assert!(stdout(&o).contains(needle), "{needle}: {}", stdout(&o));
+    }
+    let o = vmfork(&["snapshot", "verify", snap_arg]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stdout(&o).contains("intact"));
+
+    // Restore it, paused behind a socket; let it count three more numbers and exit.
+    let sock2 = base.join("restore.sock");
+    let sock2_arg = sock2.to_str().unwrap().to_string();
+    let restore = Command::new(env!("CARGO_BIN_EXE_vmfork"))
+        .args(["restore", snap_arg, "--paused", "--api-sock", &sock2_arg])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start vmfork restore");
+    wait_for_socket(&sock2);
+    let vm: String = stdout(&vmfork(&["ls", "--api-sock", &sock2_arg]))
+        .lines()
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .into();
+    let at = read_u64(&sock2_arg, &vm, "0x200020");
+    assert!(at >= 1, "the snapshot was taken after the counter started");
+    let stop = format!("{:016x}", (at + 3).swap_bytes());
+    let o = vmfork(&[
+        "mem",
+        "write",
+        &vm,
+        "0x200018",
+        &stop,
+        "--api-sock",
+        &sock2_arg,
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let o = vmfork(&["resume", &vm, "--api-sock", &sock2_arg]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = restore.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("counter {}\n", at + 3)), "{text}");
+    // It counted on from the snapshot: nothing before the number it had reached.
+    let first: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("counter ")?.parse().ok())
+        .unwrap();
+    assert!(first == at || first == at + 1, "{text}");
+
+    let o = vmfork(&["restore", base.join("nonesuch").to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("is this a snapshot directory"),
+        "{}",
+        stderr(&o)
+    );
+    std::fs::remove_dir_all(&base).unwrap();
+}

@@ -4,6 +4,7 @@ use super::http::{Request, Response};
 use super::{error_response, registers, Registry};
 use crate::devices::SerialSink;
 use crate::fork::{ForkOptions, ResetScope};
+use crate::snapshot::{Snapshot, SnapshotOptions};
 use crate::vm::{Vm, VmStatus};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -73,6 +74,14 @@ fn route(registry: &Registry, req: &Request) -> Reply {
             "POST" => boot(registry, req),
             _ => Err(not_allowed(method, "GET, POST")),
         },
+        ["snapshots", "restore"] => match method {
+            "POST" => restore(registry, req),
+            _ => Err(not_allowed(method, "POST")),
+        },
+        ["snapshots", "info"] => match method {
+            "POST" => snapshot_info(req),
+            _ => Err(not_allowed(method, "POST")),
+        },
         ["vms", id, rest @ ..] => {
             let id: u64 = id
                 .parse()
@@ -108,6 +117,7 @@ fn vm_route(
         }
         ([], _) => Err(not_allowed(method, "GET, DELETE")),
         (["fork"], "POST") => fork(registry, vm, req),
+        (["snapshot"], "POST") => snapshot(vm, req),
         (["reset"], "POST") => reset(vm, req),
         (["pause"], "POST") => {
             lib(vm.pause())?;
@@ -146,7 +156,7 @@ fn vm_route(
             let text = vm.serial().map(|b| b.text()).unwrap_or_default();
             Ok(Response::json(200, json!({ "output": text })))
         }
-        ([op], _) if ["fork", "reset", "pause", "resume", "devices"].contains(op) => {
+        ([op], _) if ["fork", "reset", "pause", "resume", "devices", "snapshot"].contains(op) => {
             Err(not_allowed(method, "POST"))
         }
         (["regs"], _) => Err(not_allowed(method, "GET, PATCH")),
@@ -244,6 +254,67 @@ fn fork(registry: &Registry, vm: &Vm, req: &Request) -> Reply {
         described.push(describe(&child));
     }
     Ok(Response::json(201, json!({ "children": described })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SnapshotRequest {
+    /// A directory that does not exist yet (or is empty), as the server sees paths.
+    path: String,
+    #[serde(default)]
+    diff: bool,
+}
+
+fn snapshot(vm: &Vm, req: &Request) -> Reply {
+    let r: SnapshotRequest = body(req)?;
+    let opts = SnapshotOptions { diff: r.diff };
+    let report = lib(vm.snapshot(std::path::Path::new(&r.path), &opts))?;
+    Ok(Response::json(201, json!(report)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RestoreRequest {
+    path: String,
+    #[serde(default = "one")]
+    count: usize,
+    #[serde(default)]
+    paused: bool,
+}
+
+fn restore(registry: &Registry, req: &Request) -> Reply {
+    let r: RestoreRequest = body(req)?;
+    if r.count == 0 || r.count > MAX_FORKS_PER_REQUEST {
+        return Err(bad(format!(
+            "count {} must be 1 to {MAX_FORKS_PER_REQUEST}",
+            r.count
+        )));
+    }
+    let snapshot = lib(Snapshot::open(std::path::Path::new(&r.path)))?;
+    let mut described = Vec::new();
+    for _ in 0..r.count {
+        let vm = registry.add(lib(snapshot.restore(SerialSink::buffer().0))?);
+        if !r.paused {
+            lib(vm.start())?;
+        }
+        described.push(describe(&vm));
+    }
+    Ok(Response::json(
+        201,
+        json!({ "id": snapshot.id(), "vms": described }),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SnapshotInfoRequest {
+    path: String,
+}
+
+fn snapshot_info(req: &Request) -> Reply {
+    let r: SnapshotInfoRequest = body(req)?;
+    let snapshot = lib(Snapshot::open(std::path::Path::new(&r.path)))?;
+    Ok(Response::json(200, snapshot.summary()))
 }
 
 #[derive(Deserialize)]

@@ -760,6 +760,39 @@ impl Snapshot {
         &self.records
     }
 
+    /// What `vmfork snapshot info` shows: header, VM shape, memory, chain and every record.
+    pub fn summary(&self) -> serde_json::Value {
+        let l = &self.loaded;
+        let diff_pages: u64 = l.memory.diff_runs.iter().map(|r| r.1).sum();
+        serde_json::json!({
+            "path": self.path,
+            "id": self.id(),
+            "format_version": self.header.version,
+            "producer": self.header.producer,
+            "created_unix_s": l.id.created_unix_s,
+            "diff": l.base.is_some(),
+            "memory_embedded": l.memory.name.is_empty(),
+            "vm": {
+                "vcpus": l.config.vcpus,
+                "mem_mib": l.config.mem_bytes >> 20,
+                "irqchip": l.config.irqchip,
+            },
+            "memory": {
+                "file": l.memory.name,
+                "size": l.memory.size,
+                "data_pages": l.memory.data_pages,
+                "diff_pages": diff_pages,
+                "crc32": format!("{:08x}", l.memory.crc32),
+            },
+            "base": l.base.as_ref().map(|b| serde_json::json!({
+                "id": hex_id(&b.id),
+                "path": b.path,
+            })),
+            "chain": self.chain,
+            "records": self.records,
+        })
+    }
+
     /// The base snapshots of a diff, nearest first.
     pub fn chain(&self) -> &[PathBuf] {
         &self.chain

@@ -1,0 +1,232 @@
+//! `vmfork snapshot` (take one through the control API; `info`, `verify`, `merge` locally) and
+//! `vmfork restore` (run restored VMs in this process, like `vmfork run`).
+
+use crate::client::request;
+use crate::control::SocketArg;
+use crate::{interrupt, CliResult};
+use clap::{Args, Subcommand};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use vmfork::api::{ApiServer, Registry};
+use vmfork::devices::SerialSink;
+use vmfork::Snapshot;
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct SnapshotArgs {
+    #[command(subcommand)]
+    action: Option<SnapshotAction>,
+    /// The VM to snapshot (an id from `vmfork ls`).
+    vm: Option<u64>,
+    /// The snapshot directory to create (must not exist, or be empty).
+    dir: Option<PathBuf>,
+    /// Write only the pages dirtied since the VM's previous snapshot, chained to it.
+    #[arg(long)]
+    diff: bool,
+    #[command(flatten)]
+    sock: SocketArg,
+}
+
+#[derive(Subcommand)]
+enum SnapshotAction {
+    /// Header, VM shape, memory, chain and records of a snapshot (`--json` for all of it).
+    Info {
+        path: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check a snapshot completely: stream checksums, components, memory checksums, chain.
+    Verify { path: PathBuf },
+    /// Fold a diff chain into one full snapshot in a new directory.
+    Merge { path: PathBuf, out: PathBuf },
+}
+
+fn open(path: &Path) -> CliResult<Snapshot> {
+    if path == Path::new("-") {
+        return Snapshot::from_stream(path, std::io::stdin().lock()).map_err(|e| e.to_string());
+    }
+    Snapshot::open(path).map_err(|e| e.to_string())
+}
+
+pub fn snapshot(args: SnapshotArgs) -> CliResult<u8> {
+    match args.action {
+        Some(SnapshotAction::Info { path, json }) => info(&path, json),
+        Some(SnapshotAction::Verify { path }) => {
+            let snap = open(&path)?;
+            snap.verify().map_err(|e| e.to_string())?;
+            println!(
+                "{}: snapshot {} is intact ({} snapshot(s) in its chain checked)",
+                path.display(),
+                snap.id(),
+                snap.chain().len() + 1
+            );
+            Ok(0)
+        }
+        Some(SnapshotAction::Merge { path, out }) => {
+            let report = open(&path)?.merge_into(&out).map_err(|e| e.to_string())?;
+            println!(
+                "merged {} into {} (snapshot {}, {} data pages)",
+                path.display(),
+                report.path.display(),
+                report.id,
+                report.data_pages
+            );
+            Ok(0)
+        }
+        None => {
+            let (Some(vm), Some(dir)) = (args.vm, args.dir) else {
+                return Err(
+                    "usage: vmfork snapshot VM DIR [--diff] (or: info|verify|merge)".into(),
+                );
+            };
+            let dir = absolute(&dir)?;
+            let body = json!({ "path": dir, "diff": args.diff });
+            let reply = request(
+                &args.sock.path,
+                "POST",
+                &format!("/vms/{vm}/snapshot"),
+                Some(&body),
+            )?;
+            println!(
+                "snapshot {} of VM {vm} in {} ({}{} pages written, paused {:.2} ms, took {:.1} ms)",
+                reply["id"].as_str().unwrap_or("?"),
+                dir.display(),
+                if args.diff { "diff, " } else { "" },
+                reply["data_pages"],
+                reply["pause_us"].as_f64().unwrap_or(0.0) / 1000.0,
+                reply["total_us"].as_f64().unwrap_or(0.0) / 1000.0,
+            );
+            Ok(0)
+        }
+    }
+}
+
+/// The server resolves paths itself: send it an absolute one.
+fn absolute(dir: &Path) -> CliResult<PathBuf> {
+    std::path::absolute(dir).map_err(|e| format!("{}: {e}", dir.display()))
+}
+
+fn info(path: &Path, as_json: bool) -> CliResult<u8> {
+    let summary = open(path)?.summary();
+    if as_json {
+        println!("{summary:#}");
+        return Ok(0);
+    }
+    let vm = &summary["vm"];
+    let memory = &summary["memory"];
+    println!("snapshot   {}", summary["id"].as_str().unwrap_or("?"));
+    println!(
+        "format     version {}, written by {}",
+        summary["format_version"],
+        summary["producer"].as_str().unwrap_or("?")
+    );
+    println!(
+        "vm         {} vCPU(s), {} MiB RAM, irqchip {}",
+        vm["vcpus"], vm["mem_mib"], vm["irqchip"]
+    );
+    println!(
+        "memory     {} ({} data pages, CRC32 {}{})",
+        if summary["memory_embedded"] == true {
+            "embedded in the stream".to_string()
+        } else {
+            memory["file"].as_str().unwrap_or("?").to_string()
+        },
+        memory["data_pages"],
+        memory["crc32"].as_str().unwrap_or("?"),
+        if summary["diff"] == true {
+            format!(", diff of {} pages", memory["diff_pages"])
+        } else {
+            String::new()
+        }
+    );
+    if let Some(chain) = summary["chain"].as_array().filter(|c| !c.is_empty()) {
+        for (i, base) in chain.iter().enumerate() {
+            println!(
+                "{}{}",
+                if i == 0 { "base       " } else { "           " },
+                base.as_str().unwrap_or("?")
+            );
+        }
+    }
+    println!("records");
+    for r in summary["records"].as_array().into_iter().flatten() {
+        println!(
+            "  {:<14} instance {:<3} {:>9} bytes at {}",
+            r["name"].as_str().unwrap_or("?"),
+            r["instance"],
+            r["length"],
+            r["offset"]
+        );
+    }
+    Ok(0)
+}
+
+#[derive(Args)]
+pub struct RestoreArgs {
+    /// A snapshot directory, a stream file with embedded memory, or `-` for standard input.
+    pub path: PathBuf,
+    /// How many VMs to restore (they share the snapshot's memory until they write).
+    #[arg(short = 'n', long = "count", default_value_t = 1)]
+    pub count: usize,
+    /// Leave the VMs paused (resume them through the control API).
+    #[arg(long, requires = "api_sock")]
+    pub paused: bool,
+    /// Serve the control API on this Unix socket.
+    #[arg(long)]
+    pub api_sock: Option<PathBuf>,
+}
+
+/// Restores and runs until every restored VM (and fork of one) has exited or been destroyed.
+/// The first VM's console goes to the terminal; the exit status is its guest's.
+pub fn restore(args: RestoreArgs) -> CliResult<u8> {
+    if args.count == 0 || args.count > 1024 {
+        return Err(format!("-n {} must be 1 to 1024", args.count));
+    }
+    let started = Instant::now();
+    let snap = open(&args.path)?;
+    interrupt::install()?;
+    let registry = Registry::new(None);
+    let mut vms = Vec::new();
+    for i in 0..args.count {
+        let sink = if i == 0 {
+            SerialSink::Stdout
+        } else {
+            SerialSink::buffer().0
+        };
+        vms.push(registry.add(snap.restore(sink).map_err(|e| e.to_string())?));
+    }
+    eprintln!(
+        "vmfork: restored {} VM(s) from snapshot {} in {:.2} ms",
+        args.count,
+        snap.id(),
+        started.elapsed().as_secs_f64() * 1000.0
+    );
+    let server = match &args.api_sock {
+        Some(path) => Some(ApiServer::start(path, registry.clone()).map_err(|e| e.to_string())?),
+        None => None,
+    };
+    if !args.paused {
+        for vm in &vms {
+            vm.start().map_err(|e| e.to_string())?;
+        }
+    }
+    while registry.any_alive() {
+        if interrupt::interrupted() {
+            registry.destroy_all();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let reason = vms[0].wait_timeout(Duration::from_secs(5));
+    drop(server);
+    registry.destroy_all();
+    match reason {
+        Some(r) if r.is_fault() => {
+            eprintln!("vmfork: {r}");
+            Ok(r.status().clamp(0, 255) as u8)
+        }
+        Some(r) => Ok(r.status().clamp(0, 255) as u8),
+        None => Ok(130),
+    }
+}
