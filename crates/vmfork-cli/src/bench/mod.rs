@@ -3,6 +3,7 @@
 
 mod boot;
 mod fork;
+mod snapshot;
 
 use crate::CliResult;
 use clap::{Args, Subcommand};
@@ -15,6 +16,8 @@ pub enum Suite {
     Boot(BenchArgs),
     /// Fork and fork-of-fork latency, reset latency, fuzzing execs/s, private bytes per fork.
     Fork(BenchArgs),
+    /// Snapshot write throughput (vs dd), snapshot pause, restore latency by RAM size.
+    Snapshot(BenchArgs),
 }
 
 #[derive(Args, Clone, Copy)]
@@ -28,13 +31,14 @@ pub struct BenchArgs {
 }
 
 pub fn run(suite: Suite) -> CliResult<u8> {
-    let (Suite::Boot(args) | Suite::Fork(args)) = &suite;
+    let (Suite::Boot(args) | Suite::Fork(args) | Suite::Snapshot(args)) = &suite;
     if args.runs < 5 {
         return Err("--runs must be at least 5".into());
     }
     let (args, report) = match suite {
         Suite::Boot(args) => (args, boot::run(args)?),
         Suite::Fork(args) => (args, fork::run(args)?),
+        Suite::Snapshot(args) => (args, snapshot::run(args)?),
     };
     if args.json {
         println!(

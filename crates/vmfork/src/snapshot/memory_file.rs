@@ -72,14 +72,8 @@ pub fn write_pages(
         Ok(())
     };
     let total = pages.len() as u64;
-    let mut page = vec![0u8; PAGE];
     for (i, &offset) in pages.iter().enumerate() {
-        image.read_at(offset, &mut page)?;
-        if is_zero(&page) {
-            continue;
-        }
-        hasher.update(&page);
-        digest.data_pages += 1;
+        // A page that does not extend the batch's run starts a new batch.
         if filled == BATCH_PAGES || (filled > 0 && batch_start + (filled * PAGE) as u64 != offset) {
             flush(&batch, batch_start, filled)?;
             filled = 0;
@@ -87,7 +81,16 @@ pub fn write_pages(
         if filled == 0 {
             batch_start = offset;
         }
-        batch[filled * PAGE..(filled + 1) * PAGE].copy_from_slice(&page);
+        // Read straight into the batch; a zero page is dropped (and ends the run: a hole).
+        let slot = &mut batch[filled * PAGE..(filled + 1) * PAGE];
+        image.read_at(offset, slot)?;
+        if is_zero(slot) {
+            flush(&batch, batch_start, filled)?;
+            filled = 0;
+            continue;
+        }
+        hasher.update(slot);
+        digest.data_pages += 1;
         filled += 1;
         if i % 4096 == 0 {
             progress(i as u64, total);
