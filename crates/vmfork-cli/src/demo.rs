@@ -1,4 +1,5 @@
-//! `vmfork demo`: the main job on the built-in guests: boot, pause, fork, reset, with timings.
+//! `vmfork demo`: the main job on the built-in guests: boot, pause, fork, reset, snapshot and
+//! restore, with timings.
 
 use crate::CliResult;
 use guests::layout::{mailbox, MAILBOX};
@@ -107,10 +108,47 @@ pub fn demo() -> CliResult<u8> {
         "   reset the child in {reset_took:?} ({} dirtied pages copied back): counter is {after_reset} again",
         stats.pages_restored
     );
+
+    println!("== 3. snapshot the running counter, restore it twice, each counts on");
+    let dir = std::env::temp_dir().join(format!("vmfork-demo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let report = vm
+        .snapshot(&dir, &vmfork::SnapshotOptions::default())
+        .map_err(err)?;
     vm.stop();
     vm.wait();
     let text = serial.text();
     let last = text.lines().last().unwrap_or("");
-    println!("   resumed and stopped; last line: {last:?}");
+    println!(
+        "   snapshot {} in {:.2} ms (VM paused {:.3} ms), {} data pages in {}",
+        &report.id[..8],
+        report.total_us as f64 / 1000.0,
+        report.pause_us as f64 / 1000.0,
+        report.data_pages,
+        dir.display()
+    );
+    println!("   original stopped; its last line: {last:?}");
+    let t = Instant::now();
+    let snap = vmfork::Snapshot::open(&dir).map_err(err)?;
+    let restored: Vec<Vm> = (0..2)
+        .map(|_| snap.restore(SerialSink::buffer().0))
+        .collect::<Result<_, _>>()
+        .map_err(err)?;
+    println!("   opened and restored 2 VMs in {:?}", t.elapsed());
+    for (i, r) in restored.iter().enumerate() {
+        let at = r.ram().read_u64(MAILBOX + mailbox::PROGRESS).map_err(err)?;
+        r.ram()
+            .write_u64(MAILBOX + mailbox::PARAM2, at + 2 + i as u64)
+            .map_err(err)?;
+        r.start().map_err(err)?;
+        let exit = r.wait();
+        let lines = r.serial().map(|s| s.text()).unwrap_or_default();
+        println!(
+            "   restore {i}: from counter {at}, {}; console {:?}",
+            exit.summary(),
+            lines.lines().collect::<Vec<_>>()
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(0)
 }

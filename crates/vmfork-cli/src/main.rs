@@ -35,7 +35,7 @@ enum Command {
         #[command(subcommand)]
         action: Option<GuestsAction>,
     },
-    /// The main job on the built-in guests: boot, pause, inspect, fork, reset, with timings.
+    /// The main job on the built-in guests: boot, pause, fork, reset, snapshot, restore, timed.
     Demo,
     /// Fuzz the `harness` guest: fork once at its entry, then write input, run, reset, repeat.
     Fuzz(fuzz::FuzzArgs),
