@@ -108,6 +108,26 @@ impl FrozenImage {
         }
     }
 
+    /// Reads the image's bytes `[offset, offset + buf.len())` (page-aligned) into `buf`: one
+    /// read of the base file (no page faults on a mapping), then the overlay pages on top.
+    pub fn read_range(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let len = buf.len() as u64;
+        if offset % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 || offset + len > self.layout.total() {
+            return Err(Error::Memory(format!(
+                "image range {offset:#x}+{len:#x} is not whole pages inside the image"
+            )));
+        }
+        std::os::unix::fs::FileExt::read_exact_at(&*self.base, buf, offset)
+            .map_err(|e| Error::Memory(format!("read the memory image: {e}")))?;
+        if let Some(data) = &self.overlay_data {
+            for (&page, &at) in self.overlay.range(offset..offset + len) {
+                let i = (page - offset) as usize;
+                data.read_at(at, &mut buf[i..i + PAGE_SIZE as usize])?;
+            }
+        }
+        Ok(())
+    }
+
     /// Whether the page at file `offset` comes from the overlay.
     pub fn in_overlay(&self, offset: u64) -> bool {
         self.overlay.contains_key(&offset)

@@ -59,45 +59,44 @@ pub fn write_pages(
     let mut digest = MemoryDigest::default();
     let mut hasher = crc32fast::Hasher::new();
     let mut batch = vec![0u8; BATCH_PAGES * PAGE];
-    // The batch holds `filled` consecutive pages starting at file offset `batch_start`.
-    let mut batch_start = 0u64;
-    let mut filled = 0usize;
-    let flush = |batch: &[u8], start: u64, filled: usize| -> Result<()> {
-        if filled > 0 {
-            file.write_all_at(&batch[..filled * PAGE], start)
-                .map_err(|e| {
-                    Error::Io(std::io::Error::new(e.kind(), format!("memory file: {e}")))
-                })?;
-        }
-        Ok(())
+    let write = |bytes: &[u8], at: u64| -> Result<()> {
+        file.write_all_at(bytes, at)
+            .map_err(|e| Error::Io(std::io::Error::new(e.kind(), format!("memory file: {e}"))))
     };
     let total = pages.len() as u64;
-    for (i, &offset) in pages.iter().enumerate() {
-        // A page that does not extend the batch's run starts a new batch.
-        if filled == BATCH_PAGES || (filled > 0 && batch_start + (filled * PAGE) as u64 != offset) {
-            flush(&batch, batch_start, filled)?;
-            filled = 0;
+    let mut done = 0usize;
+    while done < pages.len() {
+        // The next run of consecutive pages, read at once.
+        let start = pages[done];
+        let mut n = 1;
+        while n < BATCH_PAGES
+            && done + n < pages.len()
+            && pages[done + n] == start + (n * PAGE) as u64
+        {
+            n += 1;
         }
-        if filled == 0 {
-            batch_start = offset;
+        let bytes = &mut batch[..n * PAGE];
+        image.read_range(start, bytes)?;
+        // Write the non-zero stretches; zero pages stay holes.
+        let mut stretch: Option<usize> = None;
+        for i in 0..=n {
+            let zero = i == n || is_zero(&bytes[i * PAGE..(i + 1) * PAGE]);
+            match (zero, stretch) {
+                (false, None) => stretch = Some(i),
+                (true, Some(from)) => {
+                    write(&bytes[from * PAGE..i * PAGE], start + (from * PAGE) as u64)?;
+                    stretch = None;
+                }
+                _ => {}
+            }
+            if !zero {
+                hasher.update(&bytes[i * PAGE..(i + 1) * PAGE]);
+                digest.data_pages += 1;
+            }
         }
-        // Read straight into the batch; a zero page is dropped (and ends the run: a hole).
-        let slot = &mut batch[filled * PAGE..(filled + 1) * PAGE];
-        image.read_at(offset, slot)?;
-        if is_zero(slot) {
-            flush(&batch, batch_start, filled)?;
-            filled = 0;
-            continue;
-        }
-        hasher.update(slot);
-        digest.data_pages += 1;
-        filled += 1;
-        if i % 4096 == 0 {
-            progress(i as u64, total);
-        }
+        done += n;
+        progress(done as u64, total);
     }
-    flush(&batch, batch_start, filled)?;
-    progress(total, total);
     digest.crc32 = hasher.finalize();
     Ok(digest)
 }
