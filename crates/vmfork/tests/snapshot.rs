@@ -435,6 +435,23 @@ fn embedded_memory_streams_restore_too() {
     let at = bad.len() - 5000;
     bad[at] ^= 1;
     assert!(Snapshot::from_stream(Path::new("-"), bad.as_slice()).is_err());
+
+    // A fork's memory is its image's base file plus an overlay: both kinds of snapshot of a
+    // fork that wrote pages must carry those pages.
+    let (parent, _) = guest_vm(Workload::Memtouch, config(32), &[(mailbox::PARAM0, PAGES)]);
+    let fork = parent.fork(&vmfork::ForkOptions::default()).unwrap();
+    run_memtouch(&fork, 21);
+    let grandchild = fork.fork(&vmfork::ForkOptions::default()).unwrap();
+    let hash = ram_hash(&grandchild);
+    let mut stream = Vec::new();
+    grandchild.snapshot_to_stream(&mut stream).unwrap();
+    let snap = Snapshot::from_stream(Path::new("-"), stream.as_slice()).unwrap();
+    assert_eq!(ram_hash(&snap.restore(SerialSink::Discard).unwrap()), hash);
+    let dir = temp_dir("fork-snap");
+    grandchild.snapshot(&dir.join("s"), &full()).unwrap();
+    let snap = Snapshot::open(&dir.join("s")).unwrap();
+    assert_eq!(ram_hash(&snap.restore(SerialSink::Discard).unwrap()), hash);
+    std::fs::remove_dir_all(dir).unwrap();
 }
 
 /// The golden snapshot of format version 1 (tests/golden/v1.vmfs: the `memtouch` guest at its

@@ -96,23 +96,14 @@ impl FrozenImage {
         self.overlay.len() * PAGE_SIZE as usize
     }
 
-    /// Reads the image's bytes at file `offset` (within one page, or a run of base pages with
-    /// no overlay page among them) into `buf`.
-    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let page_start = offset - offset % PAGE_SIZE;
-        match (self.overlay.get(&page_start), &self.overlay_data) {
-            (Some(&at), Some(data)) if buf.len() as u64 <= PAGE_SIZE - offset % PAGE_SIZE => {
-                data.read_at(at + (offset - page_start) as usize, buf)
-            }
-            _ => self.base_view.read_at(offset as usize, buf),
-        }
-    }
-
     /// Reads the image's bytes `[offset, offset + buf.len())` (page-aligned) into `buf`: one
     /// read of the base file (no page faults on a mapping), then the overlay pages on top.
     pub fn read_range(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let len = buf.len() as u64;
-        if offset % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 || offset + len > self.layout.total() {
+        if !offset.is_multiple_of(PAGE_SIZE)
+            || !len.is_multiple_of(PAGE_SIZE)
+            || offset + len > self.layout.total()
+        {
             return Err(Error::Memory(format!(
                 "image range {offset:#x}+{len:#x} is not whole pages inside the image"
             )));
@@ -126,11 +117,6 @@ impl FrozenImage {
             }
         }
         Ok(())
-    }
-
-    /// Whether the page at file `offset` comes from the overlay.
-    pub fn in_overlay(&self, offset: u64) -> bool {
-        self.overlay.contains_key(&offset)
     }
 
     /// Byte ranges of the base file that may hold data, ascending: everything but the holes of

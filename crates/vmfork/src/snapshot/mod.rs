@@ -408,7 +408,7 @@ fn write_embedded(vm: &Vm, frozen: &Frozen, out: impl Write) -> Result<MemoryDig
     let mut nonzero = Vec::new();
     let mut page = vec![0u8; PAGE_SIZE as usize];
     for &offset in &frozen.pages {
-        frozen.image.read_at(offset, &mut page)?;
+        frozen.image.read_range(offset, &mut page)?;
         if page.iter().any(|&b| b != 0) {
             hasher.update(&page);
             digest.data_pages += 1;
@@ -440,7 +440,7 @@ fn write_embedded(vm: &Vm, frozen: &Frozen, out: impl Write) -> Result<MemoryDig
                     body.extend_from_slice(&at.to_le_bytes());
                     body.extend_from_slice(&n.to_le_bytes());
                     body.resize(16 + (n * PAGE_SIZE) as usize, 0);
-                    image.read_at(at, &mut body[16..])?;
+                    image.read_range(at, &mut body[16..])?;
                     writer
                         .record(RecordType::MemoryPages as u32, 0, 0, &body)
                         .map_err(|e| problem(here, e))?;
@@ -705,7 +705,7 @@ impl Snapshot {
         let mut hasher = crc32fast::Hasher::new();
         let mut page = vec![0u8; PAGE_SIZE as usize];
         for offset in pages {
-            self.image.read_at(offset, &mut page)?;
+            self.image.read_range(offset, &mut page)?;
             if page.iter().any(|&b| b != 0) {
                 hasher.update(&page);
                 digest.data_pages += 1;
