@@ -183,5 +183,197 @@ fn measure(args: BenchArgs, dir: &Path, report: &mut Report) -> CliResult<()> {
         vmfork::vm::pool::drain();
         let _ = std::fs::remove_dir_all(&to);
     }
+
+    // Against QEMU, process to process: both start, load the saved `hello` and run it to its
+    // first line. QEMU: `migrate exec:` to a file from a VM stopped at its entry (-S), then
+    // `-incoming exec:cat FILE` and `cont` once the migration completed.
+    if let Some((qemu_ms, vmfork_ms)) = qemu_and_vmfork_restore_ms(dir, args.runs.min(10))? {
+        let params = [
+            ("mem_mib", json!(256)),
+            ("guest", json!("hello")),
+            ("to", json!("first serial line, process start included")),
+        ];
+        report.add("qemu_restore_latency_ms_p50", qemu_ms, "ms", &params);
+        report.add(
+            "vmfork_restore_process_latency_ms_p50",
+            vmfork_ms,
+            "ms",
+            &params,
+        );
+        report.add(
+            "restore_vs_qemu_ratio",
+            qemu_ms / vmfork_ms,
+            "ratio",
+            &params,
+        );
+    }
     Ok(())
+}
+
+/// A QEMU human monitor on a Unix socket.
+struct Monitor(std::os::unix::net::UnixStream);
+
+impl Monitor {
+    fn connect(path: &Path, deadline: Instant) -> CliResult<Self> {
+        loop {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(s) => {
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+                    let mut m = Monitor(s);
+                    m.read_to_prompt()?;
+                    return Ok(m);
+                }
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_micros(200))
+                }
+                Err(e) => return Err(format!("QEMU monitor {}: {e}", path.display())),
+            }
+        }
+    }
+
+    fn read_to_prompt(&mut self) -> CliResult<String> {
+        use std::io::Read;
+        let mut text = String::new();
+        let mut buf = [0u8; 4096];
+        while !text.ends_with("(qemu) ") {
+            let n = self
+                .0
+                .read(&mut buf)
+                .map_err(|e| format!("QEMU monitor: {e}"))?;
+            if n == 0 {
+                return Err("QEMU monitor closed".into());
+            }
+            text.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        Ok(text)
+    }
+
+    fn command(&mut self, cmd: &str) -> CliResult<String> {
+        use std::io::Write;
+        writeln!(self.0, "{cmd}").map_err(|e| format!("QEMU monitor: {e}"))?;
+        self.read_to_prompt()
+    }
+
+    /// Polls `info migrate` until the migration completed.
+    fn wait_migrated(&mut self, deadline: Instant) -> CliResult<()> {
+        loop {
+            let reply = self.command("info migrate")?;
+            if reply.contains("Migration status: completed") {
+                return Ok(());
+            }
+            if reply.contains("failed") || Instant::now() > deadline {
+                return Err(format!("QEMU migration did not complete: {reply}"));
+            }
+            std::thread::sleep(Duration::from_micros(500));
+        }
+    }
+}
+
+fn qemu_command(qemu: &str, elf: &Path, mem_mib: u64, monitor: &Path) -> Command {
+    let mut c = Command::new("timeout");
+    c.args(["30", qemu, "-M", "microvm", "-accel", "kvm", "-m"])
+        .arg(format!("{mem_mib}M"))
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-serial",
+            "stdio",
+        ])
+        .args([
+            "-no-reboot",
+            "-device",
+            "isa-debug-exit,iobase=0x501,iosize=2",
+            "-kernel",
+        ])
+        .arg(elf)
+        .arg("-monitor")
+        .arg(format!("unix:{},server,nowait", monitor.display()));
+    c
+}
+
+/// Milliseconds from starting a process to the first line `Hello` on its stdout.
+fn time_to_hello(mut cmd: Command, after_spawn: impl FnOnce() -> CliResult<()>) -> CliResult<f64> {
+    use std::io::Read;
+    let started = Instant::now();
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
+    let result = after_spawn().and_then(|()| {
+        let mut out = child.stdout.take().ok_or("no stdout")?;
+        let mut text = Vec::new();
+        let mut buf = [0u8; 256];
+        while !String::from_utf8_lossy(&text).contains("Hello") {
+            let n = out.read(&mut buf).map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err(format!("{cmd:?} ended without printing Hello"));
+            }
+            text.extend_from_slice(&buf[..n]);
+        }
+        Ok(started.elapsed().as_secs_f64() * 1e3)
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    result
+}
+
+/// QEMU (microvm, KVM) and `vmfork restore` restoring the `hello` guest saved at its entry
+/// point, each as a new process, to the guest's first line. `None` when QEMU is not installed.
+fn qemu_and_vmfork_restore_ms(dir: &Path, runs: usize) -> CliResult<Option<(f64, f64)>> {
+    let qemu = "qemu-system-x86_64";
+    if Command::new(qemu).arg("--version").output().is_err() {
+        eprintln!("vmfork bench: {qemu} is not installed; skipping the QEMU comparison");
+        return Ok(None);
+    }
+    const MEM_MIB: u64 = 256;
+    let elf = dir.join("hello.elf");
+    std::fs::write(&elf, Workload::Hello.elf()).map_err(|e| e.to_string())?;
+    let state = dir.join("qemu.state");
+    let src_mon = dir.join("qemu-src.mon");
+    let mut src = qemu_command(qemu, &elf, MEM_MIB, &src_mon)
+        .arg("-S")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start {qemu}: {e}"))?;
+    let saved = (|| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut m = Monitor::connect(&src_mon, deadline)?;
+        m.command(&format!("migrate \"exec:cat > {}\"", state.display()))?;
+        m.wait_migrated(deadline)?;
+        let _ = m.command("quit");
+        Ok::<(), String>(())
+    })();
+    let _ = src.kill();
+    let _ = src.wait();
+    saved?;
+
+    let vm = boot(Workload::Hello, MEM_MIB)?;
+    let snap_dir = dir.join("hello-snap");
+    vm.snapshot(&snap_dir, &SnapshotOptions::default())
+        .map_err(err)?;
+    drop(vm);
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+
+    let (mut qemu_ms, mut vmfork_ms) = (Vec::new(), Vec::new());
+    for i in 0..runs {
+        let mon = dir.join(format!("qemu-dst-{i}.mon"));
+        let mut cmd = qemu_command(qemu, &elf, MEM_MIB, &mon);
+        cmd.arg("-incoming")
+            .arg(format!("exec:cat {}", state.display()));
+        qemu_ms.push(time_to_hello(cmd, || {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let mut m = Monitor::connect(&mon, deadline)?;
+            m.wait_migrated(deadline)?;
+            m.command("cont").map(drop)
+        })?);
+        let mut cmd = Command::new(&exe);
+        cmd.arg("restore").arg(&snap_dir);
+        vmfork_ms.push(time_to_hello(cmd, || Ok(()))?);
+    }
+    let (q, _) = p50_p99(&mut qemu_ms);
+    let (v, _) = p50_p99(&mut vmfork_ms);
+    Ok(Some((q, v)))
 }
