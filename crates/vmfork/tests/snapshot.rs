@@ -494,3 +494,65 @@ fn the_version_1_golden_snapshot_still_restores() {
         fill_word(5, 12)
     );
 }
+
+/// Run by `a_snapshot_killed_at_any_point_is_complete_or_absent` in a child process: snapshots
+/// a VM with 64 MiB of data into $VMFORK_KILL_TEST_DIR (and does nothing in a normal run).
+#[test]
+fn helper_snapshot_to_be_killed() {
+    let Some(dir) = std::env::var_os("VMFORK_KILL_TEST_DIR") else {
+        return;
+    };
+    let (vm, _) = guest_vm(Workload::Memtouch, config(128), &[]);
+    fill_pages(&vm, 16384, 3);
+    println!("snapshotting");
+    vm.snapshot(Path::new(&dir), &full()).unwrap();
+    println!("done");
+}
+
+#[test]
+fn a_snapshot_killed_at_any_point_is_complete_or_absent() {
+    use std::io::BufRead;
+    let base = temp_dir("kill");
+    let mut outcomes = Vec::new();
+    for (i, delay_ms) in [0u64, 5, 20, 50, 100, 200, 400, 2000]
+        .into_iter()
+        .enumerate()
+    {
+        let dir = base.join(format!("s{i}"));
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "helper_snapshot_to_be_killed", "--nocapture"])
+            .env("VMFORK_KILL_TEST_DIR", &dir)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        while let Some(Ok(line)) = lines.next() {
+            if line.contains("snapshotting") {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        // Either the snapshot is complete and intact, or it is not there under its name.
+        match Snapshot::open(&dir) {
+            Ok(snap) => {
+                snap.verify().unwrap();
+                outcomes.push("complete");
+            }
+            Err(e) => {
+                assert!(!dir.exists(), "a partial snapshot under its name: {e}");
+                assert!(
+                    e.to_string().contains("is this a snapshot directory"),
+                    "{e}"
+                );
+                outcomes.push("absent");
+            }
+        }
+    }
+    // Killed at once it cannot have finished (64 MiB written and synced); given time it did.
+    assert_eq!(outcomes.first(), Some(&"absent"), "{outcomes:?}");
+    assert_eq!(outcomes.last(), Some(&"complete"), "{outcomes:?}");
+    std::fs::remove_dir_all(base).unwrap();
+}
