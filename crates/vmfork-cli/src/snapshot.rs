@@ -7,6 +7,7 @@ use crate::{interrupt, CliResult};
 use clap::{Args, Subcommand};
 use serde_json::json;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
 use vmfork::api::{ApiServer, Registry};
 use vmfork::devices::SerialSink;
@@ -19,7 +20,8 @@ pub struct SnapshotArgs {
     action: Option<SnapshotAction>,
     /// The VM to snapshot (an id from `vmfork ls`).
     vm: Option<u64>,
-    /// The snapshot directory to create (must not exist, or be empty).
+    /// The snapshot directory to create (must not exist, or be empty), or `-`: one stream
+    /// with the memory embedded, to standard output.
     dir: Option<PathBuf>,
     /// Write only the pages dirtied since the VM's previous snapshot, chained to it.
     #[arg(long)]
@@ -80,6 +82,9 @@ pub fn snapshot(args: SnapshotArgs) -> CliResult<u8> {
                     "usage: vmfork snapshot VM DIR [--diff] (or: info|verify|merge)".into(),
                 );
             };
+            if dir == Path::new("-") {
+                return snapshot_to_stdout(&args.sock, vm, args.diff);
+            }
             let dir = absolute(&dir)?;
             let body = json!({ "path": dir, "diff": args.diff });
             let reply = request(
@@ -100,6 +105,50 @@ pub fn snapshot(args: SnapshotArgs) -> CliResult<u8> {
             Ok(0)
         }
     }
+}
+
+/// `vmfork snapshot VM -`: the server writes the stream into a FIFO this process copies to
+/// standard output (the control API answers in JSON; the FIFO carries the bytes).
+fn snapshot_to_stdout(sock: &SocketArg, vm: u64, diff: bool) -> CliResult<u8> {
+    if diff {
+        return Err("a snapshot to standard output is always full: drop --diff".into());
+    }
+    let dir = std::env::temp_dir().join(format!("vmfork-stream-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let fifo = dir.join("snapshot.fifo");
+    let made = Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .map_err(|e| format!("cannot run mkfifo: {e}"))?;
+    if !made.success() {
+        return Err(format!("mkfifo {} failed", fifo.display()));
+    }
+    let reader = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || -> std::io::Result<u64> {
+            let mut input = std::fs::File::open(&fifo)?;
+            std::io::copy(&mut input, &mut std::io::stdout().lock())
+        })
+    };
+    let body = json!({ "path": fifo, "stream": true });
+    let reply = request(
+        &sock.path,
+        "POST",
+        &format!("/vms/{vm}/snapshot"),
+        Some(&body),
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    let reply = reply?;
+    let copied = reader
+        .join()
+        .map_err(|_| "the stream copier panicked".to_string())?
+        .map_err(|e| format!("copying the stream: {e}"))?;
+    eprintln!(
+        "vmfork: snapshot {} of VM {vm}: {copied} bytes to stdout (paused {:.2} ms)",
+        reply["id"].as_str().unwrap_or("?"),
+        reply["pause_us"].as_f64().unwrap_or(0.0) / 1000.0
+    );
+    Ok(0)
 }
 
 /// The server resolves paths itself: send it an absolute one.

@@ -347,6 +347,18 @@ fn snapshot_info_verify_and_restore_a_running_counter() {
     let o = ctl(&["snapshot", &root, snap_arg]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("never overwritten"), "{}", stderr(&o));
+    // `-`: one stream with the memory embedded, on stdout.
+    let o = ctl(&["snapshot", &root, "-"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(o.stdout.starts_with(b"VMFORKSN"), "{}", stderr(&o));
+    let stream = base.join("snap.vmfs");
+    std::fs::write(&stream, &o.stdout).unwrap();
+    let o = vmfork(&["snapshot", "info", stream.to_str().unwrap()]);
+    assert!(
+        stdout(&o).contains("embedded in the stream"),
+        "{}",
+        stdout(&o)
+    );
     let o = ctl(&["destroy", &root]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     run.wait_with_output().unwrap();

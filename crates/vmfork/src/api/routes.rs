@@ -259,16 +259,30 @@ fn fork(registry: &Registry, vm: &Vm, req: &Request) -> Reply {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SnapshotRequest {
-    /// A directory that does not exist yet (or is empty), as the server sees paths.
+    /// A directory that does not exist yet (or is empty), as the server sees paths; with
+    /// `stream`, an existing file or FIFO to write one stream with the memory embedded into.
     path: String,
     #[serde(default)]
     diff: bool,
+    #[serde(default)]
+    stream: bool,
 }
 
 fn snapshot(vm: &Vm, req: &Request) -> Reply {
     let r: SnapshotRequest = body(req)?;
-    let opts = SnapshotOptions { diff: r.diff };
-    let report = lib(vm.snapshot(std::path::Path::new(&r.path), &opts))?;
+    let path = std::path::Path::new(&r.path);
+    let report = if r.stream {
+        if r.diff {
+            return Err(bad("a stream snapshot is always full (no diff)"));
+        }
+        let out = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(|e| bad(format!("cannot open {} for the stream: {e}", r.path)))?;
+        lib(vm.snapshot_to_stream(out))?
+    } else {
+        lib(vm.snapshot(path, &SnapshotOptions { diff: r.diff }))?
+    };
     Ok(Response::json(201, json!(report)))
 }
 
