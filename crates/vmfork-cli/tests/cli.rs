@@ -170,11 +170,7 @@ fn serve_and_the_control_verbs() {
         .args(["serve", "--api-sock", sock_arg])
         .spawn()
         .expect("start vmfork serve");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !sock.exists() {
-        assert!(std::time::Instant::now() < deadline, "serve never listened");
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    wait_for_socket(&sock);
     let ctl = |args: &[&str]| {
         let mut all = args.to_vec();
         all.extend(["--api-sock", sock_arg]);
@@ -238,11 +234,7 @@ fn run_with_api_sock_forks_resets_and_destroys() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("start vmfork run");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !sock.exists() {
-        assert!(std::time::Instant::now() < deadline, "run never listened");
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    wait_for_socket(&sock);
     let ctl = |args: &[&str]| {
         let mut all = args.to_vec();
         all.extend(["--api-sock", &sock_arg]);

@@ -5,7 +5,7 @@ mod common;
 use common::*;
 use guests::layout::{mailbox, MAILBOX, MEMTOUCH_BASE};
 use guests::{memtouch_pattern, Workload};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use vmfork::devices::SerialSink;
 use vmfork::{ExitReason, ForkOptions, ResetScope, Vm, VmConfig};
 
@@ -144,11 +144,7 @@ fn run_memtouch_without_rerun_check(vm: &Vm) {
 fn forks_of_a_running_counter_continue_from_the_fork_point() {
     let (parent, _) = guest_vm(Workload::Counter, config(32), &counter_params(100_000));
     parent.start().unwrap();
-    let deadline = Instant::now() + QUICK;
-    while parent.ram().read_u64(MAILBOX + mailbox::PROGRESS).unwrap() < 5 {
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    wait_for_progress(&parent, 4);
     let child = parent.fork(&ForkOptions::default()).unwrap();
     assert_eq!(parent.status(), vmfork::VmStatus::Running);
     let at_fork = child.ram().read_u64(MAILBOX + mailbox::PROGRESS).unwrap();

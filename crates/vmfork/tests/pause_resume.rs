@@ -5,24 +5,8 @@ mod common;
 use common::*;
 use guests::layout::{mailbox, MAILBOX};
 use guests::Workload;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use vmfork::{ExitReason, VmConfig, VmStatus};
-
-fn progress(vm: &vmfork::Vm) -> u64 {
-    vm.ram().read_u64(MAILBOX + mailbox::PROGRESS).unwrap()
-}
-
-fn wait_for_progress(vm: &vmfork::Vm, above: u64) -> u64 {
-    let deadline = Instant::now() + QUICK;
-    loop {
-        let p = progress(vm);
-        if p > above {
-            return p;
-        }
-        assert!(Instant::now() < deadline, "counter stuck at {p}");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
 
 #[test]
 fn counter_pauses_resumes_and_exposes_its_state() {
@@ -160,11 +144,7 @@ fn bad_configurations_are_refused_with_clear_errors() {
 fn virtual_memory_goes_through_the_guest_page_tables() {
     let (vm, _) = guest_vm(Workload::Counter, config(32), &counter_params(200_000));
     vm.start().unwrap();
-    let deadline = Instant::now() + QUICK;
-    while progress(&vm) == 0 {
-        assert!(Instant::now() < deadline, "counter never started");
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    wait_for_progress(&vm, 0);
     vm.pause().unwrap();
     // Running in long mode now; the guest runtime maps the low 4 GiB 1:1 with 2 MiB pages.
     let sregs = vm.registers(0).unwrap().sregs;

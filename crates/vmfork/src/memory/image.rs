@@ -125,6 +125,25 @@ impl FrozenImage {
         super::mapping::data_ranges(self.base.as_fd(), self.layout.total())
     }
 
+    /// Makes `dst` (a copy-on-write mapping of this image's base) show this image: faults in
+    /// the overlay pages writable in runs, then copies the image's page over each overlay page
+    /// and each page of `stale` (pages of `dst` that may differ from the base).
+    pub fn write_view_into(
+        &self,
+        dst: &HostMapping,
+        stale: impl IntoIterator<Item = u64>,
+    ) -> Result<()> {
+        for (start, pages) in super::page_runs(self.overlay_pages()) {
+            dst.populate_write(start as usize, (pages * PAGE_SIZE) as usize)?;
+        }
+        let pages: std::collections::BTreeSet<u64> =
+            stale.into_iter().chain(self.overlay_pages()).collect();
+        for offset in pages {
+            self.copy_page_to(dst, offset)?;
+        }
+        Ok(())
+    }
+
     /// Copies the image's page at file `offset` into `dst` at the same offset.
     pub fn copy_page_to(&self, dst: &HostMapping, offset: u64) -> Result<()> {
         let page = PAGE_SIZE as usize;

@@ -151,6 +151,11 @@ impl GuestRam {
         let total = usize::try_from(layout.total())
             .map_err(|_| Error::Config("RAM size does not fit the address space".into()))?;
         let mapping = Arc::new(HostMapping::map_file(backing.as_fd(), total, sharing)?);
+        Self::over(layout, backing, mapping)
+    }
+
+    /// RAM over `mapping` (of `backing`, laid out as `layout`).
+    fn over(layout: MemoryLayout, backing: Arc<File>, mapping: Arc<HostMapping>) -> Result<Self> {
         let memory = build_guest_memory(&layout, &mapping)?;
         Ok(Self {
             layout,
@@ -173,13 +178,7 @@ impl GuestRam {
         let backing = Arc::clone(image.base());
         let Some(range) = range else {
             let ram = Self::map(layout, backing, Sharing::CopyOnWrite)?;
-            for (start, pages) in page_runs(image.overlay_pages()) {
-                ram.mapping
-                    .populate_write(start as usize, (pages * PAGE_SIZE) as usize)?;
-            }
-            for offset in image.overlay_pages() {
-                image.copy_page_to(&ram.mapping, offset)?;
-            }
+            image.write_view_into(&ram.mapping, [])?;
             return Ok(ram);
         };
         if range.len() as u64 != layout.total() {
@@ -199,13 +198,7 @@ impl GuestRam {
             }
         };
         let mapping = resident.make_view_of(image)?;
-        let memory = build_guest_memory(&layout, &mapping)?;
-        Ok(Self {
-            layout,
-            backing,
-            memory,
-            mapping,
-        })
+        Self::over(layout, backing, mapping)
     }
 
     /// Hands `range` back when this RAM was placed in it: drops the RAM's pages and leaves an

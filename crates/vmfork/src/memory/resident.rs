@@ -7,9 +7,7 @@
 
 use super::image::FrozenImage;
 use super::mapping::{AddressRange, HostMapping, Sharing};
-use super::{page_runs, PAGE_SIZE};
 use crate::error::Result;
-use std::collections::BTreeSet;
 use std::fs::File;
 use std::os::fd::AsFd;
 use std::sync::{Arc, Weak};
@@ -65,19 +63,7 @@ impl ResidentRam {
     /// Turns this mapping into a view of `image` (whose base it maps): copies the image's page
     /// over every stale page and every overlay page. Cost O(those pages), not O(RAM).
     pub(super) fn make_view_of(self, image: &FrozenImage) -> Result<Arc<HostMapping>> {
-        for (start, pages) in page_runs(image.overlay_pages()) {
-            self.mapping
-                .populate_write(start as usize, (pages * PAGE_SIZE) as usize)?;
-        }
-        let pages: BTreeSet<u64> = self
-            .stale
-            .iter()
-            .copied()
-            .chain(image.overlay_pages())
-            .collect();
-        for offset in pages {
-            image.copy_page_to(&self.mapping, offset)?;
-        }
+        image.write_view_into(&self.mapping, self.stale.iter().copied())?;
         Ok(self.mapping)
     }
 

@@ -12,8 +12,8 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 
 const PAGE: usize = PAGE_SIZE as usize;
-/// Pages gathered before one write.
-const BATCH_PAGES: usize = 256;
+/// Pages gathered before one write (and per embedded MEMORY_PAGES record).
+pub const BATCH_PAGES: usize = 256;
 
 /// What was written.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -56,13 +56,24 @@ pub fn write_pages(
     pages: &[u64],
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<MemoryDigest> {
+    scan_pages(image, pages, progress, &mut |bytes, at| {
+        file.write_all_at(bytes, at)
+            .map_err(|e| Error::Io(std::io::Error::new(e.kind(), format!("memory file: {e}"))))
+    })
+}
+
+/// Reads `pages` (ascending file offsets) of `image` in runs, and hands every stretch of
+/// non-zero pages (at most [`BATCH_PAGES`] long) to `emit(bytes, file_offset)`; returns the
+/// digest of those pages. What the memory file, the embedded stream and their checks share.
+pub fn scan_pages(
+    image: &FrozenImage,
+    pages: &[u64],
+    progress: &mut dyn FnMut(u64, u64),
+    emit: &mut dyn FnMut(&[u8], u64) -> Result<()>,
+) -> Result<MemoryDigest> {
     let mut digest = MemoryDigest::default();
     let mut hasher = crc32fast::Hasher::new();
     let mut batch = vec![0u8; BATCH_PAGES * PAGE];
-    let write = |bytes: &[u8], at: u64| -> Result<()> {
-        file.write_all_at(bytes, at)
-            .map_err(|e| Error::Io(std::io::Error::new(e.kind(), format!("memory file: {e}"))))
-    };
     let total = pages.len() as u64;
     let mut done = 0usize;
     while done < pages.len() {
@@ -77,14 +88,14 @@ pub fn write_pages(
         }
         let bytes = &mut batch[..n * PAGE];
         image.read_range(start, bytes)?;
-        // Write the non-zero stretches; zero pages stay holes.
+        // Emit the non-zero stretches; zero pages stay holes.
         let mut stretch: Option<usize> = None;
         for i in 0..=n {
             let zero = i == n || is_zero(&bytes[i * PAGE..(i + 1) * PAGE]);
             match (zero, stretch) {
                 (false, None) => stretch = Some(i),
                 (true, Some(from)) => {
-                    write(&bytes[from * PAGE..i * PAGE], start + (from * PAGE) as u64)?;
+                    emit(&bytes[from * PAGE..i * PAGE], start + (from * PAGE) as u64)?;
                     stretch = None;
                 }
                 _ => {}

@@ -37,8 +37,6 @@ pub const STATE_FILE: &str = "state.vmfs";
 pub const MEMORY_FILE: &str = "memory.bin";
 /// Longest chain of diff snapshots a restore follows.
 pub const MAX_CHAIN: usize = 64;
-/// Pages per MEMORY_PAGES record when memory is embedded.
-const EMBEDDED_RUN_PAGES: u64 = 256;
 
 fn producer() -> String {
     format!("vmfork {}", env!("CARGO_PKG_VERSION"))
@@ -401,21 +399,18 @@ fn write_state<W: Write>(
 /// A snapshot with its memory embedded as MEMORY_PAGES records.
 fn write_embedded(vm: &Vm, frozen: &Frozen, out: impl Write) -> Result<MemoryDigest> {
     let here = Path::new("-");
-    // Embedded pages are written zero-skipped like a memory file; the digest is computed on
-    // the way (a first pass over the pages, cheap next to the write).
-    let mut digest = MemoryDigest::default();
-    let mut hasher = crc32fast::Hasher::new();
-    let mut nonzero = Vec::new();
-    let mut page = vec![0u8; PAGE_SIZE as usize];
-    for &offset in &frozen.pages {
-        frozen.image.read_range(offset, &mut page)?;
-        if page.iter().any(|&b| b != 0) {
-            hasher.update(&page);
-            digest.data_pages += 1;
-            nonzero.push(offset);
-        }
-    }
-    digest.crc32 = hasher.finalize();
+    // A first pass finds the non-zero stretches and the digest (the MEMORY_FILE record needs
+    // it); the second reads each stretch again into its MEMORY_PAGES record.
+    let mut stretches = Vec::new();
+    let digest = memory_file::scan_pages(
+        &frozen.image,
+        &frozen.pages,
+        &mut |_, _| {},
+        &mut |b, at| {
+            stretches.push((at, b.len() as u64 / PAGE_SIZE));
+            Ok(())
+        },
+    )?;
     let record = MemoryFileRecord {
         name: String::new(),
         size: vm.ram().size(),
@@ -431,21 +426,14 @@ fn write_embedded(vm: &Vm, frozen: &Frozen, out: impl Write) -> Result<MemoryDig
         BufWriter::new(out),
         vmfork_format::HEADER_MEMORY_EMBEDDED,
         |writer| {
-            for (first, count) in page_runs(nonzero.iter().copied()) {
-                let mut at = first;
-                let end = first + count * PAGE_SIZE;
-                while at < end {
-                    let n = ((end - at) / PAGE_SIZE).min(EMBEDDED_RUN_PAGES);
-                    let mut body = Vec::with_capacity(16 + (n * PAGE_SIZE) as usize);
-                    body.extend_from_slice(&at.to_le_bytes());
-                    body.extend_from_slice(&n.to_le_bytes());
-                    body.resize(16 + (n * PAGE_SIZE) as usize, 0);
-                    image.read_range(at, &mut body[16..])?;
-                    writer
-                        .record(RecordType::MemoryPages as u32, 0, 0, &body)
-                        .map_err(|e| problem(here, e))?;
-                    at += n * PAGE_SIZE;
-                }
+            for &(at, n) in &stretches {
+                let mut body = vec![0u8; 16 + (n * PAGE_SIZE) as usize];
+                body[..8].copy_from_slice(&at.to_le_bytes());
+                body[8..16].copy_from_slice(&n.to_le_bytes());
+                image.read_range(at, &mut body[16..])?;
+                writer
+                    .record(RecordType::MemoryPages as u32, 0, 0, &body)
+                    .map_err(|e| problem(here, e))?;
             }
             Ok(())
         },
@@ -701,18 +689,7 @@ impl Snapshot {
 
     fn memory_digest_of_image(&self) -> Result<MemoryDigest> {
         let pages = memory_file::full_pages(&self.image)?;
-        let mut digest = MemoryDigest::default();
-        let mut hasher = crc32fast::Hasher::new();
-        let mut page = vec![0u8; PAGE_SIZE as usize];
-        for offset in pages {
-            self.image.read_range(offset, &mut page)?;
-            if page.iter().any(|&b| b != 0) {
-                hasher.update(&page);
-                digest.data_pages += 1;
-            }
-        }
-        digest.crc32 = hasher.finalize();
-        Ok(digest)
+        memory_file::scan_pages(&self.image, &pages, &mut |_, _| {}, &mut |_, _| Ok(()))
     }
 
     /// A new VM (not started) in the snapshot's state, its serial port printing to `sink`.

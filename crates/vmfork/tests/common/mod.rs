@@ -56,3 +56,21 @@ pub fn ram_hash(vm: &Vm) -> u64 {
     }
     std::hash::Hasher::finish(&h)
 }
+
+/// The counter guest's current number.
+pub fn progress(vm: &Vm) -> u64 {
+    vm.ram().read_u64(MAILBOX + mailbox::PROGRESS).unwrap()
+}
+
+/// Waits (at most [`QUICK`]) until the counter is past `above`; returns its number.
+pub fn wait_for_progress(vm: &Vm, above: u64) -> u64 {
+    let deadline = std::time::Instant::now() + QUICK;
+    loop {
+        let p = progress(vm);
+        if p > above {
+            return p;
+        }
+        assert!(std::time::Instant::now() < deadline, "counter stuck at {p}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
