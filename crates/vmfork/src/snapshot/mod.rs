@@ -104,6 +104,26 @@ struct Frozen {
     id: [u8; 16],
 }
 
+impl Frozen {
+    fn report(
+        &self,
+        path: &Path,
+        pause: std::time::Duration,
+        started: Instant,
+        digest: MemoryDigest,
+    ) -> SnapshotReport {
+        SnapshotReport {
+            id: hex_id(&self.id),
+            path: path.to_path_buf(),
+            diff: self.base.is_some(),
+            pause_us: pause.as_micros() as u64,
+            total_us: started.elapsed().as_micros() as u64,
+            pages: self.pages.len() as u64,
+            data_pages: digest.data_pages,
+        }
+    }
+}
+
 impl Vm {
     /// Snapshots this VM into directory `dir` (which must not exist, or be empty). A running VM
     /// is paused only while its state is saved and its memory image frozen.
@@ -124,16 +144,7 @@ impl Vm {
         let pause = started.elapsed();
         let written = target.write(self, &frozen, progress);
         self.settle_snapshot_mark(&frozen, written.as_ref().ok().map(|d| d.crc32));
-        let digest = written?;
-        Ok(SnapshotReport {
-            id: hex_id(&frozen.id),
-            path: target.path.clone(),
-            diff: opts.diff,
-            pause_us: pause.as_micros() as u64,
-            total_us: started.elapsed().as_micros() as u64,
-            pages: frozen.pages.len() as u64,
-            data_pages: digest.data_pages,
-        })
+        Ok(frozen.report(&target.path, pause, started, written?))
     }
 
     /// Writes a snapshot with its memory embedded to `out` (a pipe, a socket, a file).
@@ -144,16 +155,7 @@ impl Vm {
         let written = write_embedded(self, &frozen, out);
         // A stream has no directory a later diff could name as its base.
         self.settle_snapshot_mark(&frozen, None);
-        let digest = written?;
-        Ok(SnapshotReport {
-            id: hex_id(&frozen.id),
-            path: PathBuf::from("-"),
-            diff: false,
-            pause_us: pause.as_micros() as u64,
-            total_us: started.elapsed().as_micros() as u64,
-            pages: frozen.pages.len() as u64,
-            data_pages: digest.data_pages,
-        })
+        Ok(frozen.report(Path::new("-"), pause, started, written?))
     }
 
     /// Pauses (if running), saves the state, freezes the memory image, starts tracking pages
@@ -183,10 +185,16 @@ impl Vm {
         let state = self.save_state()?;
         let image = self.freeze_memory()?;
         let id = new_id()?;
+        // Everything that can fail comes before the diff base is handed over below.
+        let full = if opts.diff {
+            None
+        } else {
+            Some(memory_file::full_pages(&image)?)
+        };
         let mut tracking = self.tracking();
         let previous = tracking.since_snapshot.take();
         let (pages, base) = match (&previous, opts.diff) {
-            (_, false) => (None, None),
+            (_, false) => (full, None),
             (Some(prev), true) => (
                 Some(prev.dirty.offsets().collect::<Vec<_>>()),
                 Some(BaseRecord {
@@ -211,10 +219,7 @@ impl Vm {
             dirty: DirtyPages::new(self.ram().size()),
         });
         drop(tracking);
-        let pages = match pages {
-            Some(p) => p,
-            None => memory_file::full_pages(&image)?,
-        };
+        let pages = pages.unwrap_or_default();
         Ok(Frozen {
             state,
             image,
