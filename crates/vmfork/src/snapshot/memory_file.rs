@@ -8,7 +8,7 @@
 use crate::error::{Error, Result};
 use crate::memory::{data_ranges, FrozenImage, PAGE_SIZE};
 use std::fs::File;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::FileExt;
 
 const PAGE: usize = PAGE_SIZE as usize;
@@ -56,10 +56,66 @@ pub fn write_pages(
     pages: &[u64],
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<MemoryDigest> {
+    let mut behind = WriteBehind::new(file);
     scan_pages(image, pages, progress, &mut |bytes, at| {
-        file.write_all_at(bytes, at)
-            .map_err(|e| Error::Io(std::io::Error::new(e.kind(), format!("memory file: {e}"))))
+        file.write_all_at(bytes, at).map_err(memory_file_error)?;
+        behind.written_up_to(at + bytes.len() as u64)
     })
+}
+
+fn memory_file_error(e: std::io::Error) -> Error {
+    Error::Io(std::io::Error::new(e.kind(), format!("memory file: {e}")))
+}
+
+/// Starts the disk writing each chunk as soon as it is in the page cache and waits for the one
+/// before it, instead of leaving all of it to the final fsync: the disk works while pages are
+/// still being read and checksummed, and dirty page cache stays at two chunks whatever the RAM
+/// size.
+struct WriteBehind<'a> {
+    file: &'a File,
+    /// Start of the chunk being written (not yet handed to the disk).
+    chunk_start: u64,
+    /// The chunk before it, already handed to the disk.
+    previous: Option<(u64, u64)>,
+}
+
+impl<'a> WriteBehind<'a> {
+    const CHUNK: u64 = 32 << 20;
+
+    fn new(file: &'a File) -> Self {
+        Self {
+            file,
+            chunk_start: 0,
+            previous: None,
+        }
+    }
+
+    /// Everything below `end` has been written.
+    fn written_up_to(&mut self, end: u64) -> Result<()> {
+        if end < self.chunk_start + Self::CHUNK {
+            return Ok(());
+        }
+        let chunk = (self.chunk_start, end - self.chunk_start);
+        sync_file_range(self.file, chunk, libc::SYNC_FILE_RANGE_WRITE)?;
+        if let Some(previous) = self.previous.replace(chunk) {
+            let wait = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                | libc::SYNC_FILE_RANGE_WRITE
+                | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+            sync_file_range(self.file, previous, wait)?;
+        }
+        self.chunk_start = end;
+        Ok(())
+    }
+}
+
+fn sync_file_range(file: &File, (offset, len): (u64, u64), flags: libc::c_uint) -> Result<()> {
+    let (offset, len) = (offset as libc::off64_t, len as libc::off64_t);
+    // SAFETY: only an fd we own and plain integers cross; the kernel touches no user memory.
+    let rc = unsafe { libc::sync_file_range(file.as_raw_fd(), offset, len, flags) };
+    if rc != 0 {
+        return Err(memory_file_error(std::io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 /// Reads `pages` (ascending file offsets) of `image` in runs, and hands every stretch of
@@ -124,9 +180,8 @@ pub fn digest_of(file: &File, size: u64) -> Result<MemoryDigest> {
         while at < end {
             let n = ((end - at) as usize).min(buf.len()).next_multiple_of(PAGE);
             let n = n.min((size - at) as usize);
-            file.read_exact_at(&mut buf[..n], at).map_err(|e| {
-                Error::Io(std::io::Error::new(e.kind(), format!("memory file: {e}")))
-            })?;
+            file.read_exact_at(&mut buf[..n], at)
+                .map_err(memory_file_error)?;
             for page in buf[..n].chunks(PAGE) {
                 if !is_zero(page) {
                     hasher.update(page);
