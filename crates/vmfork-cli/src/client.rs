@@ -13,6 +13,19 @@ pub const DEFAULT_SOCKET: &str = "/run/vmfork.sock";
 /// Sends one request and returns the JSON reply (`Null` for 204); an HTTP error status becomes
 /// the server's error message.
 pub fn request(socket: &Path, method: &str, path: &str, body: Option<&Value>) -> CliResult<Value> {
+    // Forking hundreds of children or reading a big range can take a while; hangs cannot.
+    request_waiting(socket, method, path, body, Some(Duration::from_secs(120)))
+}
+
+/// [`request`] waiting at most `timeout` for the reply (`None`: as long as it takes, for work
+/// that grows with RAM size such as writing a snapshot).
+pub fn request_waiting(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+    timeout: Option<Duration>,
+) -> CliResult<Value> {
     let mut stream = UnixStream::connect(socket).map_err(|e| {
         format!(
             "cannot reach a vmfork process at {}: {e} (start one with `vmfork serve` or \
@@ -20,8 +33,7 @@ pub fn request(socket: &Path, method: &str, path: &str, body: Option<&Value>) ->
             socket.display()
         )
     })?;
-    // Forking hundreds of children or reading a big range can take a while; hangs cannot.
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(120)));
+    let _ = stream.set_read_timeout(timeout);
     let body = body.map(|b| b.to_string()).unwrap_or_default();
     let head = format!(
         "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",

@@ -1,13 +1,16 @@
 //! `vmfork snapshot` (take one through the control API; `info`, `verify`, `merge` locally) and
 //! `vmfork restore` (run restored VMs in this process, like `vmfork run`).
 
-use crate::client::request;
+use crate::client::{request, request_waiting};
 use crate::control::SocketArg;
 use crate::{interrupt, CliResult};
 use clap::{Args, Subcommand};
 use serde_json::json;
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vmfork::api::{ApiServer, Registry};
 use vmfork::devices::SerialSink;
@@ -87,12 +90,7 @@ pub fn snapshot(args: SnapshotArgs) -> CliResult<u8> {
             }
             let dir = absolute(&dir)?;
             let body = json!({ "path": dir, "diff": args.diff });
-            let reply = request(
-                &args.sock.path,
-                "POST",
-                &format!("/vms/{vm}/snapshot"),
-                Some(&body),
-            )?;
+            let reply = post_snapshot(&args.sock, vm, &body)?;
             println!(
                 "snapshot {} of VM {vm} in {} ({}{} pages written, paused {:.2} ms, took {:.1} ms)",
                 reply["id"].as_str().unwrap_or("?"),
@@ -105,6 +103,79 @@ pub fn snapshot(args: SnapshotArgs) -> CliResult<u8> {
             Ok(0)
         }
     }
+}
+
+/// Asks the server for a snapshot and waits as long as writing it takes, with a progress bar
+/// when standard error is a terminal.
+fn post_snapshot(
+    sock: &SocketArg,
+    vm: u64,
+    body: &serde_json::Value,
+) -> CliResult<serde_json::Value> {
+    let _bar = std::io::stderr()
+        .is_terminal()
+        .then(|| ProgressBar::start(sock.path.clone(), vm));
+    let path = format!("/vms/{vm}/snapshot");
+    request_waiting(&sock.path, "POST", &path, Some(body), None)
+}
+
+/// A progress bar on standard error while the server writes a snapshot, fed by polling
+/// `GET /vms/ID/snapshot`; cleared when dropped.
+struct ProgressBar {
+    done: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ProgressBar {
+    fn start(socket: PathBuf, vm: u64) -> Self {
+        let done = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let done = Arc::clone(&done);
+            std::thread::spawn(move || {
+                while !done.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(100));
+                    let Ok(reply) = request(&socket, "GET", &format!("/vms/{vm}/snapshot"), None)
+                    else {
+                        break;
+                    };
+                    let progress = &reply["progress"];
+                    let written = progress["pages_done"].as_u64().unwrap_or(0);
+                    let total = progress["pages_total"].as_u64().unwrap_or(0);
+                    if total > 0 {
+                        eprint!("\r{}", progress_line(written, total));
+                    }
+                }
+                eprint!("\r\x1b[K");
+            })
+        };
+        Self {
+            done,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for ProgressBar {
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// `writing snapshot [##########----------]  50%  512/1024 MiB` (256 pages of 4 KiB a MiB)
+fn progress_line(done: u64, total: u64) -> String {
+    const WIDTH: u64 = 30;
+    let filled = (done * WIDTH).checked_div(total).unwrap_or(0).min(WIDTH) as usize;
+    let percent = (done * 100).checked_div(total).unwrap_or(0);
+    format!(
+        "writing snapshot [{}{}] {percent:>3}%  {}/{} MiB",
+        "#".repeat(filled),
+        "-".repeat(WIDTH as usize - filled),
+        done / 256,
+        total / 256,
+    )
 }
 
 /// `vmfork snapshot VM -`: the server writes the stream into a FIFO this process copies to
@@ -131,12 +202,7 @@ fn snapshot_to_stdout(sock: &SocketArg, vm: u64, diff: bool) -> CliResult<u8> {
         })
     };
     let body = json!({ "path": fifo, "stream": true });
-    let reply = request(
-        &sock.path,
-        "POST",
-        &format!("/vms/{vm}/snapshot"),
-        Some(&body),
-    );
+    let reply = post_snapshot(sock, vm, &body);
     let _ = std::fs::remove_dir_all(&dir);
     let reply = reply?;
     let copied = reader

@@ -27,5 +27,5 @@ mod x86;
 
 pub use error::{Error, Result};
 pub use fork::{ForkOptions, ResetScope, ResetStats};
-pub use snapshot::{Snapshot, SnapshotOptions, SnapshotReport};
+pub use snapshot::{Snapshot, SnapshotOptions, SnapshotProgress, SnapshotReport};
 pub use vm::{ExitReason, Vm, VmConfig, VmStatus};

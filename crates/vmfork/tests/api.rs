@@ -161,6 +161,13 @@ fn fork_inspect_write_reset_and_destroy_over_the_socket() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 
+    // No snapshot is being written: the progress endpoint says so.
+    let (status, progress) = call(&sock, "GET", &format!("/vms/{child}/snapshot"), "");
+    assert_eq!(
+        (status, progress["writing"].clone()),
+        (200, Value::Bool(false))
+    );
+
     let (status, _) = call(&sock, "DELETE", &format!("/vms/{root}"), "");
     assert_eq!(status, 204);
     let (status, _) = call(&sock, "POST", &format!("/vms/{root}/fork"), "");

@@ -33,8 +33,9 @@ fn counter_pauses_resumes_and_exposes_its_state() {
 
     vm.resume().unwrap();
     assert_eq!(vm.status(), VmStatus::Running);
-    let after = wait_for_progress(&vm, 1_000_000);
-    assert!(after > 1_000_000);
+    // The guest stores N before printing `counter N`: N+1 stored means line N is complete.
+    let after = wait_for_progress(&vm, 1_000_001);
+    assert!(after > 1_000_001);
     vm.stop();
     assert_eq!(vm.wait(), ExitReason::Stopped);
     assert!(

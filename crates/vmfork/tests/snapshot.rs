@@ -539,5 +539,81 @@ fn a_snapshot_killed_at_any_point_is_complete_or_absent() {
     // Killed at once it cannot have finished (64 MiB written and synced); given time it did.
     assert_eq!(outcomes.first(), Some(&"absent"), "{outcomes:?}");
     assert_eq!(outcomes.last(), Some(&"complete"), "{outcomes:?}");
+    // The next snapshot under a name clears what dead writers left for it.
+    let vm = memtouch_vm();
+    for (i, _) in outcomes.iter().enumerate().filter(|(_, o)| **o == "absent") {
+        vm.snapshot(&base.join(format!("s{i}")), &full()).unwrap();
+    }
+    let left: Vec<_> = std::fs::read_dir(&base)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".partial-"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
     std::fs::remove_dir_all(base).unwrap();
+}
+
+#[test]
+fn progress_is_reported_while_writing_and_a_second_snapshot_waits_its_turn() {
+    let dir = temp_dir("progress");
+    let vm = memtouch_vm();
+    run_memtouch(&vm, 5);
+    assert_eq!(vm.snapshot_progress(), None);
+    let mut seen = Vec::new();
+    let report = vm
+        .snapshot_with_progress(&dir.join("snap"), &full(), &mut |done, total| {
+            let progress = vm.snapshot_progress().expect("progress while writing");
+            assert_eq!((progress.pages_done, progress.pages_total), (done, total));
+            assert!(progress.path.ends_with("snap"));
+            let second = vm.snapshot(&dir.join("second"), &full()).unwrap_err();
+            assert!(
+                second.to_string().contains("already writing a snapshot"),
+                "{second}"
+            );
+            seen.push(done);
+        })
+        .unwrap();
+    assert_eq!(vm.snapshot_progress(), None, "cleared when done");
+    assert!(
+        !seen.is_empty() && seen.windows(2).all(|w| w[0] < w[1]),
+        "{seen:?}"
+    );
+    assert_eq!(seen.last().copied(), Some(report.pages));
+    assert!(!dir.join("second").exists());
+    // The refused one left nothing behind, and the VM takes snapshots again.
+    vm.snapshot(&dir.join("third"), &full()).unwrap();
+    Snapshot::open(&dir.join("third"))
+        .unwrap()
+        .verify()
+        .unwrap();
+}
+
+#[test]
+fn a_restored_vm_resets_to_the_snapshot() {
+    let dir = temp_dir("reset");
+    // Taken at memtouch's entry point, so every round below runs it from the start.
+    let vm = memtouch_vm();
+    let hash = ram_hash(&vm);
+    let regs = vm.registers(0).unwrap();
+    vm.snapshot(&dir.join("s"), &full()).unwrap();
+    let snap = Snapshot::open(&dir.join("s")).unwrap();
+    let restored = snap.restore(SerialSink::Discard).unwrap();
+    assert!(restored.is_fork());
+    assert_eq!(restored.parent_id(), None);
+    assert_eq!(restored.restored_from(), Some(snap.id().as_str()));
+    for round in 0..3 {
+        // The guest fills its pages, and the VMM writes a page of its own; reset undoes both.
+        run_memtouch(&restored, 100 + round);
+        restored
+            .ram()
+            .write_u64(MEMTOUCH_BASE + (PAGES + 5) * 4096, 9)
+            .unwrap();
+        assert_ne!(ram_hash(&restored), hash);
+        let stats = restored.reset().unwrap();
+        assert!(stats.pages_restored as u64 > PAGES, "{stats:?}");
+        assert_eq!(ram_hash(&restored), hash, "round {round}");
+        assert_eq!(restored.registers(0).unwrap(), regs, "round {round}");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
 }

@@ -118,6 +118,13 @@ fn vm_route(
         ([], _) => Err(not_allowed(method, "GET, DELETE")),
         (["fork"], "POST") => fork(registry, vm, req),
         (["snapshot"], "POST") => snapshot(vm, req),
+        (["snapshot"], "GET") => Ok(Response::json(
+            200,
+            match vm.snapshot_progress() {
+                Some(progress) => json!({ "writing": true, "progress": progress }),
+                None => json!({ "writing": false }),
+            },
+        )),
         (["reset"], "POST") => reset(vm, req),
         (["pause"], "POST") => {
             lib(vm.pause())?;
@@ -156,9 +163,10 @@ fn vm_route(
             let text = vm.serial().map(|b| b.text()).unwrap_or_default();
             Ok(Response::json(200, json!({ "output": text })))
         }
-        ([op], _) if ["fork", "reset", "pause", "resume", "devices", "snapshot"].contains(op) => {
+        ([op], _) if ["fork", "reset", "pause", "resume", "devices"].contains(op) => {
             Err(not_allowed(method, "POST"))
         }
+        (["snapshot"], _) => Err(not_allowed(method, "GET, POST")),
         (["regs"], _) => Err(not_allowed(method, "GET, PATCH")),
         (["memory"], _) => Err(not_allowed(method, "GET, PUT")),
         (["console"], _) => Err(not_allowed(method, "GET")),
@@ -185,6 +193,7 @@ pub fn describe(vm: &Vm) -> Value {
         "parent": vm.parent_id(),
         "status": vm.status().name(),
         "is_fork": vm.is_fork(),
+        "restored_from": vm.restored_from(),
         "vcpus": vm.vcpu_count(),
         "mem_bytes": vm.config().mem_bytes,
         "private_memory_bytes": private,

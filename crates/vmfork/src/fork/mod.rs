@@ -12,7 +12,8 @@ use crate::error::{Error, KvmContext, Result};
 use crate::memory::{FrozenImage, GuestRam, PAGE_SIZE};
 use crate::state::VmState;
 use crate::vm::{
-    pool::take_shell, register_memslots, ForkOrigin, MemoryTracking, Vm, VmParts, VmStatus,
+    pool::take_shell, register_memslots, ForkOrigin, ForkSource, MemoryTracking, Vm, VmParts,
+    VmStatus,
 };
 use std::sync::{Arc, MutexGuard};
 
@@ -98,7 +99,7 @@ impl Vm {
                 let origin = ForkOrigin {
                     state: state.clone(),
                     image: Arc::clone(&image),
-                    parent: self.id(),
+                    source: ForkSource::Vm(self.id()),
                 };
                 Vm::from_image(self.config(), &state, &image, sink, opts, Some(origin))
             })
@@ -212,18 +213,29 @@ impl Vm {
         Ok(())
     }
 
-    /// Whether this VM is a fork (and so can be reset).
+    /// Whether this VM is a fork or was restored from a snapshot (and so can be reset).
     pub fn is_fork(&self) -> bool {
         self.shared().origin.is_some()
     }
 
     /// The id of the VM this one was forked from.
     pub fn parent_id(&self) -> Option<u64> {
-        self.shared().origin.as_ref().map(|o| o.parent)
+        match self.shared().origin.as_ref()?.source {
+            ForkSource::Vm(id) => Some(id),
+            ForkSource::Snapshot(_) => None,
+        }
     }
 
-    /// Puts a fork back to the instant it was forked, touching only what it dirtied. The fork
-    /// must not be running.
+    /// The id of the snapshot this VM was restored from.
+    pub fn restored_from(&self) -> Option<&str> {
+        match &self.shared().origin.as_ref()?.source {
+            ForkSource::Snapshot(id) => Some(id),
+            ForkSource::Vm(_) => None,
+        }
+    }
+
+    /// Puts a fork back to the instant it was forked (a restored VM: to its snapshot),
+    /// touching only what it dirtied. The VM must not be running.
     pub fn reset(&self) -> Result<ResetStats> {
         self.reset_with(ResetScope::All)
     }

@@ -21,7 +21,7 @@ use crate::devices::SerialSink;
 use crate::error::{Error, Result};
 use crate::fork::ForkOptions;
 use crate::memory::{create_memfd, page_runs, DirtyPages, FrozenImage, HostMapping, PAGE_SIZE};
-use crate::vm::{Vm, VmStatus};
+use crate::vm::{ForkOrigin, ForkSource, Vm, VmStatus};
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::os::fd::AsFd;
@@ -64,6 +64,58 @@ pub struct SnapshotOptions {
     /// Write only the pages dirtied since this VM's previous snapshot (or the snapshot it was
     /// restored from), chained to it.
     pub diff: bool,
+}
+
+/// How far the snapshot a VM is writing has got ([`Vm::snapshot_progress`]).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct SnapshotProgress {
+    /// The directory being written, or `-` for a stream.
+    pub path: PathBuf,
+    pub pages_done: u64,
+    pub pages_total: u64,
+}
+
+/// Marks a VM as writing a snapshot until dropped; refuses a second one at the same time
+/// (both would hand the same diff base over).
+struct ProgressSlot<'a> {
+    slot: &'a std::sync::Mutex<Option<SnapshotProgress>>,
+}
+
+impl<'a> ProgressSlot<'a> {
+    fn claim(vm: &'a Vm, path: &Path) -> Result<Self> {
+        let slot = &vm.shared().snapshot_progress;
+        let mut current = slot.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(busy) = current.as_ref() {
+            return Err(problem(
+                path,
+                format!(
+                    "VM {} is already writing a snapshot to {} (one at a time)",
+                    vm.id(),
+                    busy.path.display()
+                ),
+            ));
+        }
+        *current = Some(SnapshotProgress {
+            path: path.to_path_buf(),
+            pages_done: 0,
+            pages_total: 0,
+        });
+        Ok(Self { slot })
+    }
+
+    fn update(&self, pages_done: u64, pages_total: u64) {
+        let mut current = self.slot.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(progress) = current.as_mut() {
+            progress.pages_done = pages_done;
+            progress.pages_total = pages_total;
+        }
+    }
+}
+
+impl Drop for ProgressSlot<'_> {
+    fn drop(&mut self) {
+        *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
 }
 
 /// What a snapshot took.
@@ -140,9 +192,13 @@ impl Vm {
     ) -> Result<SnapshotReport> {
         let started = Instant::now();
         let target = Target::prepare(dir)?;
+        let slot = ProgressSlot::claim(self, &target.path)?;
         let frozen = self.freeze_for_snapshot(&target.path, opts)?;
         let pause = started.elapsed();
-        let written = target.write(self, &frozen, progress);
+        let written = target.write(self, &frozen, &mut |done, total| {
+            slot.update(done, total);
+            progress(done, total);
+        });
         self.settle_snapshot_mark(&frozen, written.as_ref().ok().map(|d| d.crc32));
         Ok(frozen.report(&target.path, pause, started, written?))
     }
@@ -150,12 +206,24 @@ impl Vm {
     /// Writes a snapshot with its memory embedded to `out` (a pipe, a socket, a file).
     pub fn snapshot_to_stream(&self, out: impl Write) -> Result<SnapshotReport> {
         let started = Instant::now();
+        let slot = ProgressSlot::claim(self, Path::new("-"))?;
         let frozen = self.freeze_for_snapshot(Path::new("-"), &SnapshotOptions::default())?;
         let pause = started.elapsed();
-        let written = write_embedded(self, &frozen, out);
+        let written = write_embedded(self, &frozen, out, &mut |done, total| {
+            slot.update(done, total)
+        });
         // A stream has no directory a later diff could name as its base.
         self.settle_snapshot_mark(&frozen, None);
         Ok(frozen.report(Path::new("-"), pause, started, written?))
+    }
+
+    /// How far the snapshot this VM is writing has got; `None` when it is writing none.
+    pub fn snapshot_progress(&self) -> Option<SnapshotProgress> {
+        self.shared()
+            .snapshot_progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Pauses (if running), saves the state, freezes the memory image, starts tracking pages
@@ -255,6 +323,27 @@ impl Vm {
     }
 }
 
+/// Removes `PREFIX<pid>` directories in `parent` left by snapshot writers that died (killed
+/// mid-write); one whose process still lives may be a snapshot being written and stays.
+fn remove_abandoned_partials(parent: &Path, prefix: &str) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(prefix))
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 /// Where a snapshot directory is written: a temporary sibling, renamed into place when done.
 struct Target {
     path: PathBuf,
@@ -286,11 +375,9 @@ impl Target {
                 ));
             }
         }
-        let temp = parent.join(format!(
-            ".{}.partial-{}",
-            name.to_string_lossy(),
-            std::process::id()
-        ));
+        let prefix = format!(".{}.partial-", name.to_string_lossy());
+        remove_abandoned_partials(&parent, &prefix);
+        let temp = parent.join(format!("{prefix}{}", std::process::id()));
         Ok(Self { path, temp })
     }
 
@@ -402,7 +489,12 @@ fn write_state<W: Write>(
 }
 
 /// A snapshot with its memory embedded as MEMORY_PAGES records.
-fn write_embedded(vm: &Vm, frozen: &Frozen, out: impl Write) -> Result<MemoryDigest> {
+fn write_embedded(
+    vm: &Vm,
+    frozen: &Frozen,
+    out: impl Write,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<MemoryDigest> {
     let here = Path::new("-");
     // A first pass finds the non-zero stretches and the digest (the MEMORY_FILE record needs
     // it); the second reads each stretch again into its MEMORY_PAGES record.
@@ -431,6 +523,7 @@ fn write_embedded(vm: &Vm, frozen: &Frozen, out: impl Write) -> Result<MemoryDig
         BufWriter::new(out),
         vmfork_format::HEADER_MEMORY_EMBEDDED,
         |writer| {
+            let total = frozen.pages.len() as u64;
             for &(at, n) in &stretches {
                 let mut body = vec![0u8; 16 + (n * PAGE_SIZE) as usize];
                 body[..8].copy_from_slice(&at.to_le_bytes());
@@ -439,7 +532,11 @@ fn write_embedded(vm: &Vm, frozen: &Frozen, out: impl Write) -> Result<MemoryDig
                 writer
                     .record(RecordType::MemoryPages as u32, 0, 0, &body)
                     .map_err(|e| problem(here, e))?;
+                // Zero pages are skipped, so count by position in the page list.
+                let done = frozen.pages.partition_point(|&p| p < at + n * PAGE_SIZE) as u64;
+                progress(done, total);
             }
+            progress(total, total);
             Ok(())
         },
     )?
@@ -699,13 +796,19 @@ impl Snapshot {
 
     /// A new VM (not started) in the snapshot's state, its serial port printing to `sink`.
     pub fn restore(&self, sink: SerialSink) -> Result<Vm> {
+        // A fork of the snapshot's image: `reset` takes it back to the snapshot.
+        let origin = ForkOrigin {
+            state: self.loaded.state.clone(),
+            image: Arc::clone(&self.image),
+            source: ForkSource::Snapshot(self.id()),
+        };
         let vm = Vm::from_image(
             &self.loaded.config,
             &self.loaded.state,
             &self.image,
             sink,
             &ForkOptions::default(),
-            None,
+            Some(origin),
         )?;
         // A diff snapshot of the restored VM is based on this snapshot (if it has a directory).
         if self.path.is_dir() {

@@ -106,6 +106,8 @@ pub(crate) struct VmShared {
     pub(crate) control: RunControl,
     pub(crate) kicks: kick::KickRegistry,
     pub(crate) tracking: Mutex<MemoryTracking>,
+    /// The snapshot being written, if one is: one at a time per VM.
+    pub(crate) snapshot_progress: Mutex<Option<crate::snapshot::SnapshotProgress>>,
     pub(crate) origin: Option<ForkOrigin>,
     pub(crate) ram: GuestRam,
     pub(crate) config: VmConfig,
@@ -128,11 +130,19 @@ pub(crate) struct MemoryTracking {
     pub(crate) since_snapshot: Option<crate::snapshot::SnapshotMark>,
 }
 
-/// Where a fork came from: what [`Vm::reset`](crate::vm::Vm::reset) returns it to.
+/// Where a fork (or a restored VM, a fork of a snapshot) came from: what
+/// [`Vm::reset`](crate::vm::Vm::reset) returns it to.
 pub(crate) struct ForkOrigin {
     pub(crate) state: VmState,
     pub(crate) image: Arc<FrozenImage>,
-    pub(crate) parent: u64,
+    pub(crate) source: ForkSource,
+}
+
+pub(crate) enum ForkSource {
+    /// Forked from the VM with this id.
+    Vm(u64),
+    /// Restored from the snapshot with this id.
+    Snapshot(String),
 }
 
 /// The parts of a VM that do not depend on its RAM: VM fd, irqchip, vCPUs with CPUID.
@@ -230,6 +240,7 @@ impl Vm {
                     dirty,
                     since_snapshot: None,
                 }),
+                snapshot_progress: Mutex::new(None),
                 origin: parts.origin,
                 ram: parts.ram,
                 config: parts.config,
