@@ -617,3 +617,41 @@ fn a_restored_vm_resets_to_the_snapshot() {
     }
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn the_snapshot_cache_reuses_an_open_snapshot_until_its_files_change() {
+    let dir = temp_dir("cache");
+    let path = dir.join("s");
+    let vm = memtouch_vm();
+    vm.snapshot(&path, &full()).unwrap();
+    let cache = vmfork::snapshot::SnapshotCache::new(2);
+    let first = cache.open(&path).unwrap();
+    let again = cache.open(&dir.join(".").join("s")).unwrap();
+    assert!(
+        std::sync::Arc::ptr_eq(&first, &again),
+        "same path, same files"
+    );
+    // Restores from the cached snapshot run independently.
+    let a = again.restore(SerialSink::Discard).unwrap();
+    run_memtouch(&a, 4);
+    let b = first.restore(SerialSink::Discard).unwrap();
+    assert_eq!(ram_hash(&b), ram_hash(&vm));
+
+    // Replaced under the same path: opened afresh.
+    std::fs::remove_dir_all(&path).unwrap();
+    run_memtouch(&vm, 9);
+    let report = vm.snapshot(&path, &full()).unwrap();
+    let replaced = cache.open(&path).unwrap();
+    assert_eq!(replaced.id(), report.id);
+    assert_ne!(replaced.id(), first.id());
+    // Gone: an error, not the stale entry.
+    std::fs::remove_dir_all(&path).unwrap();
+    assert!(cache.open(&path).is_err());
+    // At most `capacity` kept.
+    for name in ["x", "y", "z"] {
+        vm.snapshot(&dir.join(name), &full()).unwrap();
+        cache.open(&dir.join(name)).unwrap();
+    }
+    assert_eq!(cache.len(), 2);
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -13,6 +13,7 @@ pub mod server;
 pub use routes::{from_hex, parse_number, to_hex};
 pub use server::ApiServer;
 
+use crate::snapshot::SnapshotCache;
 use crate::vm::{Vm, VmStatus};
 use crate::Error;
 use http::Response;
@@ -27,7 +28,12 @@ pub type BootFn = dyn Fn(&serde_json::Value) -> Result<Vm, String> + Send + Sync
 pub struct Registry {
     vms: Mutex<BTreeMap<u64, Arc<Vm>>>,
     boot: Option<Box<BootFn>>,
+    /// Snapshots restored lately, kept open so restoring one again is a warm restore.
+    pub(crate) snapshots: SnapshotCache,
 }
+
+/// How many opened snapshots the API keeps for warm restores.
+const SNAPSHOTS_KEPT_OPEN: usize = 8;
 
 impl Registry {
     /// A registry; with `boot`, `POST /vms` can create new VM families.
@@ -35,6 +41,7 @@ impl Registry {
         Arc::new(Self {
             vms: Mutex::new(BTreeMap::new()),
             boot,
+            snapshots: SnapshotCache::new(SNAPSHOTS_KEPT_OPEN),
         })
     }
 

@@ -313,7 +313,7 @@ fn restore(registry: &Registry, req: &Request) -> Reply {
             r.count
         )));
     }
-    let snapshot = lib(Snapshot::open(std::path::Path::new(&r.path)))?;
+    let snapshot = lib(registry.snapshots.open(std::path::Path::new(&r.path)))?;
     let mut described = Vec::new();
     for _ in 0..r.count {
         let vm = registry.add(lib(snapshot.restore(SerialSink::buffer().0))?);

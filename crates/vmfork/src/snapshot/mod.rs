@@ -11,9 +11,11 @@
 //! Memory can instead be embedded in the stream (MEMORY_PAGES records): for pipes (`-`) and
 //! small self-contained files such as the golden snapshots the tests keep.
 
+mod cache;
 mod memory_file;
 mod records;
 
+pub use cache::SnapshotCache;
 pub use memory_file::MemoryDigest;
 pub use records::{BaseRecord, LoadedState, MemoryFileRecord, SnapshotIdRecord, StateRecord};
 
