@@ -60,9 +60,13 @@ fn dd_mb_per_s(dir: &Path, mib: u64) -> CliResult<f64> {
     Ok((mib << 20) as f64 / secs / 1e6)
 }
 
-/// Snapshots a running `counter` (short delay loop) into `to`, stopped at CPL3 with its stop
-/// value set to its next number.
-fn snapshot_counter_before_its_last_line(mem_mib: u64, to: &Path) -> CliResult<()> {
+/// Snapshots a running `counter` (short delay loop) `count` times into directories under
+/// `dir`, stopped at CPL3 with its stop value set to its next number.
+fn snapshot_counter_before_its_last_line(
+    mem_mib: u64,
+    dir: &Path,
+    count: usize,
+) -> CliResult<Vec<PathBuf>> {
     let vm = boot(Workload::Counter, mem_mib)?;
     vm.ram()
         .write_u64(MAILBOX + mailbox::PARAM0, 1000)
@@ -81,10 +85,16 @@ fn snapshot_counter_before_its_last_line(mem_mib: u64, to: &Path) -> CliResult<(
     vm.ram()
         .write_u64(MAILBOX + mailbox::PARAM2, at + 1)
         .map_err(err)?;
-    vm.snapshot(to, &SnapshotOptions::default()).map_err(err)?;
+    let snaps = (0..count)
+        .map(|i| {
+            let to = dir.join(format!("restore-{mem_mib}-{i}"));
+            vm.snapshot(&to, &SnapshotOptions::default()).map_err(err)?;
+            Ok(to)
+        })
+        .collect();
     vm.stop();
     vm.wait();
-    Ok(())
+    snaps
 }
 
 pub fn run(args: BenchArgs) -> CliResult<Report> {
@@ -177,23 +187,29 @@ fn measure(args: BenchArgs, dir: &Path, report: &mut Report) -> CliResult<()> {
     // Restore: from the call to the guest's next exit. The snapshot is of a `counter` paused
     // at CPL3 (as real snapshots are) with its stop value set to the next number, so the
     // restored guest runs a few instructions, prints one line and exits: three exits (~75 µs
-    // here) on top of the restore. `cached`: the snapshot is already open (a server keeps warm
-    // snapshots open, and the pool keeps shells mapping it).
+    // here) on top of the restore. `open`: `first`, a snapshot this process never restored
+    // (opened and mapped from scratch); `again`, one opened again while pooled shells still
+    // map its memory file; `cached`, one kept open (as the API keeps them).
     for mem_mib in [256u64, 1024, 4096] {
-        let to = dir.join(format!("restore-{mem_mib}"));
-        snapshot_counter_before_its_last_line(mem_mib, &to)?;
+        let snaps = snapshot_counter_before_its_last_line(mem_mib, dir, args.runs + 1)?;
         vmfork::vm::pool::keep_ready(&config(mem_mib), 4).map_err(err)?;
-        for cached in [false, true] {
-            let open = Snapshot::open(&to).map_err(err)?;
+        let kept = Snapshot::open(&snaps[0]).map_err(err)?;
+        for open in ["first", "again", "cached"] {
             let mut samples = Vec::with_capacity(args.runs);
-            for _ in 0..args.runs {
+            for i in 0..args.runs {
                 let t = Instant::now();
-                let fresh;
-                let snap = if cached {
-                    &open
-                } else {
-                    fresh = Snapshot::open(&to).map_err(err)?;
-                    &fresh
+                let opened;
+                let snap = match open {
+                    "cached" => &kept,
+                    _ => {
+                        let path = if open == "first" {
+                            &snaps[i + 1]
+                        } else {
+                            &snaps[0]
+                        };
+                        opened = Snapshot::open(path).map_err(err)?;
+                        &opened
+                    }
                 };
                 let vm = snap.restore(SerialSink::Discard).map_err(err)?;
                 let exit = vm.run_inline().map_err(err)?;
@@ -209,13 +225,15 @@ fn measure(args: BenchArgs, dir: &Path, report: &mut Report) -> CliResult<()> {
                 "us",
                 &[
                     ("mem_mib", json!(mem_mib)),
-                    ("cached", json!(cached)),
+                    ("open", json!(open)),
                     ("to", json!("next exit of a counter at CPL3 (3 exits)")),
                 ],
             );
         }
         vmfork::vm::pool::drain();
-        let _ = std::fs::remove_dir_all(&to);
+        for snap in snaps {
+            let _ = std::fs::remove_dir_all(snap);
+        }
     }
 
     // Against QEMU, process to process: both start, load the saved `hello` and run it to its

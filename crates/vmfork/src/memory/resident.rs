@@ -10,7 +10,27 @@ use super::mapping::{AddressRange, HostMapping, Sharing};
 use crate::error::Result;
 use std::fs::File;
 use std::os::fd::AsFd;
+use std::os::unix::fs::MetadataExt;
 use std::sync::{Arc, Weak};
+
+/// Which file a mapping maps. Two opens of one snapshot's memory file are one file, so a
+/// restore can reuse a shell left by a restore of an earlier open; a memfd is its own file.
+/// (An inode number cannot be reused while a mapping still holds the inode.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileId {
+    dev: u64,
+    ino: u64,
+}
+
+impl FileId {
+    fn of(file: &File) -> Option<Self> {
+        let meta = file.metadata().ok()?;
+        Some(Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        })
+    }
+}
 
 /// A copy-on-write mapping of a base file, placed in a pooled shell's range, and the pages of
 /// it that hold private copies (which may differ from the base).
@@ -20,6 +40,7 @@ pub struct ResidentRam {
     /// Weak: idle shells must not keep a destroyed family's RAM file alive (see
     /// [`Self::is_orphaned`]).
     base: Weak<File>,
+    file: Option<FileId>,
     stale: Vec<u64>,
 }
 
@@ -31,6 +52,7 @@ impl ResidentRam {
         Ok(Self {
             mapping: Arc::new(mapping),
             base: Arc::downgrade(base),
+            file: FileId::of(base),
             stale: Vec::new(),
         })
     }
@@ -40,13 +62,15 @@ impl ResidentRam {
         Self {
             mapping,
             base: Arc::downgrade(base),
+            file: FileId::of(base),
             stale,
         }
     }
 
-    /// Whether this is a mapping of `base`.
+    /// Whether this is a mapping of `base` (the same open file, or another open of it).
     pub fn maps(&self, base: &Arc<File>) -> bool {
         std::ptr::eq(self.base.as_ptr(), Arc::as_ptr(base))
+            || (self.file.is_some() && self.file == FileId::of(base))
     }
 
     /// Nobody but mappings like this one uses the base file any more: the family is gone and
