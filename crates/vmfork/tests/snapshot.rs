@@ -655,3 +655,23 @@ fn the_snapshot_cache_reuses_an_open_snapshot_until_its_files_change() {
     assert_eq!(cache.len(), 2);
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn restores_from_new_opens_of_one_snapshot_start_clean_in_recycled_shells() {
+    let dir = temp_dir("reopen");
+    let vm = memtouch_vm();
+    let hash = ram_hash(&vm);
+    vm.snapshot(&dir.join("s"), &full()).unwrap();
+    for round in 0..8 {
+        // A new open each time: a shell left by the previous round maps the same file.
+        let snap = Snapshot::open(&dir.join("s")).unwrap();
+        let restored = snap.restore(SerialSink::Discard).unwrap();
+        assert_eq!(ram_hash(&restored), hash, "round {round}");
+        run_memtouch(&restored, 50 + round);
+        restored
+            .ram()
+            .write_u64(MEMTOUCH_BASE + (PAGES + round) * 4096, 7)
+            .unwrap();
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
