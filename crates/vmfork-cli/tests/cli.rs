@@ -165,17 +165,8 @@ fn stdout(o: &Output) -> String {
 #[test]
 fn serve_and_the_control_verbs() {
     let sock = std::env::temp_dir().join(format!("vmfork-cli-{}.sock", std::process::id()));
-    let sock_arg = sock.to_str().unwrap();
-    let mut daemon = Command::new(env!("CARGO_BIN_EXE_vmfork"))
-        .args(["serve", "--api-sock", sock_arg])
-        .spawn()
-        .expect("start vmfork serve");
-    wait_for_socket(&sock);
-    let ctl = |args: &[&str]| {
-        let mut all = args.to_vec();
-        all.extend(["--api-sock", sock_arg]);
-        vmfork(&all)
-    };
+    let mut daemon = ApiProcess::start(&["serve"], sock.clone(), std::process::Stdio::null());
+    let ctl = |args: &[&str]| daemon.ctl(args);
     // Boot a memtouch through the API (POST /vms), let it finish, fork it, read the fork.
     let body = r#"{"guest":"memtouch","mem":"32M","params":{"0":8}}"#;
     let reply = post(&sock, "/vms", body);
@@ -211,44 +202,17 @@ fn serve_and_the_control_verbs() {
     assert!(stderr(&o).contains("no VM 99999"), "{}", stderr(&o));
     let o = ctl(&["regs", "99999"]);
     assert!(stderr(&o).contains("HTTP 404"), "{}", stderr(&o));
-    daemon.kill().unwrap();
-    daemon.wait().unwrap();
+    daemon.child.kill().unwrap();
+    daemon.child.wait().unwrap();
     let _ = std::fs::remove_file(&sock);
 }
 
 #[test]
 fn run_with_api_sock_forks_resets_and_destroys() {
     let sock = std::env::temp_dir().join(format!("vmfork-run-{}.sock", std::process::id()));
-    let sock_arg = sock.to_str().unwrap().to_string();
-    let run = Command::new(env!("CARGO_BIN_EXE_vmfork"))
-        .args([
-            "run",
-            "--guest",
-            "counter",
-            "--param",
-            "0=2000000",
-            "--mem",
-            "32M",
-        ])
-        .args(["--timeout", "60", "--api-sock", &sock_arg])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("start vmfork run");
-    wait_for_socket(&sock);
-    let ctl = |args: &[&str]| {
-        let mut all = args.to_vec();
-        all.extend(["--api-sock", &sock_arg]);
-        vmfork(&all)
-    };
-    let o = ctl(&["ls"]);
-    let root: String = stdout(&o)
-        .lines()
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .into();
+    let run = ApiProcess::start(&RUN_COUNTER, sock.clone(), std::process::Stdio::piped());
+    let ctl = |args: &[&str]| run.ctl(args);
+    let root = run.first_vm();
     let o = ctl(&["fork", &root, "-n", "2", "--paused"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let kids: Vec<String> = stdout(&o).lines().map(String::from).collect();
@@ -279,29 +243,79 @@ fn run_with_api_sock_forks_resets_and_destroys() {
         assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     }
     // With every VM gone, the process ends and removes its socket.
-    let out = run.wait_with_output().unwrap();
+    let out = run.child.wait_with_output().unwrap();
     assert!(!sock.exists());
     assert!(String::from_utf8_lossy(&out.stdout).contains("counter"));
 }
 
-fn wait_for_socket(sock: &std::path::Path) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !sock.exists() {
-        assert!(std::time::Instant::now() < deadline, "never listened");
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+/// `vmfork run` of a slow counter, stopped after a minute at most.
+const RUN_COUNTER: [&str; 9] = [
+    "run",
+    "--guest",
+    "counter",
+    "--param",
+    "0=2000000",
+    "--mem",
+    "32M",
+    "--timeout",
+    "60",
+];
+
+/// A `vmfork` process serving the control API on `sock`, and the CLI pointed at it.
+struct ApiProcess {
+    child: std::process::Child,
+    sock: std::path::PathBuf,
 }
 
-/// Reads the u64 at guest address `addr` with `vmfork mem read`.
-fn read_u64(sock: &str, vm: &str, addr: &str) -> u64 {
-    let o = vmfork(&["mem", "read", vm, addr, "8", "--api-sock", sock]);
-    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    let bytes: Vec<u8> = stdout(&o)
-        .split_whitespace()
-        .filter(|w| w.len() == 2)
-        .filter_map(|w| u8::from_str_radix(w, 16).ok())
-        .collect();
-    u64::from_le_bytes(bytes[bytes.len() - 8..].try_into().unwrap())
+impl ApiProcess {
+    /// Starts `vmfork ARGS --api-sock SOCK` and waits until it listens.
+    fn start(args: &[&str], sock: std::path::PathBuf, stdout: std::process::Stdio) -> Self {
+        let child = Command::new(env!("CARGO_BIN_EXE_vmfork"))
+            .args(args)
+            .arg("--api-sock")
+            .arg(&sock)
+            .stdout(stdout)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start vmfork");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !sock.exists() {
+            assert!(std::time::Instant::now() < deadline, "never listened");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        Self { child, sock }
+    }
+
+    /// `vmfork ARGS --api-sock SOCK`.
+    fn ctl(&self, args: &[&str]) -> Output {
+        let mut all = args.to_vec();
+        all.extend(["--api-sock", self.sock.to_str().unwrap()]);
+        vmfork(&all)
+    }
+
+    /// The id of the first VM `vmfork ls` lists.
+    fn first_vm(&self) -> String {
+        stdout(&self.ctl(&["ls"]))
+            .lines()
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .into()
+    }
+
+    /// Reads the u64 at guest address `addr` with `vmfork mem read`.
+    fn read_u64(&self, vm: &str, addr: &str) -> u64 {
+        let o = self.ctl(&["mem", "read", vm, addr, "8"]);
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        let bytes: Vec<u8> = stdout(&o)
+            .split_whitespace()
+            .filter(|w| w.len() == 2)
+            .filter_map(|w| u8::from_str_radix(w, 16).ok())
+            .collect();
+        u64::from_le_bytes(bytes[bytes.len() - 8..].try_into().unwrap())
+    }
 }
 
 #[test]
@@ -309,28 +323,13 @@ fn snapshot_info_verify_and_restore_a_running_counter() {
     let base = std::env::temp_dir().join(format!("vmfork-snap-cli-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&base);
     std::fs::create_dir_all(&base).unwrap();
-    let sock = base.join("run.sock");
-    let sock_arg = sock.to_str().unwrap().to_string();
-    let run = Command::new(env!("CARGO_BIN_EXE_vmfork"))
-        .args(["run", "--guest", "counter", "--param", "0=2000000"])
-        .args(["--mem", "32M", "--timeout", "60", "--api-sock", &sock_arg])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("start vmfork run");
-    wait_for_socket(&sock);
-    let ctl = |args: &[&str]| {
-        let mut all = args.to_vec();
-        all.extend(["--api-sock", &sock_arg]);
-        vmfork(&all)
-    };
-    let root: String = stdout(&ctl(&["ls"]))
-        .lines()
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .into();
+    let run = ApiProcess::start(
+        &RUN_COUNTER,
+        base.join("run.sock"),
+        std::process::Stdio::null(),
+    );
+    let ctl = |args: &[&str]| run.ctl(args);
+    let root = run.first_vm();
     let snap = base.join("snap");
     let snap_arg = snap.to_str().unwrap();
     let o = ctl(&["snapshot", &root, snap_arg]);
@@ -353,7 +352,7 @@ fn snapshot_info_verify_and_restore_a_running_counter() {
     );
     let o = ctl(&["destroy", &root]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    run.wait_with_output().unwrap();
+    run.child.wait_with_output().unwrap();
 
     let o = vmfork(&["snapshot", "info", snap_arg]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
@@ -371,39 +370,20 @@ fn snapshot_info_verify_and_restore_a_running_counter() {
     assert!(stdout(&o).contains("intact"));
 
     // Restore it, paused behind a socket; let it count three more numbers and exit.
-    let sock2 = base.join("restore.sock");
-    let sock2_arg = sock2.to_str().unwrap().to_string();
-    let restore = Command::new(env!("CARGO_BIN_EXE_vmfork"))
-        .args(["restore", snap_arg, "--paused", "--api-sock", &sock2_arg])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start vmfork restore");
-    wait_for_socket(&sock2);
-    let vm: String = stdout(&vmfork(&["ls", "--api-sock", &sock2_arg]))
-        .lines()
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .into();
-    let at = read_u64(&sock2_arg, &vm, "0x200020");
+    let restore = ApiProcess::start(
+        &["restore", snap_arg, "--paused"],
+        base.join("restore.sock"),
+        std::process::Stdio::piped(),
+    );
+    let vm = restore.first_vm();
+    let at = restore.read_u64(&vm, "0x200020");
     assert!(at >= 1, "the snapshot was taken after the counter started");
     let stop = format!("{:016x}", (at + 3).swap_bytes());
-    let o = vmfork(&[
-        "mem",
-        "write",
-        &vm,
-        "0x200018",
-        &stop,
-        "--api-sock",
-        &sock2_arg,
-    ]);
+    let o = restore.ctl(&["mem", "write", &vm, "0x200018", &stop]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    let o = vmfork(&["resume", &vm, "--api-sock", &sock2_arg]);
+    let o = restore.ctl(&["resume", &vm]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    let out = restore.wait_with_output().unwrap();
+    let out = restore.child.wait_with_output().unwrap();
     assert_eq!(
         out.status.code(),
         Some(0),
