@@ -89,10 +89,9 @@ pub fn run(args: BenchArgs) -> CliResult<Report> {
             children.push(parent);
         }
         drop(children);
-        let (p50, _) = p50_p99(&mut samples);
-        report.add(
+        report.add_median(
             "fork_of_fork_latency_us_p50",
-            p50,
+            &mut samples,
             "us",
             &[
                 ("parent_dirty_pages", json!(dirty)),
@@ -118,10 +117,9 @@ pub fn run(args: BenchArgs) -> CliResult<Report> {
             samples.push(us(t));
             restored = stats.pages_restored;
         }
-        let (p50, _) = p50_p99(&mut samples);
-        report.add(
+        report.add_median(
             "reset_latency_us_p50",
-            p50,
+            &mut samples,
             "us",
             &[
                 ("dirty_pages", json!(dirty)),

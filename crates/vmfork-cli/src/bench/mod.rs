@@ -85,6 +85,18 @@ impl Report {
         });
     }
 
+    /// Adds the median of `samples` (sorted in place).
+    pub fn add_median(
+        &mut self,
+        name: &str,
+        samples: &mut [f64],
+        unit: &'static str,
+        params: &[(&str, Value)],
+    ) {
+        let (p50, _) = p50_p99(samples);
+        self.add(name, p50, unit, params);
+    }
+
     fn print_table(&self) {
         println!("suite: {}", self.suite);
         for m in &self.metrics {

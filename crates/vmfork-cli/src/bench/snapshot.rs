@@ -175,10 +175,9 @@ fn measure(args: BenchArgs, dir: &Path, report: &mut Report) -> CliResult<()> {
         }
         vm.stop();
         vm.wait();
-        let (p50, _) = p50_p99(&mut samples);
-        report.add(
+        report.add_median(
             "snapshot_pause_ms_p50",
-            p50,
+            &mut samples,
             "ms",
             &[("mem_mib", json!(mem_mib))],
         );
@@ -218,10 +217,9 @@ fn measure(args: BenchArgs, dir: &Path, report: &mut Report) -> CliResult<()> {
                     return Err(format!("restored counter: {exit}"));
                 }
             }
-            let (p50, _) = p50_p99(&mut samples);
-            report.add(
+            report.add_median(
                 "restore_latency_us_p50",
-                p50,
+                &mut samples,
                 "us",
                 &[
                     ("mem_mib", json!(mem_mib)),
