@@ -1,4 +1,5 @@
-//! `vmfork fuzz`: fork the `harness` guest once at its entry point and fuzz it.
+//! `vmfork fuzz`: fork the `harness` guest once at its entry point (or restore a snapshot of a
+//! guest that takes input the harness's way) and fuzz it.
 
 use crate::CliResult;
 use clap::Args;
@@ -8,7 +9,7 @@ use std::time::Duration;
 use vmfork::boot::{BootSpec, Kernel};
 use vmfork::devices::SerialSink;
 use vmfork::fuzz::{fuzz, FuzzConfig};
-use vmfork::{ForkOptions, Vm, VmConfig};
+use vmfork::{ForkOptions, Snapshot, Vm, VmConfig};
 
 #[derive(Args)]
 pub struct FuzzArgs {
@@ -24,6 +25,11 @@ pub struct FuzzArgs {
     /// Keep going after the first crash.
     #[arg(long)]
     pub keep_going: bool,
+    /// Fuzz a restore of this snapshot instead (devices-less, interrupts blocked, reset to the
+    /// snapshot after every input); its guest reads input the `harness` way (bytes at the
+    /// input area, length in the mailbox).
+    #[arg(long)]
+    pub snapshot: Option<std::path::PathBuf>,
 }
 
 /// Builds the harness VM and a devices-less, interrupt-less fork of it at its entry point.
@@ -39,13 +45,19 @@ pub fn harness_target() -> CliResult<(Vm, Vm)> {
         &BootSpec::new(Kernel::Elf(Workload::Harness.elf())),
     )
     .map_err(|e| e.to_string())?;
-    let opts = ForkOptions {
+    let target = parent
+        .fork(&fuzz_fork_options())
+        .map_err(|e| e.to_string())?;
+    Ok((parent, target))
+}
+
+/// A fuzzing target has no devices and no interrupts: runs depend on the input alone.
+fn fuzz_fork_options() -> ForkOptions {
+    ForkOptions {
         no_devices: true,
         block_interrupts: true,
         ..ForkOptions::default()
-    };
-    let target = parent.fork(&opts).map_err(|e| e.to_string())?;
-    Ok((parent, target))
+    }
 }
 
 pub fn harness_fuzz_config(execs: u64, seconds: f64, seed: u64, stop_on_crash: bool) -> FuzzConfig {
@@ -64,7 +76,19 @@ pub fn run(args: FuzzArgs) -> CliResult<u8> {
     if !(args.seconds.is_finite() && args.seconds > 0.0) {
         return Err(format!("--seconds {} must be positive", args.seconds));
     }
-    let (_parent, target) = harness_target()?;
+    let (_parent, target) = match &args.snapshot {
+        Some(path) => {
+            let snapshot = Snapshot::open(path).map_err(|e| e.to_string())?;
+            let target = snapshot
+                .restore_with(SerialSink::Discard, &fuzz_fork_options())
+                .map_err(|e| e.to_string())?;
+            (None, target)
+        }
+        None => {
+            let (parent, target) = harness_target()?;
+            (Some(parent), target)
+        }
+    };
     let config = harness_fuzz_config(args.execs, args.seconds, args.seed, !args.keep_going);
     let report = fuzz(&target, &config).map_err(|e| e.to_string())?;
     println!(

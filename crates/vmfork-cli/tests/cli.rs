@@ -408,3 +408,50 @@ fn snapshot_info_verify_and_restore_a_running_counter() {
     );
     std::fs::remove_dir_all(&base).unwrap();
 }
+
+#[test]
+fn fuzz_a_restored_snapshot_of_the_harness_finds_its_crash() {
+    let base = std::env::temp_dir().join(format!("vmfork-fuzz-snap-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base).unwrap();
+    let mut daemon = ApiProcess::start(
+        &["serve"],
+        base.join("serve.sock"),
+        std::process::Stdio::null(),
+    );
+    // A harness loaded but never started: the snapshot is of its entry point.
+    let reply = post(
+        &daemon.sock,
+        "/vms",
+        r#"{"guest":"harness","mem":"64M","paused":true}"#,
+    );
+    assert!(reply.starts_with("HTTP/1.1 201"), "{reply}");
+    let vm = daemon.first_vm();
+    let snap = base.join("harness");
+    let o = daemon.ctl(&["snapshot", &vm, snap.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    daemon.child.kill().unwrap();
+    daemon.child.wait().unwrap();
+
+    let o = vmfork(&[
+        "fuzz",
+        "--snapshot",
+        snap.to_str().unwrap(),
+        "--execs",
+        "500000",
+        "--seconds",
+        "60",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "a crash exits 1: {}", stderr(&o));
+    assert!(stdout(&o).contains("crash: input"), "{}", stdout(&o));
+    assert!(stdout(&o).contains("FUZZ"), "{}", stdout(&o));
+
+    let o = vmfork(&[
+        "fuzz",
+        "--snapshot",
+        base.join("nonesuch").to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("snapshot"), "{}", stderr(&o));
+    std::fs::remove_dir_all(&base).unwrap();
+}

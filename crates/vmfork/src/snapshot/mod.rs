@@ -798,19 +798,29 @@ impl Snapshot {
 
     /// A new VM (not started) in the snapshot's state, its serial port printing to `sink`.
     pub fn restore(&self, sink: SerialSink) -> Result<Vm> {
-        // A fork of the snapshot's image: `reset` takes it back to the snapshot.
-        let origin = ForkOrigin {
-            state: self.loaded.state.clone(),
-            image: Arc::clone(&self.image),
-            source: ForkSource::Snapshot(self.id()),
+        self.restore_with(sink, &ForkOptions::default())
+    }
+
+    /// [`Self::restore`] as a fork with `opts` (`no_devices`, `block_interrupts`, `fresh_shell`;
+    /// `pause_parent` has no meaning here): a snapshot fuzzer restores once and resets.
+    pub fn restore_with(&self, sink: SerialSink, opts: &ForkOptions) -> Result<Vm> {
+        let state = if opts.block_interrupts {
+            self.loaded.state.with_interrupts_masked()
+        } else {
+            self.loaded.state.clone()
         };
         let vm = Vm::from_image(
             &self.loaded.config,
-            &self.loaded.state,
+            &state,
             &self.image,
             sink,
-            &ForkOptions::default(),
-            Some(origin),
+            opts,
+            // A fork of the snapshot's image: `reset` takes it back to the snapshot.
+            Some(ForkOrigin {
+                state: state.clone(),
+                image: Arc::clone(&self.image),
+                source: ForkSource::Snapshot(self.id()),
+            }),
         )?;
         // A diff snapshot of the restored VM is based on this snapshot (if it has a directory).
         if self.path.is_dir() {
