@@ -276,3 +276,91 @@ fn a_live_socket_is_not_taken_over() {
     let err = ApiServer::start(&sock, Registry::new(None)).err().unwrap();
     assert!(err.to_string().contains("in use"), "{err}");
 }
+
+#[test]
+fn snapshot_verify_merge_and_restore_over_the_socket() {
+    let (_server, root, sock) = server("snap", Workload::Memtouch, &[(mailbox::PARAM0, 4)]);
+    let dir = std::env::temp_dir().join(format!("vmfork-test-{}-apisnap", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let at = |name: &str| dir.join(name).to_str().unwrap().to_string();
+    let snapshot = |body: Value| {
+        call(
+            &sock,
+            "POST",
+            &format!("/vms/{root}/snapshot"),
+            &body.to_string(),
+        )
+    };
+
+    let (status, full) = snapshot(serde_json::json!({ "path": at("full") }));
+    assert_eq!(status, 201, "{full}");
+    // The guest runs (writes its pages), then a diff on top of the full one.
+    let (status, _) = call(&sock, "POST", &format!("/vms/{root}/resume"), "");
+    assert_eq!(status, 200);
+    let deadline = std::time::Instant::now() + QUICK;
+    while call(&sock, "GET", &format!("/vms/{root}"), "").1["status"] != "exited" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "memtouch did not finish"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let (status, diff) = snapshot(serde_json::json!({ "path": at("diff"), "diff": true }));
+    assert_eq!(
+        (status, diff["diff"].clone()),
+        (201, Value::Bool(true)),
+        "{diff}"
+    );
+
+    let verify = |path: String| {
+        call(
+            &sock,
+            "POST",
+            "/snapshots/verify",
+            &serde_json::json!({ "path": path }).to_string(),
+        )
+    };
+    let (status, ok) = verify(at("diff"));
+    assert_eq!(status, 200, "{ok}");
+    assert_eq!(ok["snapshots_checked"], 2);
+
+    let merge = serde_json::json!({ "path": at("diff"), "out": at("merged") }).to_string();
+    let (status, merged) = call(&sock, "POST", "/snapshots/merge", &merge);
+    assert_eq!(
+        (status, merged["diff"].clone()),
+        (201, Value::Bool(false)),
+        "{merged}"
+    );
+    let (status, _) = call(&sock, "POST", "/snapshots/merge", &merge);
+    assert_eq!(status, 400, "an existing snapshot is never overwritten");
+
+    // Restored twice, paused: forks of the snapshot that reset.
+    let restore = serde_json::json!({ "path": at("merged"), "count": 2, "paused": true });
+    let (status, restored) = call(&sock, "POST", "/snapshots/restore", &restore.to_string());
+    assert_eq!(status, 201, "{restored}");
+    let vms = restored["vms"].as_array().unwrap();
+    assert_eq!(vms.len(), 2);
+    assert_eq!(vms[0]["restored_from"], merged["id"]);
+    assert_eq!(vms[0]["is_fork"], true);
+    let (status, _) = call(&sock, "POST", &format!("/vms/{}/reset", vms[0]["id"]), "");
+    assert_eq!(status, 200);
+
+    // A corrupt base: verifying the diff names the base's memory file.
+    let memory = dir.join("full").join(vmfork::snapshot::MEMORY_FILE);
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&memory)
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &[0xaa; 4096], 0x200000).unwrap();
+    let (status, bad) = verify(at("diff"));
+    assert_eq!(status, 400, "{bad}");
+    let message = bad["error"].as_str().unwrap();
+    assert!(
+        message.contains("full") && message.contains("corrupt"),
+        "{message}"
+    );
+    let (status, _) = verify(at("nonesuch"));
+    assert_eq!(status, 400);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
