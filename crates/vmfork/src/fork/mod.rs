@@ -88,35 +88,27 @@ impl Vm {
     }
 
     fn fork_paused(&self, opts: &ForkOptions, sinks: Vec<SerialSink>) -> Result<Vec<Vm>> {
-        let mut state = self.save_state()?;
-        if opts.block_interrupts {
-            state = state.with_interrupts_masked();
-        }
+        let state = self.save_state()?;
         let image = self.freeze_memory()?;
         sinks
             .into_iter()
             .map(|sink| {
-                let origin = ForkOrigin {
-                    state: state.clone(),
-                    image: Arc::clone(&image),
-                    source: ForkSource::Vm(self.id()),
-                };
-                Vm::from_image(self.config(), &state, &image, sink, opts, Some(origin))
+                let origin = ForkOrigin::new(&state, &image, ForkSource::Vm(self.id()), opts);
+                Vm::from_image(self.config(), origin, sink, opts)
             })
             .collect()
     }
 
-    /// A new VM (not started) whose RAM is a copy-on-write view of `image` and whose vCPUs,
-    /// irqchip, clock and devices are loaded from `state`: a fork, or a restore (a fork of a
-    /// snapshot's image). Of `opts`, all but `pause_parent` apply.
+    /// A new VM (not started) whose RAM is a copy-on-write view of the origin's image and whose
+    /// vCPUs, irqchip, clock and devices are loaded from its state: a fork, or a restore (a fork
+    /// of a snapshot's image). Of `opts`, all but `pause_parent` apply.
     pub(crate) fn from_image(
         config: &crate::vm::VmConfig,
-        state: &VmState,
-        image: &Arc<FrozenImage>,
+        origin: ForkOrigin,
         sink: SerialSink,
         opts: &ForkOptions,
-        origin: Option<ForkOrigin>,
     ) -> Result<Vm> {
+        let image = Arc::clone(&origin.image);
         let mut shell = take_shell(config, opts.fresh_shell, Some(image.base()))?;
         let irq = if opts.block_interrupts {
             None
@@ -127,22 +119,25 @@ impl Vm {
             SerialSink::Buffer(b) => Some(b.clone()),
             _ => None,
         };
+        let saved = &origin.state.devices;
         let devices = if opts.no_devices {
-            Devices::detached(state.devices.clone(), irq)
+            Devices::detached(saved.clone(), irq)
         } else {
-            Devices::from_state(&state.devices, sink, irq)?
+            Devices::from_state(saved, sink, irq)?
         };
-        let ram = GuestRam::from_image(image, shell.ram_range.as_ref(), shell.resident.take())?;
+        let ram = GuestRam::from_image(&image, shell.ram_range.as_ref(), shell.resident.take())?;
         let vm = Vm::assemble(VmParts {
             shell,
             ram,
             devices,
             config: config.clone(),
             serial,
-            image: Some(Arc::clone(image)),
-            origin,
+            image: Some(image),
+            origin: Some(origin),
         })?;
-        vm.load_saved_state(state, true)?;
+        if let Some(origin) = &vm.shared().origin {
+            vm.load_saved_state(&origin.state, true)?;
+        }
         Ok(vm)
     }
 

@@ -11,7 +11,7 @@ mod resident;
 pub use dirty::DirtyPages;
 pub use image::FrozenImage;
 pub use mapping::{create_memfd, data_ranges, AddressRange, HostMapping, Sharing};
-pub use resident::ResidentRam;
+pub use resident::{FileId, ResidentRam};
 
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};

@@ -17,13 +17,13 @@ use std::sync::{Arc, Weak};
 /// restore can reuse a shell left by a restore of an earlier open; a memfd is its own file.
 /// (An inode number cannot be reused while a mapping still holds the inode.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct FileId {
+pub struct FileId {
     dev: u64,
     ino: u64,
 }
 
 impl FileId {
-    fn of(file: &File) -> Option<Self> {
+    pub fn of(file: &File) -> Option<Self> {
         let meta = file.metadata().ok()?;
         Some(Self {
             dev: meta.dev(),
@@ -69,8 +69,17 @@ impl ResidentRam {
 
     /// Whether this is a mapping of `base` (the same open file, or another open of it).
     pub fn maps(&self, base: &Arc<File>) -> bool {
+        self.maps_open(base) || self.maps_file(FileId::of(base))
+    }
+
+    /// Whether this is a mapping of this very open of `base` (no system call).
+    pub fn maps_open(&self, base: &Arc<File>) -> bool {
         std::ptr::eq(self.base.as_ptr(), Arc::as_ptr(base))
-            || (self.file.is_some() && self.file == FileId::of(base))
+    }
+
+    /// Whether this is a mapping of the file `id` names.
+    pub fn maps_file(&self, id: Option<FileId>) -> bool {
+        id.is_some() && self.file == id
     }
 
     /// Nobody but mappings like this one uses the base file any more: the family is gone and

@@ -804,24 +804,10 @@ impl Snapshot {
     /// [`Self::restore`] as a fork with `opts` (`no_devices`, `block_interrupts`, `fresh_shell`;
     /// `pause_parent` has no meaning here): a snapshot fuzzer restores once and resets.
     pub fn restore_with(&self, sink: SerialSink, opts: &ForkOptions) -> Result<Vm> {
-        let state = if opts.block_interrupts {
-            self.loaded.state.with_interrupts_masked()
-        } else {
-            self.loaded.state.clone()
-        };
-        let vm = Vm::from_image(
-            &self.loaded.config,
-            &state,
-            &self.image,
-            sink,
-            opts,
-            // A fork of the snapshot's image: `reset` takes it back to the snapshot.
-            Some(ForkOrigin {
-                state: state.clone(),
-                image: Arc::clone(&self.image),
-                source: ForkSource::Snapshot(self.id()),
-            }),
-        )?;
+        // A fork of the snapshot's image: `reset` takes it back to the snapshot.
+        let source = ForkSource::Snapshot(self.id());
+        let origin = ForkOrigin::new(&self.loaded.state, &self.image, source, opts);
+        let vm = Vm::from_image(&self.loaded.config, origin, sink, opts)?;
         // A diff snapshot of the restored VM is based on this snapshot (if it has a directory).
         if self.path.is_dir() {
             vm.tracking().since_snapshot = Some(SnapshotMark {

@@ -138,6 +138,27 @@ pub(crate) struct ForkOrigin {
     pub(crate) source: ForkSource,
 }
 
+impl ForkOrigin {
+    /// `state` and `image` as a fork made with `opts` starts from (and resets to): with every
+    /// interrupt line masked when it blocks interrupts.
+    pub(crate) fn new(
+        state: &VmState,
+        image: &Arc<FrozenImage>,
+        source: ForkSource,
+        opts: &crate::fork::ForkOptions,
+    ) -> Self {
+        Self {
+            state: if opts.block_interrupts {
+                state.with_interrupts_masked()
+            } else {
+                state.clone()
+            },
+            image: Arc::clone(image),
+            source,
+        }
+    }
+}
+
 pub(crate) enum ForkSource {
     /// Forked from the VM with this id.
     Vm(u64),

@@ -16,7 +16,7 @@
 
 use super::{create_shell, register_memslots_at, VmConfig, VmShell};
 use crate::error::{KvmContext, Result};
-use crate::memory::{AddressRange, MemoryLayout, ResidentRam};
+use crate::memory::{AddressRange, FileId, MemoryLayout, ResidentRam};
 use std::collections::HashMap;
 use std::fs::File;
 use std::sync::mpsc::{channel, Sender};
@@ -235,9 +235,17 @@ pub(crate) fn take_shell(
             .idle
             .get_mut(&shape)
             .and_then(|idle| {
-                let mapping_base = idle.iter().rposition(
-                    |shell| matches!((&shell.resident, base), (Some(r), Some(b)) if r.maps(b)),
-                );
+                let mapping = |test: &dyn Fn(&ResidentRam) -> bool| {
+                    idle.iter()
+                        .rposition(|shell| shell.resident.as_ref().is_some_and(test))
+                };
+                // This very open of the base first; another open of its file costs an fstat.
+                let mapping_base = base.and_then(|b| {
+                    mapping(&|r| r.maps_open(b)).or_else(|| {
+                        let id = FileId::of(b);
+                        mapping(&|r| r.maps_file(id))
+                    })
+                });
                 let empty = || idle.iter().rposition(|shell| shell.resident.is_none());
                 let at = mapping_base.or_else(empty)?;
                 Some(idle.swap_remove(at))
