@@ -52,6 +52,7 @@ impl Vm {
     /// The guest physical address vCPU `vcpu` reaches at virtual address `vaddr`; the VM must not
     /// be running.
     pub fn translate(&self, vcpu: usize, vaddr: u64) -> Result<u64> {
+        let _op = self.exclusive();
         let sregs = self.registers(vcpu)?.sregs;
         let mode = PagingMode::from_registers(sregs.cr0, sregs.cr4, sregs.efer);
         let pse = sregs.cr4 & CR4_PSE != 0;
@@ -62,6 +63,7 @@ impl Vm {
 
     /// Reads guest virtual memory as vCPU `vcpu` sees it; the VM must not be running.
     pub fn read_virtual(&self, vcpu: usize, vaddr: u64, buf: &mut [u8]) -> Result<()> {
+        let _op = self.exclusive();
         for_each_page(vaddr, buf.len(), |va, at, len| {
             let pa = self.translate(vcpu, va)?;
             self.ram().read(pa, &mut buf[at..at + len])
@@ -71,6 +73,7 @@ impl Vm {
     /// Writes guest virtual memory as vCPU `vcpu` sees it (a fork copies the pages on write
     /// and its reset puts them back); the VM must not be running.
     pub fn write_virtual(&self, vcpu: usize, vaddr: u64, data: &[u8]) -> Result<()> {
+        let _op = self.exclusive();
         for_each_page(vaddr, data.len(), |va, at, len| {
             let pa = self.translate(vcpu, va)?;
             self.ram().write(pa, &data[at..at + len])

@@ -160,6 +160,7 @@ fn vm_route(
         (["regs"], "PATCH") => {
             let vcpu = query_number(req, "vcpu")?.unwrap_or(0) as usize;
             let changes: Value = body(req)?;
+            let _op = vm.exclusive();
             let mut regs = lib(vm.registers(vcpu))?;
             registers::patch(&mut regs, &changes).map_err(bad)?;
             lib(vm.set_registers(vcpu, &regs))?;
@@ -405,6 +406,8 @@ fn reset(vm: &Vm, req: &Request) -> Reply {
             ),
         ));
     }
+    // Pause, reset and resume as one operation on the VM.
+    let _op = vm.exclusive();
     if vm.status() == VmStatus::Running {
         lib(vm.pause())?;
     }
@@ -466,6 +469,7 @@ fn write_memory(vm: &Vm, req: &Request) -> Reply {
             data.len()
         )));
     }
+    let _op = vm.exclusive();
     if vm.status() == VmStatus::Running {
         return Err(Response::error(
             409,

@@ -66,6 +66,9 @@ impl Vm {
     /// Forks `sinks.len()` children at one instant (one pause, one freeze), each child printing
     /// to its sink.
     pub fn fork_many(&self, opts: &ForkOptions, sinks: Vec<SerialSink>) -> Result<Vec<Vm>> {
+        // Pause, save, freeze and resume as one operation: no other client's pause, resume or
+        // reset can land in between (and be undone, or tear the child).
+        let _op = self.exclusive();
         let was_running = match self.status() {
             VmStatus::Running => {
                 self.pause()?;
@@ -237,6 +240,7 @@ impl Vm {
 
     /// [`Self::reset`] limited to memory or to state.
     pub fn reset_with(&self, scope: ResetScope) -> Result<ResetStats> {
+        let _op = self.exclusive();
         let origin = self
             .shared()
             .origin
@@ -266,12 +270,14 @@ impl Vm {
 
     /// Gives a `no_devices` fork its device models, with their state as of the fork instant.
     pub fn attach_devices(&self, sink: SerialSink) -> Result<()> {
+        let _op = self.exclusive();
         self.shared().devices.attach(sink)
     }
 
     /// Bytes of RAM this VM holds privately: pages it wrote since its image was taken. (The
     /// image's own overlay is shared by every fork of the same instant.)
     pub fn private_memory_bytes(&self) -> Result<u64> {
+        let _op = self.exclusive();
         let mut tracking = self.tracking();
         if tracking.image.is_none() {
             return Ok(self.ram().size());

@@ -231,6 +231,8 @@ impl Vm {
     /// Pauses (if running), saves the state, freezes the memory image, starts tracking pages
     /// for the next diff, and resumes.
     fn freeze_for_snapshot(&self, dir: &Path, opts: &SnapshotOptions) -> Result<Frozen> {
+        // One operation: nobody else's pause, resume or reset lands between state and memory.
+        let _op = self.exclusive();
         let was_running = match self.status() {
             VmStatus::Running => {
                 self.pause()?;

@@ -5,6 +5,7 @@ mod control;
 mod exit;
 mod kick;
 mod kvm_system;
+mod op_lock;
 pub mod pool;
 mod vcpu;
 
@@ -23,6 +24,8 @@ use crate::state::{CpuRegisters, IrqchipState, VcpuState, VmState};
 use control::RunControl;
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{VcpuFd, VmFd};
+pub(crate) use op_lock::OpGuard;
+use op_lock::OpLock;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -104,6 +107,8 @@ pub(crate) struct VmShared {
     serial_irq: Option<EventFd>,
     pub(crate) devices: Devices,
     pub(crate) control: RunControl,
+    /// Serializes the operations that change or read the run state, vCPU state or memory.
+    ops: OpLock,
     pub(crate) kicks: kick::KickRegistry,
     pub(crate) tracking: Mutex<MemoryTracking>,
     /// The snapshot being written, if one is: one at a time per VM.
@@ -255,6 +260,7 @@ impl Vm {
                 ram_range: parts.shell.ram_range,
                 devices: parts.devices,
                 control: RunControl::new(),
+                ops: OpLock::default(),
                 kicks: kick::KickRegistry::default(),
                 tracking: Mutex::new(MemoryTracking {
                     image: parts.image,
@@ -277,6 +283,12 @@ impl Vm {
     pub(crate) fn rearm(&self) {
         self.join_threads();
         self.shared.control.rearm();
+    }
+
+    /// Holds this VM's operation lock: no other thread forks, snapshots, resets, pauses,
+    /// resumes or reads or writes its state until the guard drops (see [`op_lock`]).
+    pub(crate) fn exclusive(&self) -> OpGuard<'_> {
+        self.shared.ops.lock()
     }
 
     pub(crate) fn shared(&self) -> &VmShared {
@@ -439,6 +451,7 @@ impl Vm {
 
     /// Starts one thread per vCPU.
     pub fn start(&self) -> Result<()> {
+        let _op = self.exclusive();
         let mut threads = self.lock_threads();
         if !threads.is_empty() {
             return Err(Error::State {
@@ -494,6 +507,7 @@ impl Vm {
 
     /// Stops every vCPU at its next instruction boundary and waits until all have stopped.
     pub fn pause(&self) -> Result<()> {
+        let _op = self.exclusive();
         match self.status() {
             VmStatus::Running => {}
             VmStatus::Paused => return Ok(()),
@@ -517,6 +531,7 @@ impl Vm {
 
     /// Lets paused vCPUs run again.
     pub fn resume(&self) -> Result<()> {
+        let _op = self.exclusive();
         match self.status() {
             VmStatus::Paused => {
                 self.shared.control.set_want(Want::Run);
@@ -596,6 +611,7 @@ impl Vm {
 
     /// The full state of vCPU `index`; the VM must not be running.
     pub fn vcpu_state(&self, index: usize) -> Result<VcpuState> {
+        let _op = self.exclusive();
         self.require_stopped()?;
         let vcpu = self.shared.vcpu(index)?;
         VcpuState::save(&vcpu, &self.shared.msr_indices, self.shared.config.irqchip)
@@ -603,6 +619,7 @@ impl Vm {
 
     /// Loads the full state of vCPU `index`; the VM must not be running.
     pub fn set_vcpu_state(&self, index: usize, state: &VcpuState) -> Result<()> {
+        let _op = self.exclusive();
         self.require_stopped()?;
         let vcpu = self.shared.vcpu(index)?;
         state.restore(&vcpu)
@@ -610,6 +627,7 @@ impl Vm {
 
     /// General-purpose and system registers of vCPU `index`; the VM must not be running.
     pub fn registers(&self, index: usize) -> Result<CpuRegisters> {
+        let _op = self.exclusive();
         self.require_stopped()?;
         let vcpu = self.shared.vcpu(index)?;
         Ok(CpuRegisters {
@@ -620,6 +638,7 @@ impl Vm {
 
     /// Sets general-purpose and system registers of vCPU `index`; the VM must not be running.
     pub fn set_registers(&self, index: usize, regs: &CpuRegisters) -> Result<()> {
+        let _op = self.exclusive();
         self.require_stopped()?;
         let vcpu = self.shared.vcpu(index)?;
         vcpu.set_sregs(&regs.sregs).kvm("KVM_SET_SREGS")?;
@@ -633,6 +652,7 @@ impl Vm {
 
     /// The in-kernel irqchip and PIT state, if the VM has them; the VM must not be running.
     pub fn irqchip_state(&self) -> Result<Option<IrqchipState>> {
+        let _op = self.exclusive();
         self.require_stopped()?;
         if !self.shared.config.irqchip {
             return Ok(None);
@@ -656,6 +676,7 @@ impl Vm {
 
     /// Loads irqchip and PIT state saved by [`Self::irqchip_state`].
     pub fn set_irqchip_state(&self, state: &IrqchipState) -> Result<()> {
+        let _op = self.exclusive();
         self.require_stopped()?;
         if !self.shared.config.irqchip {
             return Err(Error::Invalid(
@@ -671,12 +692,14 @@ impl Vm {
 
     /// The guest's kvmclock; the VM must not be running.
     pub fn clock(&self) -> Result<kvm_bindings::kvm_clock_data> {
+        let _op = self.exclusive();
         self.require_stopped()?;
         self.shared.fd.get_clock().kvm("KVM_GET_CLOCK")
     }
 
     /// The whole VM state but RAM contents; the VM must not be running.
     pub fn save_state(&self) -> Result<VmState> {
+        let _op = self.exclusive();
         let vcpus = (0..self.vcpu_count())
             .map(|i| self.vcpu_state(i))
             .collect::<Result<Vec<_>>>()?;
