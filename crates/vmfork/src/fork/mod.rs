@@ -7,14 +7,13 @@
 //! copies back only the pages a fork dirtied (KVM's dirty log plus the VMM's own writes) and
 //! reloads the vCPU, irqchip, clock and device state saved at the fork instant.
 
+mod freeze;
+
 use crate::devices::{Devices, SerialSink};
 use crate::error::{Error, KvmContext, Result};
-use crate::memory::{FrozenImage, GuestRam, PAGE_SIZE};
+use crate::memory::{GuestRam, PAGE_SIZE};
 use crate::state::VmState;
-use crate::vm::{
-    pool::take_shell, register_memslots, ForkOrigin, ForkSource, MemoryTracking, Vm, VmParts,
-    VmStatus,
-};
+use crate::vm::{pool::take_shell, ForkOrigin, ForkSource, MemoryTracking, Vm, VmParts, VmStatus};
 use std::sync::{Arc, MutexGuard};
 
 /// How to fork.
@@ -66,40 +65,18 @@ impl Vm {
     /// Forks `sinks.len()` children at one instant (one pause, one freeze), each child printing
     /// to its sink.
     pub fn fork_many(&self, opts: &ForkOptions, sinks: Vec<SerialSink>) -> Result<Vec<Vm>> {
-        // Pause, save, freeze and resume as one operation: no other client's pause, resume or
-        // reset can land in between (and be undone, or tear the child).
-        let _op = self.exclusive();
-        let was_running = match self.status() {
-            VmStatus::Running => {
-                self.pause()?;
-                true
-            }
-            VmStatus::Exited if self.exit_reason() != Some(crate::ExitReason::Stopped) => false,
-            VmStatus::Exited => {
-                return Err(Error::State {
-                    actual: "stopped",
-                    wanted: "running, paused or not yet started",
+        // Pre-copy, pause, save, freeze and resume as one operation: no other client's pause,
+        // resume or reset can land in between (and be undone, or tear the child).
+        self.at_one_instant(opts.pause_parent, |image| {
+            let state = self.save_state()?;
+            sinks
+                .into_iter()
+                .map(|sink| {
+                    let origin = ForkOrigin::new(&state, &image, ForkSource::Vm(self.id()), opts);
+                    Vm::from_image(self.config(), origin, sink, opts)
                 })
-            }
-            _ => false,
-        };
-        let result = self.fork_paused(opts, sinks);
-        if was_running && !opts.pause_parent {
-            self.resume()?;
-        }
-        result
-    }
-
-    fn fork_paused(&self, opts: &ForkOptions, sinks: Vec<SerialSink>) -> Result<Vec<Vm>> {
-        let state = self.save_state()?;
-        let image = self.freeze_memory()?;
-        sinks
-            .into_iter()
-            .map(|sink| {
-                let origin = ForkOrigin::new(&state, &image, ForkSource::Vm(self.id()), opts);
-                Vm::from_image(self.config(), origin, sink, opts)
-            })
-            .collect()
+                .collect()
+        })
     }
 
     /// A new VM (not started) whose RAM is a copy-on-write view of the origin's image and whose
@@ -142,35 +119,6 @@ impl Vm {
             vm.load_saved_state(&origin.state, true)?;
         }
         Ok(vm)
-    }
-
-    /// The image of this VM's RAM as it is now: freezes the RAM file on the first fork, else
-    /// adds the pages dirtied since this VM's own image to an overlay.
-    pub(crate) fn freeze_memory(&self) -> Result<Arc<FrozenImage>> {
-        let shared = self.shared();
-        let mut tracking = self.tracking();
-        match tracking.image.clone() {
-            None => {
-                shared.ram.make_copy_on_write()?;
-                register_memslots(&shared.fd, &shared.ram, true)?;
-                // Forget VMM writes made before the freeze: they are part of the image.
-                shared.ram.take_vmm_dirty(&mut tracking.dirty, None);
-                tracking.dirty.clear();
-                let image = FrozenImage::from_file(
-                    shared.ram.layout().clone(),
-                    Arc::clone(shared.ram.backing()),
-                )?;
-                tracking.image = Some(Arc::clone(&image));
-                Ok(image)
-            }
-            Some(image) => {
-                self.shared().collect_dirty(&mut tracking)?;
-                if tracking.dirty.count() == 0 {
-                    return Ok(image);
-                }
-                image.with_pages_from(shared.ram.mapping(), tracking.dirty.offsets())
-            }
-        }
     }
 
     pub(crate) fn tracking(&self) -> MutexGuard<'_, MemoryTracking> {
@@ -255,11 +203,14 @@ impl Vm {
             let mut tracking = self.tracking();
             self.shared().collect_dirty(&mut tracking)?;
             let mapping = self.shared().ram.mapping();
-            for offset in tracking.dirty.offsets() {
+            for offset in tracking.since_origin.offsets() {
                 origin.image.copy_page_to(mapping, offset)?;
                 stats.pages_restored += 1;
             }
-            tracking.dirty.clear();
+            // The RAM is the origin's image again: the next generation builds on it.
+            tracking.since_origin.clear();
+            tracking.since_image.clear();
+            tracking.image = Some(Arc::clone(&origin.image));
         }
         if scope != ResetScope::MemoryOnly {
             self.load_saved_state(&origin.state, false)?;
@@ -274,8 +225,8 @@ impl Vm {
         self.shared().devices.attach(sink)
     }
 
-    /// Bytes of RAM this VM holds privately: pages it wrote since its image was taken. (The
-    /// image's own overlay is shared by every fork of the same instant.)
+    /// Bytes of RAM this VM holds privately: pages it wrote since its last image (its fork
+    /// instant, or its own last fork or snapshot). Layers are shared by every image after them.
     pub fn private_memory_bytes(&self) -> Result<u64> {
         let _op = self.exclusive();
         let mut tracking = self.tracking();
@@ -285,6 +236,6 @@ impl Vm {
         if self.status() != VmStatus::Running {
             self.shared().collect_dirty(&mut tracking)?;
         }
-        Ok(tracking.dirty.count() as u64 * PAGE_SIZE)
+        Ok(tracking.since_image.count() as u64 * PAGE_SIZE)
     }
 }

@@ -318,6 +318,36 @@ impl HostMapping {
         Ok(())
     }
 
+    /// Writes `[offset, offset+len)` of the mapping into `file` at the same offset (a layer laid
+    /// out like RAM). The range may be written meanwhile (a VM running during a pre-copy round):
+    /// the file then gets some mix of old and new bytes, which the caller copies again later.
+    pub fn write_to_file(&self, offset: usize, len: usize, file: &std::fs::File) -> Result<()> {
+        self.check_bytes(offset, len)?;
+        let mut done = 0usize;
+        while done < len {
+            let at = offset + done;
+            // SAFETY: the source range lies inside this live mapping (checked above); the kernel
+            // only reads it. No Rust reference to guest RAM exists, so a concurrent guest write
+            // races only with the kernel's copy, which the caller tolerates (see above).
+            let n = unsafe {
+                libc::pwrite(
+                    file.as_raw_fd(),
+                    self.addr.add(at).cast(),
+                    len - done,
+                    at as libc::off_t,
+                )
+            };
+            if n <= 0 {
+                return Err(Error::Memory(format!(
+                    "cannot copy guest pages into a layer: {}",
+                    io::Error::last_os_error()
+                )));
+            }
+            done += n as usize;
+        }
+        Ok(())
+    }
+
     fn check_bytes(&self, offset: usize, len: usize) -> Result<()> {
         match offset.checked_add(len) {
             Some(end) if end <= self.len => Ok(()),

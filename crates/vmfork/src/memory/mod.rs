@@ -5,11 +5,13 @@
 
 mod dirty;
 mod image;
+mod layer;
 mod mapping;
 mod resident;
 
 pub use dirty::DirtyPages;
-pub use image::FrozenImage;
+pub use image::{FrozenImage, LayerRun, MAX_MAPPED_RUNS};
+pub use layer::{Layer, LayerBuilder};
 pub use mapping::{create_memfd, data_ranges, AddressRange, HostMapping, Sharing};
 pub use resident::{FileId, ResidentRam};
 
@@ -17,7 +19,7 @@ use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::fs::File;
 use std::os::fd::AsFd;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestRegionMmap, MmapRegion};
 
@@ -127,6 +129,11 @@ pub struct GuestRam {
     // `memory` holds raw pointers into `mapping`; it is declared first so it is dropped first.
     memory: GuestMemory,
     mapping: Arc<HostMapping>,
+    /// The layer runs mapped over the base in `mapping` (the image's, and the layers this VM
+    /// adopted from its own generations), disjoint and ascending.
+    layer_runs: Mutex<Vec<LayerRun>>,
+    /// Pages copied in privately when the view was made (an image with too many runs to map).
+    copied_pages: Vec<u64>,
 }
 
 impl GuestRam {
@@ -162,6 +169,8 @@ impl GuestRam {
             backing,
             memory,
             mapping,
+            layer_runs: Mutex::new(Vec::new()),
+            copied_pages: Vec::new(),
         })
     }
 
@@ -177,8 +186,10 @@ impl GuestRam {
         let layout = image.layout().clone();
         let backing = Arc::clone(image.base());
         let Some(range) = range else {
-            let ram = Self::map(layout, backing, Sharing::CopyOnWrite)?;
-            image.write_view_into(&ram.mapping, [])?;
+            let mut ram = Self::map(layout, backing, Sharing::CopyOnWrite)?;
+            let (runs, copied) = image.write_view_into(&ram.mapping, &[], [])?;
+            *ram.layer_runs.get_mut().unwrap_or_else(|p| p.into_inner()) = runs;
+            ram.copied_pages = copied;
             return Ok(ram);
         };
         if range.len() as u64 != layout.total() {
@@ -197,8 +208,11 @@ impl GuestRam {
                 ResidentRam::premap(range, &backing)?
             }
         };
-        let mapping = resident.make_view_of(image)?;
-        Self::over(layout, backing, mapping)
+        let (mapping, runs, copied) = resident.make_view_of(image)?;
+        let mut ram = Self::over(layout, backing, mapping)?;
+        *ram.layer_runs.get_mut().unwrap_or_else(|p| p.into_inner()) = runs;
+        ram.copied_pages = copied;
+        Ok(ram)
     }
 
     /// Hands `range` back when this RAM was placed in it: drops the RAM's pages and leaves an
@@ -212,20 +226,61 @@ impl GuestRam {
 
     /// Leaves this RAM (placed in a reserved range) mapped for the next fork of its family,
     /// recording the pages that hold private copies. The RAM must not be used afterwards.
-    pub fn leave_resident(&self, stale: Vec<u64>) -> Result<ResidentRam> {
+    pub fn leave_resident(&self, mut stale: Vec<u64>) -> Result<ResidentRam> {
         if Arc::strong_count(&self.mapping) != 1 {
             return Err(Error::Memory("guest RAM is still in use elsewhere".into()));
         }
+        stale.extend(self.copied_pages.iter().copied());
+        stale.sort_unstable();
+        stale.dedup();
         Ok(ResidentRam::left_by(
             Arc::clone(&self.mapping),
             &self.backing,
+            std::mem::take(&mut *self.runs()),
             stale,
         ))
+    }
+
+    fn runs(&self) -> MutexGuard<'_, Vec<LayerRun>> {
+        self.layer_runs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Layer runs mapped over the base now.
+    pub fn mapped_runs(&self) -> usize {
+        self.runs().len()
+    }
+
+    /// Gives up this VM's private copies of `layer`'s pages for the layer's own (which hold the
+    /// same bytes: the layer was just copied from them while the VM was paused), mapping each of
+    /// its runs copy-on-write in place: the pages are then stored once, and the VM's next write
+    /// copies as after a fork. Skipped for a layer in too many runs. The VM must be paused.
+    pub fn adopt_layer(&self, layer: &Arc<Layer>) -> Result<()> {
+        let mut runs = self.runs();
+        if layer.runs().len() + runs.len() > MAX_MAPPED_RUNS {
+            return Ok(());
+        }
+        let mut fresh = Vec::with_capacity(layer.runs().len());
+        for &(offset, len) in layer.runs() {
+            self.mapping.remap_range(
+                offset as usize,
+                len as usize,
+                layer.file().as_fd(),
+                Sharing::CopyOnWrite,
+            )?;
+            fresh.push(LayerRun {
+                offset,
+                len,
+                layer: Arc::clone(layer),
+            });
+        }
+        *runs = image::overlay_runs(&runs, fresh);
+        Ok(())
     }
 
     /// Turns this shared mapping of the RAM file into a private one, in place: from now on the
     /// file is frozen (it becomes a fork image) and this VM's writes go to private pages.
     pub fn make_copy_on_write(&self) -> Result<()> {
+        self.runs().clear();
         self.mapping.remap_range(
             0,
             self.mapping.len(),
@@ -234,15 +289,12 @@ impl GuestRam {
         )
     }
 
-    /// Moves vm-memory's record of pages the VMM wrote into `dirty` (and `also`), and clears it.
-    pub fn take_vmm_dirty(&self, dirty: &mut DirtyPages, mut also: Option<&mut DirtyPages>) {
+    /// Moves vm-memory's record of pages the VMM wrote into `dirty`, and clears it.
+    pub fn take_vmm_dirty(&self, dirty: &mut DirtyPages) {
         use vm_memory::GuestMemoryBackend;
         for (region, r) in self.memory.iter().zip(&self.layout.regions) {
             let bits = region.get_mmap().bitmap().get_and_reset();
             dirty.add_region_bitmap(r, &bits);
-            if let Some(also) = also.as_deref_mut() {
-                also.add_region_bitmap(r, &bits);
-            }
         }
     }
 

@@ -5,7 +5,7 @@
 //! that keeps a copy-on-write mapping of the family's base file instead needs only the pages
 //! that differ put right: the ones its last VM dirtied and the overlay pages of both images.
 
-use super::image::FrozenImage;
+use super::image::{FrozenImage, LayerRun};
 use super::mapping::{AddressRange, HostMapping, Sharing};
 use crate::error::Result;
 use std::fs::File;
@@ -41,6 +41,8 @@ pub struct ResidentRam {
     /// [`Self::is_orphaned`]).
     base: Weak<File>,
     file: Option<FileId>,
+    /// Layer runs mapped over the base (the last VM's image's and its own generations').
+    runs: Vec<LayerRun>,
     stale: Vec<u64>,
 }
 
@@ -53,16 +55,23 @@ impl ResidentRam {
             mapping: Arc::new(mapping),
             base: Arc::downgrade(base),
             file: FileId::of(base),
+            runs: Vec::new(),
             stale: Vec::new(),
         })
     }
 
     /// What a VM's RAM leaves behind: `mapping` (of `base`) with private copies at `stale`.
-    pub(super) fn left_by(mapping: Arc<HostMapping>, base: &Arc<File>, stale: Vec<u64>) -> Self {
+    pub(super) fn left_by(
+        mapping: Arc<HostMapping>,
+        base: &Arc<File>,
+        runs: Vec<LayerRun>,
+        stale: Vec<u64>,
+    ) -> Self {
         Self {
             mapping,
             base: Arc::downgrade(base),
             file: FileId::of(base),
+            runs,
             stale,
         }
     }
@@ -93,11 +102,18 @@ impl ResidentRam {
         self.stale.len()
     }
 
-    /// Turns this mapping into a view of `image` (whose base it maps): copies the image's page
-    /// over every stale page and every overlay page. Cost O(those pages), not O(RAM).
-    pub(super) fn make_view_of(self, image: &FrozenImage) -> Result<Arc<HostMapping>> {
-        image.write_view_into(&self.mapping, self.stale.iter().copied())?;
-        Ok(self.mapping)
+    /// Turns this mapping into a view of `image` (whose base it maps): maps the image's layer
+    /// runs (keeping those already mapped) and copies the image's page over every stale page.
+    /// Cost O(runs + stale pages), not O(RAM). Returns the mapping, the runs mapped and the
+    /// pages copied in privately.
+    #[allow(clippy::type_complexity)]
+    pub(super) fn make_view_of(
+        self,
+        image: &FrozenImage,
+    ) -> Result<(Arc<HostMapping>, Vec<LayerRun>, Vec<u64>)> {
+        let (runs, copied) =
+            image.write_view_into(&self.mapping, &self.runs, self.stale.iter().copied())?;
+        Ok((self.mapping, runs, copied))
     }
 
     /// Gives up the mapping without clearing the range, because the caller maps over it at once.

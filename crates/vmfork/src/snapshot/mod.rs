@@ -23,7 +23,7 @@ use crate::devices::SerialSink;
 use crate::error::{Error, Result};
 use crate::fork::ForkOptions;
 use crate::memory::{create_memfd, page_runs, DirtyPages, FrozenImage, HostMapping, PAGE_SIZE};
-use crate::vm::{ForkOrigin, ForkSource, Vm, VmStatus};
+use crate::vm::{ForkOrigin, ForkSource, Vm};
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::os::fd::AsFd;
@@ -196,7 +196,7 @@ impl Vm {
         let target = Target::prepare(dir)?;
         let slot = ProgressSlot::claim(self, &target.path)?;
         let frozen = self.freeze_for_snapshot(&target.path, opts)?;
-        let pause = started.elapsed();
+        let pause = self.last_pause().unwrap_or_default();
         let written = target.write(self, &frozen, &mut |done, total| {
             slot.update(done, total);
             progress(done, total);
@@ -210,7 +210,7 @@ impl Vm {
         let started = Instant::now();
         let slot = ProgressSlot::claim(self, Path::new("-"))?;
         let frozen = self.freeze_for_snapshot(Path::new("-"), &SnapshotOptions::default())?;
-        let pause = started.elapsed();
+        let pause = self.last_pause().unwrap_or_default();
         let written = write_embedded(self, &frozen, out, &mut |done, total| {
             slot.update(done, total)
         });
@@ -228,34 +228,19 @@ impl Vm {
             .clone()
     }
 
-    /// Pauses (if running), saves the state, freezes the memory image, starts tracking pages
-    /// for the next diff, and resumes.
+    /// Pre-copies, pauses (if running), saves the state, freezes the memory image, starts
+    /// tracking pages for the next diff, and resumes: one operation on the VM.
     fn freeze_for_snapshot(&self, dir: &Path, opts: &SnapshotOptions) -> Result<Frozen> {
-        // One operation: nobody else's pause, resume or reset lands between state and memory.
-        let _op = self.exclusive();
-        let was_running = match self.status() {
-            VmStatus::Running => {
-                self.pause()?;
-                true
-            }
-            VmStatus::Exited if self.exit_reason() == Some(crate::ExitReason::Stopped) => {
-                return Err(Error::State {
-                    actual: "stopped",
-                    wanted: "running, paused or not yet started",
-                })
-            }
-            _ => false,
-        };
-        let frozen = self.freeze_paused(dir, opts);
-        if was_running {
-            self.resume()?;
-        }
-        frozen
+        self.at_one_instant(false, |image| self.freeze_paused(dir, opts, image))
     }
 
-    fn freeze_paused(&self, dir: &Path, opts: &SnapshotOptions) -> Result<Frozen> {
+    fn freeze_paused(
+        &self,
+        dir: &Path,
+        opts: &SnapshotOptions,
+        image: Arc<FrozenImage>,
+    ) -> Result<Frozen> {
         let state = self.save_state()?;
-        let image = self.freeze_memory()?;
         let id = new_id()?;
         // Everything that can fail comes before the diff base is handed over below.
         let full = if opts.diff {

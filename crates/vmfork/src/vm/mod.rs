@@ -109,6 +109,8 @@ pub(crate) struct VmShared {
     pub(crate) control: RunControl,
     /// Serializes the operations that change or read the run state, vCPU state or memory.
     ops: OpLock,
+    /// How long the last fork or snapshot of the running VM paused it, in nanoseconds (0: none).
+    last_pause_ns: std::sync::atomic::AtomicU64,
     pub(crate) kicks: kick::KickRegistry,
     pub(crate) tracking: Mutex<MemoryTracking>,
     /// The snapshot being written, if one is: one at a time per VM.
@@ -123,16 +125,36 @@ pub(crate) struct VmShared {
     ram_range: Option<Arc<AddressRange>>,
 }
 
-/// How a VM's RAM relates to a frozen image, and which pages it has written since.
+/// How a VM's RAM relates to a frozen image, and which pages it has written since what. The
+/// dirty log is read once and handed to every consumer, each with its own "since".
 pub(crate) struct MemoryTracking {
-    /// The image this VM's RAM is a copy-on-write view of; `None` while the RAM file is still
-    /// written in place (a VM that was never forked).
+    /// The image of this VM's last generation (its last fork or snapshot; for a fork never
+    /// forked, the image it was forked from); `None` while the RAM file is still written in
+    /// place (a VM that was never forked).
     pub(crate) image: Option<Arc<FrozenImage>>,
-    /// Pages written since the image was taken (or since the last reset).
-    pub(crate) dirty: DirtyPages,
+    /// Pages written since `image`: the next generation's layer.
+    pub(crate) since_image: DirtyPages,
+    /// Pages written since the fork instant (or the last reset): what a reset copies back.
+    pub(crate) since_origin: DirtyPages,
     /// The last snapshot of this VM (or the one it was restored from) and the pages written
     /// since: what a diff snapshot writes.
     pub(crate) since_snapshot: Option<crate::snapshot::SnapshotMark>,
+    /// Pages written since the last pre-copy round of a freeze in progress.
+    pub(crate) since_round: Option<DirtyPages>,
+}
+
+impl MemoryTracking {
+    /// Hands freshly collected dirty pages to every consumer.
+    fn add(&mut self, fresh: &DirtyPages) {
+        self.since_image.union(fresh);
+        self.since_origin.union(fresh);
+        if let Some(mark) = &mut self.since_snapshot {
+            mark.dirty.union(fresh);
+        }
+        if let Some(round) = &mut self.since_round {
+            round.union(fresh);
+        }
+    }
 }
 
 /// Where a fork (or a restored VM, a fork of a snapshot) came from: what
@@ -261,11 +283,14 @@ impl Vm {
                 devices: parts.devices,
                 control: RunControl::new(),
                 ops: OpLock::default(),
+                last_pause_ns: std::sync::atomic::AtomicU64::new(0),
                 kicks: kick::KickRegistry::default(),
                 tracking: Mutex::new(MemoryTracking {
                     image: parts.image,
-                    dirty,
+                    since_image: dirty.clone(),
+                    since_origin: dirty,
                     since_snapshot: None,
+                    since_round: None,
                 }),
                 snapshot_progress: Mutex::new(None),
                 origin: parts.origin,
@@ -350,25 +375,24 @@ impl Drop for VmShared {
 }
 
 impl VmShared {
-    /// Adds the pages written since the last call (guest writes from KVM's dirty log, VMM
-    /// writes from vm-memory's bitmap) to `tracking.dirty`, and clears the dirty log.
+    /// Hands the pages written since the last call (guest writes from KVM's dirty log, VMM
+    /// writes from vm-memory's bitmap) to every consumer in `tracking`, and clears the dirty
+    /// log. Works while the VM runs (a pre-copy round).
     pub(crate) fn collect_dirty(&self, tracking: &mut MemoryTracking) -> Result<()> {
+        let mut fresh = DirtyPages::new(self.ram.size());
         // A paused parent forked again and again has not written since the last look: skip
         // reading a dirty log whose size grows with RAM.
-        let mut since_snapshot = tracking.since_snapshot.as_mut().map(|m| &mut m.dirty);
         if self.control.take_ran() {
             for (slot, region, _) in self.ram.slots() {
                 let bitmap = self
                     .fd
                     .get_dirty_log(slot, region.size as usize)
                     .kvm("KVM_GET_DIRTY_LOG")?;
-                tracking.dirty.add_region_bitmap(&region, &bitmap);
-                if let Some(s) = since_snapshot.as_deref_mut() {
-                    s.add_region_bitmap(&region, &bitmap);
-                }
+                fresh.add_region_bitmap(&region, &bitmap);
             }
         }
-        self.ram.take_vmm_dirty(&mut tracking.dirty, since_snapshot);
+        self.ram.take_vmm_dirty(&mut fresh);
+        tracking.add(&fresh);
         Ok(())
     }
 
@@ -377,16 +401,32 @@ impl VmShared {
     fn leave_resident(&self) -> Option<ResidentRam> {
         let mut tracking = self.tracking.lock().unwrap_or_else(|p| p.into_inner());
         self.collect_dirty(&mut tracking).ok()?;
-        let image = tracking.image.clone()?;
-        let mut stale = std::mem::take(&mut tracking.dirty);
-        for offset in image.overlay_pages() {
-            stale.mark((offset / PAGE_SIZE) as usize);
-        }
+        tracking.image.as_ref()?;
+        // Pages with private copies: all written since the fork (a reset's copies included,
+        // as the reset leaves them written); the layer runs are handed over separately.
+        let mut stale = std::mem::take(&mut tracking.since_origin);
+        stale.union(&tracking.since_image);
         let pages = self.ram.size() / PAGE_SIZE;
         if stale.count() as u64 > MAX_RESIDENT_STALE_PAGES.max(pages / 256) {
             return None;
         }
         self.ram.leave_resident(stale.offsets().collect()).ok()
+    }
+
+    pub(crate) fn record_pause(&self, pause: Duration) {
+        let ns = u64::try_from(pause.as_nanos()).unwrap_or(u64::MAX).max(1);
+        self.last_pause_ns
+            .store(ns, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub(crate) fn last_pause(&self) -> Option<Duration> {
+        match self
+            .last_pause_ns
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            0 => None,
+            ns => Some(Duration::from_nanos(ns)),
+        }
     }
 
     fn vcpu(&self, index: usize) -> Result<MutexGuard<'_, VcpuFd>> {
