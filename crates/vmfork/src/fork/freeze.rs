@@ -52,7 +52,7 @@ impl Vm {
         if running {
             self.pause()?;
         }
-        let result = self.freeze_memory(pre).and_then(|image| at_instant(image));
+        let result = self.freeze_memory(pre).and_then(at_instant);
         if running && !stay_paused {
             self.resume()?;
         }
