@@ -37,13 +37,14 @@ pub const EXIT_PORT: u16 = 0x501;
 
 /// Offsets of the mailbox fields (each a little-endian u64).
 pub mod mailbox {
-    /// First parameter: `memtouch` page count, `counter` delay loop iterations.
+    /// First parameter: `memtouch` and `dirty` page count, `counter` delay loop iterations.
     pub const PARAM0: u64 = 0x08;
-    /// Second parameter: `memtouch` pattern seed.
+    /// Second parameter: `memtouch` pattern seed, `dirty` delay loop iterations per page.
     pub const PARAM1: u64 = 0x10;
     /// Third parameter: `counter` stop value (0 = count forever).
     pub const PARAM2: u64 = 0x18;
-    /// Written by the guest: `counter`'s current value, `memtouch`'s pages written.
+    /// Written by the guest: `counter`'s current value, `memtouch`'s pages written, `dirty`'s
+    /// last complete generation.
     pub const PROGRESS: u64 = 0x20;
     /// Harness input length in bytes.
     pub const INPUT_LEN: u64 = 0x28;

@@ -11,7 +11,8 @@ mod runtime;
 pub mod workloads;
 
 pub use workloads::{
-    memtouch_pattern, DEFAULT_COUNTER_DELAY, DEFAULT_MEMTOUCH_PAGES, HARNESS_CRASH_INPUT,
+    dirty_instant_problem, memtouch_pattern, DEFAULT_COUNTER_DELAY, DEFAULT_DIRTY_PAGES,
+    DEFAULT_MEMTOUCH_PAGES, HARNESS_CRASH_INPUT,
 };
 
 /// A built-in guest workload.
@@ -23,17 +24,19 @@ pub enum Workload {
     Harness,
     Triple,
     Spin,
+    Dirty,
 }
 
 impl Workload {
     /// Every workload, in the order `vmfork guests` lists them.
-    pub const ALL: [Workload; 6] = [
+    pub const ALL: [Workload; 7] = [
         Workload::Hello,
         Workload::Counter,
         Workload::Memtouch,
         Workload::Harness,
         Workload::Triple,
         Workload::Spin,
+        Workload::Dirty,
     ];
 
     pub fn name(self) -> &'static str {
@@ -44,6 +47,7 @@ impl Workload {
             Workload::Harness => "harness",
             Workload::Triple => "triple",
             Workload::Spin => "spin",
+            Workload::Dirty => "dirty",
         }
     }
 
@@ -55,6 +59,7 @@ impl Workload {
             Workload::Harness => "fuzzing target: exits with how much of \"FUZZ\" the input starts with; \"FUZZ\" crashes",
             Workload::Triple => "prints a line, then triple-faults",
             Workload::Spin => "spins forever without output",
+            Workload::Dirty => "rewrites PARAM0 pages from 4 MiB forever, stamping a generation number (PARAM1: delay per page)",
         }
     }
 
@@ -72,6 +77,7 @@ impl Workload {
             Workload::Harness => workloads::harness(),
             Workload::Triple => workloads::triple(),
             Workload::Spin => workloads::spin(),
+            Workload::Dirty => workloads::dirty(),
         };
         // The assembler input is fixed at compile time, so failure here is a bug in this crate.
         let user_code = user_code.expect("built-in workload assembles");

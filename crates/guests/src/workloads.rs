@@ -193,6 +193,89 @@ pub fn memtouch() -> Result<Vec<u8>, IcedError> {
     g.finish()
 }
 
+/// `dirty`'s working set when the mailbox leaves PARAM0 at zero.
+pub const DEFAULT_DIRTY_PAGES: u64 = 256;
+
+/// Rewrites a working set of PARAM0 pages from [`MEMTOUCH_BASE`] forever, one generation after
+/// another: generation `g` stamps `g` into the first and last 8 bytes of every page in order,
+/// then stores `g` in PROGRESS. PARAM1 delay-loop iterations follow each page (0: none). While
+/// it runs, `rbx` holds the generation being written and `r14` the pages of it done, so a fork
+/// or snapshot can be checked for being one instant ([`dirty_instant_problem`]).
+pub fn dirty() -> Result<Vec<u8>, IcedError> {
+    let mut g = Asm::new()?;
+    let a = &mut g.a;
+    let mut have_pages = a.create_label();
+    a.mov(r12, qword_ptr(r15 + mailbox::PARAM0))?;
+    a.test(r12, r12)?;
+    a.jnz(have_pages)?;
+    a.mov(r12, DEFAULT_DIRTY_PAGES)?;
+    a.set_label(&mut have_pages)?;
+    a.mov(r13, qword_ptr(r15 + mailbox::PARAM1))?;
+    // Continue from the mailbox, so a restored or forked guest writes the next generation.
+    a.mov(rbx, qword_ptr(r15 + mailbox::PROGRESS))?;
+    let mut generation = a.create_label();
+    let mut page = a.create_label();
+    let mut no_delay = a.create_label();
+    a.set_label(&mut generation)?;
+    // r14 first, then rbx: every instruction boundary leaves a state the check accepts.
+    a.xor(r14d, r14d)?;
+    a.mov(rdi, MEMTOUCH_BASE)?;
+    a.inc(rbx)?;
+    a.set_label(&mut page)?;
+    a.mov(qword_ptr(rdi), rbx)?;
+    a.mov(qword_ptr(rdi + 4088), rbx)?;
+    a.add(rdi, 4096)?;
+    a.inc(r14)?;
+    a.mov(rcx, r13)?;
+    a.test(rcx, rcx)?;
+    a.jz(no_delay)?;
+    let mut delay = a.create_label();
+    a.set_label(&mut delay)?;
+    a.dec(rcx)?;
+    a.jnz(delay)?;
+    a.set_label(&mut no_delay)?;
+    a.cmp(r14, r12)?;
+    a.jb(page)?;
+    a.mov(qword_ptr(r15 + mailbox::PROGRESS), rbx)?;
+    a.jmp(generation)?;
+    g.finish()
+}
+
+/// Why a `dirty` guest's memory and registers are not one instant, or `None` if they are.
+/// `generation` = its `rbx`, `done` = its `r14`, `progress` = its PROGRESS mailbox word, and
+/// `stamps(i)` = the first and last 8 bytes of working-set page `i` (of `pages`).
+pub fn dirty_instant_problem(
+    generation: u64,
+    done: u64,
+    progress: u64,
+    pages: u64,
+    mut stamps: impl FnMut(u64) -> (u64, u64),
+) -> Option<String> {
+    let g = generation;
+    let complete = progress == g;
+    if !complete && progress.wrapping_add(1) != g {
+        return Some(format!("PROGRESS {progress} is not rbx {g} or rbx - 1"));
+    }
+    for i in 0..pages {
+        let (first, last) = stamps(i);
+        let ok = |v: u64| {
+            if complete || i < done {
+                v == g
+            } else if i == done {
+                v == g || v == g.wrapping_sub(1)
+            } else {
+                v == g.wrapping_sub(1)
+            }
+        };
+        if !ok(first) || !ok(last) {
+            return Some(format!(
+                "page {i} has stamps {first}/{last}, but rbx {g}, r14 {done}, PROGRESS {progress}"
+            ));
+        }
+    }
+    None
+}
+
 /// A fuzzing target: scores how much of [`HARNESS_CRASH_INPUT`] the input (INPUT_LEN bytes at
 /// [`INPUT`]) starts with and exits with that score; the full match crashes (`ud2`, which with no
 /// IDT becomes a triple fault).

@@ -24,7 +24,7 @@ use crate::state::{CpuRegisters, IrqchipState, VcpuState, VmState};
 use control::RunControl;
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{VcpuFd, VmFd};
-pub(crate) use op_lock::OpGuard;
+pub use op_lock::OpGuard;
 use op_lock::OpLock;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -311,8 +311,10 @@ impl Vm {
     }
 
     /// Holds this VM's operation lock: no other thread forks, snapshots, resets, pauses,
-    /// resumes or reads or writes its state until the guard drops (see [`op_lock`]).
-    pub(crate) fn exclusive(&self) -> OpGuard<'_> {
+    /// resumes or reads or writes its state until the guard drops. Every such method takes it
+    /// on its own; hold it to make several of them one operation (pause, reset, resume). It is
+    /// reentrant: the holder's own calls go through.
+    pub fn exclusive(&self) -> OpGuard<'_> {
         self.shared.ops.lock()
     }
 

@@ -21,9 +21,10 @@ pub(crate) struct OpLock {
     released: Condvar,
 }
 
-/// Held while an operation runs; dropping it lets the next one in.
+/// Held while an operation runs on a VM ([`super::Vm::exclusive`]); dropping it lets the next
+/// one in.
 #[must_use]
-pub(crate) struct OpGuard<'a> {
+pub struct OpGuard<'a> {
     lock: &'a OpLock,
 }
 
