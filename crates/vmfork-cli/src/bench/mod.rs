@@ -2,6 +2,7 @@
 //! or as one JSON object `{"suite", "metrics": [{"name", "value", "unit", "params"}]}`.
 
 mod boot;
+mod busy;
 mod fork;
 mod snapshot;
 
@@ -18,6 +19,9 @@ pub enum Suite {
     Fork(BenchArgs),
     /// Snapshot write throughput (vs dd), snapshot pause, restore latency by RAM size.
     Snapshot(BenchArgs),
+    /// A guest that keeps writing: fork/snapshot pause by pages dirtied since the last one,
+    /// memory per fork and kept by the parent, fork latency among 1,000 siblings.
+    Busy(BenchArgs),
 }
 
 #[derive(Args, Clone, Copy)]
@@ -31,7 +35,8 @@ pub struct BenchArgs {
 }
 
 pub fn run(suite: Suite) -> CliResult<u8> {
-    let (Suite::Boot(args) | Suite::Fork(args) | Suite::Snapshot(args)) = &suite;
+    let (Suite::Boot(args) | Suite::Fork(args) | Suite::Snapshot(args) | Suite::Busy(args)) =
+        &suite;
     if args.runs < 5 {
         return Err("--runs must be at least 5".into());
     }
@@ -39,6 +44,7 @@ pub fn run(suite: Suite) -> CliResult<u8> {
         Suite::Boot(args) => (args, boot::run(args)?),
         Suite::Fork(args) => (args, fork::run(args)?),
         Suite::Snapshot(args) => (args, snapshot::run(args)?),
+        Suite::Busy(args) => (args, busy::run(args)?),
     };
     if args.json {
         println!(

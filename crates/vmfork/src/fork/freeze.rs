@@ -66,6 +66,12 @@ impl Vm {
         self.shared().last_pause()
     }
 
+    /// The longest pause a background worker took on this VM (adopting a large layer after a
+    /// fork or snapshot: a chunk of pages per pause).
+    pub fn max_background_pause(&self) -> Duration {
+        self.shared().max_background_pause()
+    }
+
     /// Pre-copy rounds while the VM runs: copies the pages written since its last image into a
     /// new layer, then those written during that copy, until few are left. `None` when there is
     /// nothing worth doing before the pause (first freeze, or few pages).
@@ -148,9 +154,17 @@ impl Vm {
         layer.copy(shared.ram.mapping(), &to_copy)?;
         let layer = layer.seal(&tracking.since_image)?;
         let next = image.with_layer(Arc::clone(&layer))?;
-        shared.ram.adopt_layer(&layer)?;
+        let replaced = if layer.pages() <= super::adopt::ADOPT_IN_PAUSE_PAGES {
+            shared.ram.adopt_layer_runs(&layer, layer.runs())?
+        } else {
+            super::adopt::adopt_in_background(self.shared_weak(), Arc::clone(&layer));
+            Vec::new()
+        };
         tracking.since_image.clear();
-        tracking.image = Some(Arc::clone(&next));
+        // The previous image may hold the last reference to a superseded layer: free it (and
+        // the replaced pages) on the reaper thread, not in the pause.
+        let previous = tracking.image.replace(Arc::clone(&next));
+        crate::vm::pool::reap(Box::new((previous, replaced)));
         Ok(next)
     }
 }

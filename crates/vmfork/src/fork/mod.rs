@@ -7,6 +7,7 @@
 //! copies back only the pages a fork dirtied (KVM's dirty log plus the VMM's own writes) and
 //! reloads the vCPU, irqchip, clock and device state saved at the fork instant.
 
+mod adopt;
 mod freeze;
 
 use crate::devices::{Devices, SerialSink};
@@ -67,16 +68,16 @@ impl Vm {
     pub fn fork_many(&self, opts: &ForkOptions, sinks: Vec<SerialSink>) -> Result<Vec<Vm>> {
         // Pre-copy, pause, save, freeze and resume as one operation: no other client's pause,
         // resume or reset can land in between (and be undone, or tear the child).
-        self.at_one_instant(opts.pause_parent, |image| {
-            let state = self.save_state()?;
-            sinks
-                .into_iter()
-                .map(|sink| {
-                    let origin = ForkOrigin::new(&state, &image, ForkSource::Vm(self.id()), opts);
-                    Vm::from_image(self.config(), origin, sink, opts)
-                })
-                .collect()
-        })
+        let (state, image) =
+            self.at_one_instant(opts.pause_parent, |image| Ok((self.save_state()?, image)))?;
+        // The children are built after the parent runs again: the pause holds only the instant.
+        sinks
+            .into_iter()
+            .map(|sink| {
+                let origin = ForkOrigin::new(&state, &image, ForkSource::Vm(self.id()), opts);
+                Vm::from_image(self.config(), origin, sink, opts)
+            })
+            .collect()
     }
 
     /// A new VM (not started) whose RAM is a copy-on-write view of the origin's image and whose

@@ -156,7 +156,8 @@ impl FrozenImage {
         layers.len()
     }
 
-    fn run_at(&self, offset: u64) -> Option<&LayerRun> {
+    /// The layer run holding the page at `offset`, if a layer holds it.
+    pub fn run_at(&self, offset: u64) -> Option<&LayerRun> {
         let i = self.runs.partition_point(|r| r.end() <= offset);
         self.runs.get(i).filter(|r| r.contains(offset))
     }

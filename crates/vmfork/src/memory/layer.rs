@@ -5,7 +5,7 @@
 //! up its private copies for the layer's (each page stored once).
 
 use super::mapping::{create_memfd, HostMapping};
-use super::{page_runs, DirtyPages, MemoryLayout, PAGE_SIZE};
+use super::{DirtyPages, MemoryLayout, PAGE_SIZE};
 use crate::error::Result;
 use std::fs::File;
 use std::os::fd::AsFd;
@@ -78,7 +78,7 @@ impl LayerBuilder {
     /// be written meanwhile (a pre-copy round); a page so torn is copied again by a later round.
     pub fn copy(&mut self, src: &HostMapping, pages: &DirtyPages) -> Result<u64> {
         let mut copied = 0;
-        for (start, n) in page_runs(pages.offsets()) {
+        for (start, n) in pages.runs() {
             src.write_to_file(start as usize, (n * PAGE_SIZE) as usize, &self.file)?;
             copied += n;
         }
@@ -89,7 +89,8 @@ impl LayerBuilder {
     /// last copy made while nothing wrote it).
     pub fn seal(self, pages: &DirtyPages) -> Result<Arc<Layer>> {
         let view = HostMapping::map_file_readonly(self.file.as_fd(), self.size as usize)?;
-        let runs = page_runs(pages.offsets())
+        let runs = pages
+            .runs()
             .into_iter()
             .map(|(start, n)| (start, n * PAGE_SIZE))
             .collect();

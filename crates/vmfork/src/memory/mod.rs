@@ -12,7 +12,7 @@ mod resident;
 pub use dirty::DirtyPages;
 pub use image::{FrozenImage, LayerRun, MAX_MAPPED_RUNS};
 pub use layer::{Layer, LayerBuilder};
-pub use mapping::{create_memfd, data_ranges, AddressRange, HostMapping, Sharing};
+pub use mapping::{create_memfd, data_ranges, AddressRange, DetachedPages, HostMapping, Sharing};
 pub use resident::{FileId, ResidentRam};
 
 use crate::error::{Error, Result};
@@ -250,31 +250,38 @@ impl GuestRam {
         self.runs().len()
     }
 
-    /// Gives up this VM's private copies of `layer`'s pages for the layer's own (which hold the
-    /// same bytes: the layer was just copied from them while the VM was paused), mapping each of
-    /// its runs copy-on-write in place: the pages are then stored once, and the VM's next write
-    /// copies as after a fork. Skipped for a layer in too many runs. The VM must be paused.
-    pub fn adopt_layer(&self, layer: &Arc<Layer>) -> Result<()> {
-        let mut runs = self.runs();
-        if layer.runs().len() + runs.len() > MAX_MAPPED_RUNS {
-            return Ok(());
+    /// Gives up this VM's private copies of `layer`'s pages in `runs` (file offset, bytes) for
+    /// the layer's own, which must hold the same bytes (copied from them with the VM paused,
+    /// and not written since), mapping each run copy-on-write in place: the pages are then
+    /// stored once, and the VM's next write copies as after a fork. Skipped when the runs would
+    /// be too many mappings. The VM must be paused. Returns the replaced private pages, for the
+    /// caller to free off its hot path.
+    pub fn adopt_layer_runs(
+        &self,
+        layer: &Arc<Layer>,
+        runs: &[(u64, u64)],
+    ) -> Result<Vec<DetachedPages>> {
+        let mut mapped = self.runs();
+        let mut detached = Vec::new();
+        if runs.len() + mapped.len() > MAX_MAPPED_RUNS {
+            return Ok(detached);
         }
-        let mut fresh = Vec::with_capacity(layer.runs().len());
-        for &(offset, len) in layer.runs() {
-            self.mapping.remap_range(
+        let mut fresh = Vec::with_capacity(runs.len());
+        for &(offset, len) in runs {
+            detached.extend(self.mapping.replace_range(
                 offset as usize,
                 len as usize,
                 layer.file().as_fd(),
                 Sharing::CopyOnWrite,
-            )?;
+            )?);
             fresh.push(LayerRun {
                 offset,
                 len,
                 layer: Arc::clone(layer),
             });
         }
-        *runs = image::overlay_runs(&runs, fresh);
-        Ok(())
+        *mapped = image::overlay_runs(&mapped, fresh);
+        Ok(detached)
     }
 
     /// Turns this shared mapping of the RAM file into a private one, in place: from now on the

@@ -63,6 +63,11 @@ impl RunControl {
         self.lock().want
     }
 
+    /// vCPU threads still alive (0 for a VM never started, or run inline on its caller).
+    pub fn alive(&self) -> usize {
+        self.lock().alive
+    }
+
     pub fn set_want(&self, want: Want) {
         let mut s = self.lock();
         if s.want == Want::Stop {

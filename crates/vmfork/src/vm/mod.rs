@@ -111,6 +111,8 @@ pub(crate) struct VmShared {
     ops: OpLock,
     /// How long the last fork or snapshot of the running VM paused it, in nanoseconds (0: none).
     last_pause_ns: std::sync::atomic::AtomicU64,
+    /// The longest pause a background worker (layer adoption) took, in nanoseconds.
+    max_background_pause_ns: std::sync::atomic::AtomicU64,
     pub(crate) kicks: kick::KickRegistry,
     pub(crate) tracking: Mutex<MemoryTracking>,
     /// The snapshot being written, if one is: one at a time per VM.
@@ -284,6 +286,7 @@ impl Vm {
                 control: RunControl::new(),
                 ops: OpLock::default(),
                 last_pause_ns: std::sync::atomic::AtomicU64::new(0),
+                max_background_pause_ns: std::sync::atomic::AtomicU64::new(0),
                 kicks: kick::KickRegistry::default(),
                 tracking: Mutex::new(MemoryTracking {
                     image: parts.image,
@@ -320,6 +323,11 @@ impl Vm {
 
     pub(crate) fn shared(&self) -> &VmShared {
         &self.shared
+    }
+
+    /// The shared part, for a background worker to hold weakly.
+    pub(crate) fn shared_weak(&self) -> std::sync::Weak<VmShared> {
+        Arc::downgrade(&self.shared)
     }
 
     /// A process-unique id.
@@ -413,6 +421,50 @@ impl VmShared {
             return None;
         }
         self.ram.leave_resident(stale.offsets().collect()).ok()
+    }
+
+    /// Holds the VM's operation lock from a background worker (which has no `Vm`).
+    pub(crate) fn exclusive(&self) -> OpGuard<'_> {
+        self.ops.lock()
+    }
+
+    /// For a background worker holding the op lock: stops running vCPU threads and returns
+    /// `Some(true)` (resume with [`Self::background_resume`]), `Some(false)` if none run,
+    /// `None` if the VM cannot be paused from here (it is stopping, or runs inline on its
+    /// caller's thread).
+    pub(crate) fn background_pause(&self) -> Option<bool> {
+        match self.control.want() {
+            Want::Stop => None,
+            Want::Pause => Some(false),
+            Want::Run if self.control.alive() == 0 => None,
+            Want::Run => {
+                self.control.set_want(Want::Pause);
+                self.kicks.kick_all();
+                if self.control.wait_parked(self.vcpus.len()) {
+                    Some(true)
+                } else {
+                    None
+                }
+            }
+        }
+    }
+
+    pub(crate) fn background_resume(&self) {
+        self.control.set_want(Want::Run);
+    }
+
+    /// Records a pause taken by a background worker (the longest is kept).
+    pub(crate) fn record_background_pause(&self, pause: Duration) {
+        let ns = u64::try_from(pause.as_nanos()).unwrap_or(u64::MAX);
+        self.max_background_pause_ns
+            .fetch_max(ns, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub(crate) fn max_background_pause(&self) -> Duration {
+        Duration::from_nanos(
+            self.max_background_pause_ns
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
     }
 
     pub(crate) fn record_pause(&self, pause: Duration) {

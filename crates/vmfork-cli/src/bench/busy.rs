@@ -1,0 +1,234 @@
+//! The busy suite: forks and snapshots of a 1 GiB guest that keeps writing (the `dirty` guest
+//! rewriting a working set), many siblings, and the memory a long-running parent keeps.
+
+use super::{p50_p99, BenchArgs, Report};
+use crate::CliResult;
+use guests::layout::{mailbox, MAILBOX};
+use guests::Workload;
+use serde_json::json;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use vmfork::boot::{BootSpec, Kernel};
+use vmfork::devices::SerialSink;
+use vmfork::vm::pool;
+use vmfork::{ForkOptions, SnapshotOptions, Vm, VmConfig};
+
+const MEM_MIB: u64 = 1024;
+
+fn err(e: vmfork::Error) -> String {
+    e.to_string()
+}
+
+/// A running 1 GiB guest: `dirty` rewriting `pages` pages, or `spin` (writes nothing) for 0.
+fn busy_vm(pages: u64, delay: u64) -> CliResult<Vm> {
+    let config = VmConfig {
+        mem_bytes: MEM_MIB << 20,
+        ..VmConfig::default()
+    };
+    let workload = if pages == 0 {
+        Workload::Spin
+    } else {
+        Workload::Dirty
+    };
+    let vm = Vm::boot(
+        config,
+        SerialSink::Discard,
+        &BootSpec::new(Kernel::Elf(workload.elf())),
+    )
+    .map_err(err)?;
+    for (field, value) in [(mailbox::PARAM0, pages), (mailbox::PARAM1, delay)] {
+        vm.ram().write_u64(MAILBOX + field, value).map_err(err)?;
+    }
+    vm.start().map_err(err)?;
+    Ok(vm)
+}
+
+fn generation(vm: &Vm) -> CliResult<u64> {
+    vm.ram().read_u64(MAILBOX + mailbox::PROGRESS).map_err(err)
+}
+
+/// Waits until the `dirty` guest has written a whole generation after `since` (so every page of
+/// its working set was written since then); no wait for `spin`.
+fn wait_full_generation(vm: &Vm, pages: u64, since: u64) -> CliResult<u64> {
+    if pages == 0 {
+        return Ok(0);
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let g = generation(vm)?;
+        if g >= since + 2 {
+            return Ok(g);
+        }
+        if Instant::now() > deadline {
+            return Err(format!("the dirty guest is stuck at generation {g}"));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Memory the process holds: its anonymous pages plus the system's shared memory (memfds:
+/// RAM files and layers, mapped or not).
+fn memory_bytes() -> CliResult<u64> {
+    let kib = |text: &str, key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .map(|k| k * 1024)
+            .ok_or_else(|| format!("no {key} in /proc"))
+    };
+    let status = std::fs::read_to_string("/proc/self/status").map_err(|e| e.to_string())?;
+    let meminfo = std::fs::read_to_string("/proc/meminfo").map_err(|e| e.to_string())?;
+    Ok(kib(&status, "RssAnon:")? + kib(&meminfo, "Shmem:")?)
+}
+
+pub fn run(args: BenchArgs) -> CliResult<Report> {
+    let mut report = Report::new("busy");
+    let dir = std::env::current_dir()
+        .map_err(|e| e.to_string())?
+        .join(format!(".vmfork-bench-busy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let result = measure(args, &dir, &mut report);
+    let _ = std::fs::remove_dir_all(&dir);
+    result.map(|()| report)
+}
+
+fn measure(args: BenchArgs, dir: &Path, report: &mut Report) -> CliResult<()> {
+    let opts = ForkOptions::default();
+    for dirty in [0u64, 10_000, 200_000] {
+        let runs = if dirty >= 100_000 {
+            args.runs.min(7)
+        } else {
+            args.runs.min(20)
+        };
+        let parent = busy_vm(dirty, 0)?;
+        wait_full_generation(&parent, dirty, 0)?;
+        drop(parent.fork(&opts).map_err(err)?); // the first fork freezes the RAM file
+        let mut since = generation(&parent)?;
+        let (mut pauses, mut ready, mut snap_pauses) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..runs {
+            wait_full_generation(&parent, dirty, since)?;
+            let t = Instant::now();
+            let child = parent.fork(&opts).map_err(err)?;
+            ready.push(t.elapsed().as_secs_f64() * 1e3);
+            let pause = parent.last_pause().unwrap_or_default();
+            pauses.push(pause.as_secs_f64() * 1e6);
+            since = generation(&parent)?;
+            drop(child);
+        }
+        for i in 0..runs.min(5) {
+            wait_full_generation(&parent, dirty, since)?;
+            let path = dir.join(format!("snap-{dirty}-{i}"));
+            let snap = parent
+                .snapshot(&path, &SnapshotOptions::default())
+                .map_err(err)?;
+            snap_pauses.push(snap.pause_us as f64);
+            since = generation(&parent)?;
+            let _ = std::fs::remove_dir_all(&path);
+        }
+        parent.stop();
+        drop(parent);
+        pool::drain();
+        let params = [
+            ("dirty_pages_since_last", json!(dirty)),
+            ("mem_mib", json!(MEM_MIB)),
+        ];
+        let (p50, p99) = p50_p99(&mut pauses);
+        report.add("fork_pause_us_p50", p50, "us", &params);
+        report.add("fork_pause_us_p99", p99, "us", &params);
+        report.add_median("fork_ready_ms_p50", &mut ready, "ms", &params);
+        report.add_median("snapshot_pause_us_p50", &mut snap_pauses, "us", &params);
+    }
+
+    memory_after_forks(report)?;
+    siblings(args, report)?;
+    Ok(())
+}
+
+/// Memory of 10 forks of a parent that wrote 200,000 pages since its last fork (none written
+/// in between), and what the parent keeps once they are gone.
+fn memory_after_forks(report: &mut Report) -> CliResult<()> {
+    const PAGES: u64 = 200_000;
+    pool::drain();
+    let baseline = memory_bytes()?;
+    let parent = busy_vm(PAGES, 0)?;
+    wait_full_generation(&parent, PAGES, 0)?;
+    drop(parent.fork(&ForkOptions::default()).map_err(err)?);
+    let since = generation(&parent)?;
+    wait_full_generation(&parent, PAGES, since)?;
+    parent.pause().map_err(err)?;
+    let before = memory_bytes()?;
+    let forks = (0..10)
+        .map(|_| parent.fork(&ForkOptions::default()))
+        .collect::<vmfork::Result<Vec<_>>>()
+        .map_err(err)?;
+    let after = memory_bytes()?;
+    let per_fork = after.saturating_sub(before) as f64 / 10.0;
+    report.add(
+        "rss_growth_per_fork_bytes",
+        per_fork,
+        "bytes",
+        &[
+            ("forks", json!(10)),
+            ("dirty_pages_since_last", json!(PAGES)),
+            ("mem_mib", json!(MEM_MIB)),
+        ],
+    );
+    drop(forks);
+    pool::drain();
+    parent.resume().map_err(err)?;
+    std::thread::sleep(Duration::from_millis(200));
+    let kept = memory_bytes()?.saturating_sub(baseline);
+    report.add(
+        "parent_rss_ratio",
+        kept as f64 / (MEM_MIB << 20) as f64,
+        "ratio",
+        &[
+            ("dirty_pages_written", json!(PAGES)),
+            ("mem_mib", json!(MEM_MIB)),
+        ],
+    );
+    parent.stop();
+    drop(parent);
+    pool::drain();
+    Ok(())
+}
+
+/// Fork latency with no siblings and with 1,000 live ones, and a burst of 1,000 forks.
+fn siblings(args: BenchArgs, report: &mut Report) -> CliResult<()> {
+    let parent = busy_vm(256, 1000)?;
+    wait_full_generation(&parent, 256, 0)?;
+    let opts = ForkOptions::default();
+    drop(parent.fork(&opts).map_err(err)?);
+    let time_fork = |samples: &mut Vec<f64>| -> CliResult<Vm> {
+        let t = Instant::now();
+        let child = parent.fork(&opts).map_err(err)?;
+        samples.push(t.elapsed().as_secs_f64() * 1e6);
+        Ok(child)
+    };
+    let mut alone = Vec::new();
+    for _ in 0..args.runs {
+        drop(time_fork(&mut alone)?);
+    }
+    let t = Instant::now();
+    let mut family = (0..1000)
+        .map(|_| parent.fork(&opts))
+        .collect::<vmfork::Result<Vec<_>>>()
+        .map_err(err)?;
+    let burst_ms = t.elapsed().as_secs_f64() * 1e3;
+    let mut crowded = Vec::new();
+    for _ in 0..args.runs {
+        family.push(time_fork(&mut crowded)?);
+        family.swap_remove(0);
+    }
+    let t = Instant::now();
+    drop(family);
+    let teardown_ms = t.elapsed().as_secs_f64() * 1e3;
+    parent.stop();
+    pool::drain();
+    let params = |n: u64| [("siblings", json!(n)), ("mem_mib", json!(MEM_MIB))];
+    report.add_median("fork_latency_us_p50", &mut alone, "us", &params(0));
+    report.add_median("fork_latency_us_p50", &mut crowded, "us", &params(1000));
+    report.add("forks_1000_total_ms", burst_ms, "ms", &params(1000));
+    report.add("destroy_1000_ms", teardown_ms, "ms", &params(1000));
+    Ok(())
+}

@@ -1,0 +1,101 @@
+//! Adopting a large layer in the background: the VM that wrote a generation's pages gives up
+//! its private copies for the layer's (so each page is stored once), a chunk at a time, each
+//! chunk under the VM's operation lock with the VM paused for about a millisecond. Doing all of
+//! a 200,000-page layer inside the fork's pause would cost ~12 ms here (KVM zaps the range).
+//!
+//! A page is adopted only while the layer still holds its newest saved content and the VM has
+//! not written it since; anything else stays private (and goes into the next generation).
+
+use crate::memory::{page_runs, Layer, MAX_MAPPED_RUNS, PAGE_SIZE};
+use crate::vm::{pool, VmShared};
+use std::sync::{Arc, Weak};
+use std::time::Instant;
+
+/// Layers of at most this many pages are adopted inside the pause itself.
+pub(crate) const ADOPT_IN_PAUSE_PAGES: u64 = 16_384;
+/// Pages adopted per background pause.
+const CHUNK_PAGES: u64 = 16_384;
+
+/// Starts adopting `layer` into the VM's RAM on a background thread.
+pub(crate) fn adopt_in_background(vm: Weak<VmShared>, layer: Arc<Layer>) {
+    let spawned = std::thread::Builder::new()
+        .name("vmfork-adopt".into())
+        .spawn(move || adopt_chunks(&vm, &layer));
+    // No thread: the VM keeps its private copies (more memory, same contents).
+    drop(spawned);
+}
+
+fn adopt_chunks(vm: &Weak<VmShared>, layer: &Arc<Layer>) {
+    for chunk in chunks(layer.runs()) {
+        let Some(shared) = vm.upgrade() else { return };
+        let _op = shared.exclusive();
+        let Some(resume) = shared.background_pause() else {
+            return;
+        };
+        let started = Instant::now();
+        let adopted = adopt_chunk(&shared, layer, &chunk);
+        if resume {
+            shared.background_resume();
+        }
+        shared.record_background_pause(started.elapsed());
+        match adopted {
+            Ok(true) => {}
+            // A newer generation replaced the layer, or the VM cannot take more mappings.
+            Ok(false) | Err(_) => return,
+        }
+    }
+}
+
+/// Adopts the pages of `chunk` that still hold `layer`'s content; `false` when none can be.
+fn adopt_chunk(shared: &VmShared, layer: &Arc<Layer>, chunk: &[(u64, u64)]) -> crate::Result<bool> {
+    let mut tracking = shared.tracking.lock().unwrap_or_else(|p| p.into_inner());
+    shared.collect_dirty(&mut tracking)?;
+    let Some(image) = tracking.image.clone() else {
+        return Ok(false);
+    };
+    let same = chunk
+        .iter()
+        .flat_map(|&(offset, len)| (offset..offset + len).step_by(PAGE_SIZE as usize));
+    let clean = same.filter(|&p| {
+        !tracking.since_image.is_set((p / PAGE_SIZE) as usize)
+            && image
+                .run_at(p)
+                .is_some_and(|r| Arc::ptr_eq(&r.layer, layer))
+    });
+    let runs: Vec<(u64, u64)> = page_runs(clean)
+        .into_iter()
+        .map(|(start, n)| (start, n * PAGE_SIZE))
+        .collect();
+    if runs.is_empty() {
+        return Ok(true);
+    }
+    if runs.len() + shared.ram.mapped_runs() > MAX_MAPPED_RUNS {
+        return Ok(false);
+    }
+    let replaced = shared.ram.adopt_layer_runs(layer, &runs)?;
+    pool::reap(Box::new(replaced));
+    Ok(true)
+}
+
+/// `runs` cut into pieces of at most [`CHUNK_PAGES`] pages, grouped per chunk.
+fn chunks(runs: &[(u64, u64)]) -> Vec<Vec<(u64, u64)>> {
+    let limit = CHUNK_PAGES * PAGE_SIZE;
+    let mut out: Vec<Vec<(u64, u64)>> = vec![Vec::new()];
+    let mut room = limit;
+    for &(mut offset, mut len) in runs {
+        while len > 0 {
+            if room == 0 {
+                out.push(Vec::new());
+                room = limit;
+            }
+            let take = len.min(room);
+            if let Some(last) = out.last_mut() {
+                last.push((offset, take));
+            }
+            offset += take;
+            len -= take;
+            room -= take;
+        }
+    }
+    out
+}
