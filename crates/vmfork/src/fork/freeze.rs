@@ -16,7 +16,8 @@ use crate::vm::{register_memslots, Vm, VmStatus};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Below this many pages left to copy, stop pre-copying and copy the rest in the pause.
+/// Below this many pages left to copy, stop pre-copying and copy the rest in the pause (they
+/// were copied once already, so this only overwrites them: ~0.3 µs a page here).
 const PRECOPY_ENOUGH_PAGES: usize = 512;
 /// Pre-copy rounds at most (a guest writing faster than pages are copied does not converge).
 const PRECOPY_MAX_ROUNDS: usize = 6;
@@ -82,7 +83,9 @@ impl Vm {
             return Ok(None);
         }
         shared.collect_dirty(&mut tracking)?;
-        if tracking.since_image.count() < PRECOPY_ENOUGH_PAGES {
+        // Even a few pages are worth copying before the pause: a first copy allocates the
+        // layer's pages, the one in the pause then only overwrites them.
+        if tracking.since_image.count() == 0 {
             return Ok(None);
         }
         let mut pending = tracking.since_image.clone();

@@ -231,7 +231,22 @@ impl Vm {
     /// Pre-copies, pauses (if running), saves the state, freezes the memory image, starts
     /// tracking pages for the next diff, and resumes: one operation on the VM.
     fn freeze_for_snapshot(&self, dir: &Path, opts: &SnapshotOptions) -> Result<Frozen> {
-        self.at_one_instant(false, |image| self.freeze_paused(dir, opts, image))
+        let (mut frozen, diff) =
+            self.at_one_instant(false, |image| self.freeze_paused(dir, opts, image))?;
+        // Listing the pages to write takes milliseconds for a large image: done after the VM
+        // runs again, from the frozen image.
+        let pages = match diff {
+            Some(dirty) => Ok(dirty.offsets().collect()),
+            None => memory_file::full_pages(&frozen.image),
+        };
+        match pages {
+            Ok(pages) => frozen.pages = pages,
+            Err(e) => {
+                self.settle_snapshot_mark(&frozen, None);
+                return Err(e);
+            }
+        }
+        Ok(frozen)
     }
 
     fn freeze_paused(
@@ -239,21 +254,16 @@ impl Vm {
         dir: &Path,
         opts: &SnapshotOptions,
         image: Arc<FrozenImage>,
-    ) -> Result<Frozen> {
+    ) -> Result<(Frozen, Option<DirtyPages>)> {
         let state = self.save_state()?;
         let id = new_id()?;
         // Everything that can fail comes before the diff base is handed over below.
-        let full = if opts.diff {
-            None
-        } else {
-            Some(memory_file::full_pages(&image)?)
-        };
         let mut tracking = self.tracking();
         let previous = tracking.since_snapshot.take();
-        let (pages, base) = match (&previous, opts.diff) {
-            (_, false) => (full, None),
+        let (diff, base) = match (&previous, opts.diff) {
+            (_, false) => (None, None),
             (Some(prev), true) => (
-                Some(prev.dirty.offsets().collect::<Vec<_>>()),
+                Some(prev.dirty.clone()),
                 Some(BaseRecord {
                     id: prev.id,
                     memory_crc32: prev.memory_crc32,
@@ -276,15 +286,15 @@ impl Vm {
             dirty: DirtyPages::new(self.ram().size()),
         });
         drop(tracking);
-        let pages = pages.unwrap_or_default();
-        Ok(Frozen {
+        let frozen = Frozen {
             state,
             image,
-            pages,
+            pages: Vec::new(),
             base,
             previous,
             id,
-        })
+        };
+        Ok((frozen, diff))
     }
 
     /// After writing: on success the new snapshot becomes the base of the next diff (with its
