@@ -111,6 +111,8 @@ pub(crate) struct VmShared {
     ops: OpLock,
     /// How long the last fork or snapshot of the running VM paused it, in nanoseconds (0: none).
     last_pause_ns: std::sync::atomic::AtomicU64,
+    /// A background worker has the vCPUs stopped for a moment: the VM still counts as running.
+    held: std::sync::atomic::AtomicBool,
     /// The longest pause a background worker (layer adoption) took, in nanoseconds.
     max_background_pause_ns: std::sync::atomic::AtomicU64,
     pub(crate) kicks: kick::KickRegistry,
@@ -287,6 +289,7 @@ impl Vm {
                 ops: OpLock::default(),
                 last_pause_ns: std::sync::atomic::AtomicU64::new(0),
                 max_background_pause_ns: std::sync::atomic::AtomicU64::new(0),
+                held: std::sync::atomic::AtomicBool::new(false),
                 kicks: kick::KickRegistry::default(),
                 tracking: Mutex::new(MemoryTracking {
                     image: parts.image,
@@ -438,11 +441,13 @@ impl VmShared {
             Want::Pause => Some(false),
             Want::Run if self.control.alive() == 0 => None,
             Want::Run => {
+                self.held.store(true, std::sync::atomic::Ordering::Release);
                 self.control.set_want(Want::Pause);
                 self.kicks.kick_all();
                 if self.control.wait_parked(self.vcpus.len()) {
                     Some(true)
                 } else {
+                    self.held.store(false, std::sync::atomic::Ordering::Release);
                     None
                 }
             }
@@ -451,6 +456,7 @@ impl VmShared {
 
     pub(crate) fn background_resume(&self) {
         self.control.set_want(Want::Run);
+        self.held.store(false, std::sync::atomic::Ordering::Release);
     }
 
     /// Records a pause taken by a background worker (the longest is kept).
@@ -672,10 +678,13 @@ impl Vm {
             return VmStatus::Exited;
         }
         let started = !self.lock_threads().is_empty();
+        let held = self.shared.held.load(std::sync::atomic::Ordering::Acquire);
         match (started, self.shared.control.want()) {
             (_, Want::Stop) => VmStatus::Exited,
             (false, _) => VmStatus::Created,
             (true, Want::Run) => VmStatus::Running,
+            // A background worker's moment of pause (it resumes the VM itself).
+            (true, Want::Pause) if held => VmStatus::Running,
             (true, Want::Pause) => VmStatus::Paused,
         }
     }
