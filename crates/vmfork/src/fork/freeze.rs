@@ -12,7 +12,7 @@
 
 use crate::error::{Error, Result};
 use crate::memory::{DirtyPages, FrozenImage, LayerBuilder};
-use crate::vm::{register_memslots, Vm, VmStatus};
+use crate::vm::{Vm, VmStatus};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -129,12 +129,12 @@ impl Vm {
         let mut tracking = self.tracking();
         let Some(image) = tracking.image.clone() else {
             shared.ram.make_copy_on_write()?;
-            register_memslots(&shared.fd, &shared.ram, true)?;
-            // VMM writes made before the freeze are part of the image.
-            shared
-                .ram
-                .take_vmm_dirty(&mut DirtyPages::new(shared.ram.size()));
+            // Writes made before the freeze are part of the image: read the dirty log (the
+            // memslots are dirty-logged from the start) so it starts clean, and keep it only
+            // for the consumers that outlive the freeze (a diff snapshot's).
+            shared.collect_dirty(&mut tracking)?;
             tracking.since_image.clear();
+            tracking.since_origin.clear();
             let image = FrozenImage::from_file(
                 shared.ram.layout().clone(),
                 Arc::clone(shared.ram.backing()),

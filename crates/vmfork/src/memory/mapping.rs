@@ -248,9 +248,13 @@ impl HostMapping {
     }
 
     /// [`Self::remap_range`] that does not free the pages it replaces on the caller's thread:
-    /// they are moved (page tables only, `mremap`) to a detached mapping, returned to be
-    /// dropped elsewhere. Freeing thousands of private pages is what made such a remap slow
-    /// inside a VM's pause. Falls back to a plain remap when the range spans several mappings.
+    /// they are moved (page tables only) to a detached mapping, returned to be dropped
+    /// elsewhere. Freeing thousands of private pages is what made such a remap slow inside a
+    /// VM's pause. The range never becomes a hole another thread's mmap could take: the file
+    /// is mapped at a scratch address first, the old pages move out with `MREMAP_DONTUNMAP`
+    /// (leaving the range mapped, empty: it reads as the file underneath until the next step,
+    /// so callers keep readers out meanwhile), then the new mapping moves over the range. Falls
+    /// back to a plain remap where the kernel cannot (the range spans several mappings).
     pub fn replace_range(
         &self,
         offset: usize,
@@ -259,44 +263,68 @@ impl HostMapping {
         sharing: Sharing,
     ) -> Result<Option<DetachedPages>> {
         self.check_range(offset, len)?;
-        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
-        // SAFETY: a fresh inaccessible mapping at a kernel-chosen address.
-        let scratch = unsafe { mmap(None, len, libc::PROT_NONE, flags, None) }
-            .map_err(|e| mmap_error("reserve room for replaced pages", e))?;
-        let detached = DetachedPages { addr: scratch, len };
-        // SAFETY: moves `[addr+offset, +len)`, inside the mapping this value owns (checked
-        // above), onto the scratch reservation just made, which it replaces; guest RAM is never
-        // referenced by Rust references, and the caller has the VM paused.
-        let moved = unsafe {
+        let flags = sharing.flags() | libc::MAP_NORESERVE;
+        // SAFETY: a fresh mapping of `file` at a kernel-chosen address.
+        let fresh = unsafe {
+            mmap(
+                None,
+                len,
+                READ_WRITE,
+                flags,
+                Some((file, offset as libc::off_t)),
+            )
+        }
+        .map_err(|e| mmap_error("map a layer", e))?;
+        let fresh = DetachedPages { addr: fresh, len };
+        let target = self.addr.wrapping_add(offset);
+        // SAFETY: moves the page tables of `[target, +len)`, inside the mapping this value owns
+        // (checked above), to a new kernel-chosen address; the range itself stays mapped.
+        let old = unsafe {
             libc::mremap(
-                self.addr.add(offset).cast(),
+                target.cast(),
                 len,
                 len,
-                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
-                scratch.cast::<libc::c_void>(),
+                libc::MREMAP_MAYMOVE | libc::MREMAP_DONTUNMAP,
             )
         };
-        if moved == libc::MAP_FAILED {
-            drop(detached);
+        if old == libc::MAP_FAILED {
+            drop(fresh);
             self.remap_range(offset, len, file, sharing)?;
             return Ok(None);
         }
-        if let Err(e) = self.remap_range(offset, len, file, sharing) {
-            // Put the pages back rather than leave a hole in guest RAM.
-            // SAFETY: the reverse of the move above, into the hole it left.
+        let old = DetachedPages {
+            addr: old.cast(),
+            len,
+        };
+        // SAFETY: moves the fresh mapping over the range, replacing its now empty mapping (no
+        // pages to free); both ranges are owned here.
+        let moved = unsafe {
+            libc::mremap(
+                fresh.addr.cast(),
+                len,
+                len,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                target.cast::<libc::c_void>(),
+            )
+        };
+        if moved == libc::MAP_FAILED {
+            let e = io::Error::last_os_error();
+            // SAFETY: puts the old pages back over the range (replacing its empty mapping).
             unsafe {
                 libc::mremap(
-                    scratch.cast(),
+                    old.addr.cast(),
                     len,
                     len,
                     libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
-                    self.addr.add(offset).cast::<libc::c_void>(),
+                    target.cast::<libc::c_void>(),
                 )
             };
-            std::mem::forget(detached);
-            return Err(e);
+            std::mem::forget(old);
+            return Err(mmap_error("move a layer mapping into guest RAM", e));
         }
-        Ok(Some(detached))
+        // The fresh mapping now lives in the range: nothing left to unmap at its old address.
+        std::mem::forget(fresh);
+        Ok(Some(old))
     }
 
     /// Drops the private pages of `[offset, offset+len)`: a copy-on-write mapping reads its file

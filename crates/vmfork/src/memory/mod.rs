@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::fs::File;
 use std::os::fd::AsFd;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestRegionMmap, MmapRegion};
 
@@ -134,6 +134,9 @@ pub struct GuestRam {
     layer_runs: Mutex<Vec<LayerRun>>,
     /// Pages copied in privately when the view was made (an image with too many runs to map).
     copied_pages: Vec<u64>,
+    /// Held for writing while layer runs are swapped in under the mapping (a moment in which
+    /// they read as the file below); the VMM's own reads and writes hold it for reading.
+    swapping: RwLock<()>,
 }
 
 impl GuestRam {
@@ -171,6 +174,7 @@ impl GuestRam {
             mapping,
             layer_runs: Mutex::new(Vec::new()),
             copied_pages: Vec::new(),
+            swapping: RwLock::new(()),
         })
     }
 
@@ -266,6 +270,7 @@ impl GuestRam {
         if runs.len() + mapped.len() > MAX_MAPPED_RUNS {
             return Ok(detached);
         }
+        let _swapping = self.swapping.write().unwrap_or_else(|p| p.into_inner());
         let mut fresh = Vec::with_capacity(runs.len());
         for &(offset, len) in runs {
             detached.extend(self.mapping.replace_range(
@@ -336,9 +341,14 @@ impl GuestRam {
             .map(move |(i, r)| (i as u32, *r, base + r.file_offset))
     }
 
+    fn readers(&self) -> RwLockReadGuard<'_, ()> {
+        self.swapping.read().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Copies guest memory at `addr` into `buf`; fails if any byte is outside RAM.
     pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<()> {
         self.check(addr, buf.len())?;
+        let _reading = self.readers();
         self.memory
             .read_slice(buf, GuestAddress(addr))
             .map_err(|e| Error::Memory(format!("read at {addr:#x}: {e}")))
@@ -347,6 +357,7 @@ impl GuestRam {
     /// Writes `buf` into guest memory at `addr`; fails if any byte is outside RAM.
     pub fn write(&self, addr: u64, buf: &[u8]) -> Result<()> {
         self.check(addr, buf.len())?;
+        let _writing = self.readers();
         self.memory
             .write_slice(buf, GuestAddress(addr))
             .map_err(|e| Error::Memory(format!("write at {addr:#x}: {e}")))
