@@ -110,6 +110,40 @@ fn reset_of_a_forked_fork_returns_to_its_own_fork_instant() {
     parent.stop();
 }
 
+#[test]
+fn a_parent_whose_children_are_gone_folds_back_and_forks_on() {
+    let parent = dirty_parent(PAGES, 0);
+    parent.start().unwrap();
+    wait_generations(&parent, 1);
+    for _ in 0..3 {
+        let child = parent.fork(&ForkOptions::default()).unwrap();
+        wait_generations(&parent, 2);
+        assert!(instant_problem(&child, PAGES).is_none());
+        drop(child);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while parent.has_frozen_image() {
+        assert!(
+            Instant::now() < deadline,
+            "the parent was never folded back"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(parent.status(), VmStatus::Running);
+    // It writes its own file again; forks of it are still exactly one instant, every time.
+    for _ in 0..3 {
+        wait_generations(&parent, 2);
+        let child = parent.fork(&ForkOptions::default()).unwrap();
+        if let Some(p) = instant_problem(&child, PAGES) {
+            panic!("fork after the fold is torn: {p}");
+        }
+        // The child keeps its instant while the parent writes on.
+        wait_generations(&parent, 2);
+        assert!(instant_problem(&child, PAGES).is_none());
+    }
+    parent.stop();
+}
+
 /// Runs `work` on `threads` threads until `stop`, failing if any iteration takes longer than
 /// `limit` (a hung request) or panics.
 fn hammer(threads: Vec<Box<dyn FnMut() + Send>>, run_for: Duration, limit: Duration) -> Vec<usize> {

@@ -30,6 +30,8 @@ fn memory_bytes() -> u64 {
 fn forks_of_a_writing_parent_store_each_page_once() {
     const PAGES: u64 = 40_000; // 156 MiB written between forks
     let (parent, _) = guest_vm(Workload::Dirty, config(256), &[(mailbox::PARAM0, PAGES)]);
+    pool::drain();
+    let baseline = memory_bytes();
     parent.start().unwrap();
     wait_for_progress(&parent, 0);
     drop(parent.fork(&ForkOptions::default()).unwrap());
@@ -66,6 +68,25 @@ fn forks_of_a_writing_parent_store_each_page_once() {
         );
     }
     drop(forks);
+    // With its forks gone, the parent folds back into its own RAM file: about the pages it
+    // touched (its working set), not that plus its layer plus its frozen base.
+    parent.resume().unwrap();
+    let working_set = (PAGES * 4096) as i64;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let kept = loop {
+        let kept = memory_bytes() as i64 - baseline as i64;
+        if kept < working_set + working_set / 8 || Instant::now() > deadline {
+            break kept;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!parent.has_frozen_image(), "not folded back");
+    assert!(
+        kept < working_set + working_set / 8,
+        "the parent keeps {} KiB for a {} KiB working set",
+        kept >> 10,
+        working_set >> 10
+    );
     parent.stop();
     drop(parent);
     pool::drain();

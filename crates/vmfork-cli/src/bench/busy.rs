@@ -105,6 +105,9 @@ fn measure(args: BenchArgs, dir: &Path, report: &mut Report) -> CliResult<()> {
         drop(parent.fork(&opts).map_err(err)?); // the first fork freezes the RAM file
         let mut since = generation(&parent)?;
         let (mut pauses, mut ready, mut snap_pauses) = (Vec::new(), Vec::new(), Vec::new());
+        // The previous child lives until the next one exists: with no child left the parent
+        // would be folded back between samples, and the next fork would not follow a layer.
+        let mut previous = None;
         for _ in 0..runs {
             wait_full_generation(&parent, dirty, since)?;
             let t = Instant::now();
@@ -113,7 +116,7 @@ fn measure(args: BenchArgs, dir: &Path, report: &mut Report) -> CliResult<()> {
             let pause = parent.last_pause().unwrap_or_default();
             pauses.push(pause.as_secs_f64() * 1e6);
             since = generation(&parent)?;
-            drop(child);
+            previous = Some(child);
         }
         for i in 0..runs.min(5) {
             wait_full_generation(&parent, dirty, since)?;
@@ -126,7 +129,7 @@ fn measure(args: BenchArgs, dir: &Path, report: &mut Report) -> CliResult<()> {
             let _ = std::fs::remove_dir_all(&path);
         }
         parent.stop();
-        drop(parent);
+        drop((previous, parent));
         pool::drain();
         let params = [
             ("dirty_pages_since_last", json!(dirty)),
@@ -177,6 +180,32 @@ fn memory_after_forks(report: &mut Report) -> CliResult<()> {
     drop(forks);
     pool::drain();
     parent.resume().map_err(err)?;
+    // The folder gives the parent its RAM file back once nothing else uses its image.
+    let t = Instant::now();
+    while parent.has_frozen_image() {
+        if t.elapsed() > Duration::from_secs(60) {
+            return Err("the parent was not folded back within 60 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    report.add(
+        "fold_ms",
+        t.elapsed().as_secs_f64() * 1e3,
+        "ms",
+        &[
+            ("dirty_pages_written", json!(PAGES)),
+            ("mem_mib", json!(MEM_MIB)),
+        ],
+    );
+    report.add(
+        "background_pause_us_max",
+        parent.max_background_pause().as_secs_f64() * 1e6,
+        "us",
+        &[
+            ("dirty_pages_written", json!(PAGES)),
+            ("mem_mib", json!(MEM_MIB)),
+        ],
+    );
     std::thread::sleep(Duration::from_millis(200));
     let kept = memory_bytes()?.saturating_sub(baseline);
     report.add(

@@ -8,6 +8,7 @@
 //! reloads the vCPU, irqchip, clock and device state saved at the fork instant.
 
 mod adopt;
+mod fold;
 mod freeze;
 
 use crate::devices::{Devices, SerialSink};

@@ -124,6 +124,24 @@ impl DirtyPages {
         }
     }
 
+    /// Takes the pages in `[offset, offset+len)` (file offsets) out into a bitmap of their own.
+    pub fn take_range(&mut self, offset: u64, len: u64) -> DirtyPages {
+        let mut taken = DirtyPages {
+            words: vec![0; self.words.len()],
+        };
+        let first = (offset / PAGE_SIZE) as usize;
+        let end = ((offset + len) / PAGE_SIZE) as usize;
+        for page in first..end {
+            if self.is_set(page) {
+                taken.mark(page);
+                if let Some(w) = self.words.get_mut(page / 64) {
+                    *w &= !(1 << (page % 64));
+                }
+            }
+        }
+        taken
+    }
+
     pub fn clear(&mut self) {
         self.words.fill(0);
     }

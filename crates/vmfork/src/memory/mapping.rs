@@ -428,6 +428,18 @@ impl HostMapping {
         Ok(())
     }
 
+    /// Writes the pages in `pages` (runs of them) into `file` at their own offsets.
+    pub fn copy_pages_to_file(
+        &self,
+        pages: &super::DirtyPages,
+        file: &std::fs::File,
+    ) -> Result<()> {
+        for (start, n) in pages.runs() {
+            self.write_to_file(start as usize, (n * super::PAGE_SIZE) as usize, file)?;
+        }
+        Ok(())
+    }
+
     fn check_bytes(&self, offset: usize, len: usize) -> Result<()> {
         match offset.checked_add(len) {
             Some(end) if end <= self.len => Ok(()),

@@ -289,13 +289,61 @@ impl GuestRam {
         Ok(detached)
     }
 
+    /// Maps `[offset, offset+len)` of RAM shared over the RAM file again, as before the VM's
+    /// first fork: its writes land in the file. The file must already hold what the VM shows
+    /// there (a fold copied it in). The VM must be paused. Returns the replaced private pages,
+    /// for the caller to free off its hot path.
+    pub fn share_back(&self, offset: u64, len: u64) -> Result<Vec<DetachedPages>> {
+        let end = offset + len;
+        let mut runs = self.runs();
+        let _swapping = self.swapping.write().unwrap_or_else(|p| p.into_inner());
+        // One piece per mapping: the layer runs and the gaps between them.
+        let mut cuts = vec![offset, end];
+        for r in runs
+            .iter()
+            .filter(|r| r.offset < end && r.offset + r.len > offset)
+        {
+            cuts.push(r.offset.max(offset));
+            cuts.push((r.offset + r.len).min(end));
+        }
+        cuts.sort_unstable();
+        cuts.dedup();
+        let mut detached = Vec::new();
+        for piece in cuts.windows(2) {
+            detached.extend(self.mapping.replace_range(
+                piece[0] as usize,
+                (piece[1] - piece[0]) as usize,
+                self.backing.as_fd(),
+                Sharing::Shared,
+            )?);
+        }
+        let cut = LayerRun {
+            offset,
+            len,
+            layer: match runs.first() {
+                Some(r) => Arc::clone(&r.layer),
+                None => return Ok(detached),
+            },
+        };
+        *runs = image::overlay_runs(&runs, vec![cut])
+            .into_iter()
+            .filter(|r| r.offset >= end || r.offset + r.len <= offset)
+            .collect();
+        Ok(detached)
+    }
+
     /// Turns this shared mapping of the RAM file into a private one, in place: from now on the
     /// file is frozen (it becomes a fork image) and this VM's writes go to private pages.
     pub fn make_copy_on_write(&self) -> Result<()> {
-        self.runs().clear();
+        self.make_copy_on_write_range(0, self.size())
+    }
+
+    /// [`Self::make_copy_on_write`] for `[offset, offset+len)` of the RAM (which must be mapped
+    /// shared there: no layer runs, no private pages).
+    pub fn make_copy_on_write_range(&self, offset: u64, len: u64) -> Result<()> {
         self.mapping.remap_range(
-            0,
-            self.mapping.len(),
+            offset as usize,
+            len as usize,
             self.backing.as_fd(),
             Sharing::CopyOnWrite,
         )

@@ -479,6 +479,11 @@ impl VmShared {
         }
     }
 
+    /// The VM runs inline on its caller's thread, where no background worker can pause it.
+    pub(crate) fn background_pause_impossible(&self) -> bool {
+        self.control.want() == Want::Run && self.control.alive() == 0
+    }
+
     pub(crate) fn background_resume(&self) {
         self.control.set_want(Want::Run);
         self.held.store(false, std::sync::atomic::Ordering::Release);
@@ -616,6 +621,8 @@ impl Vm {
     /// Runs vCPU 0 on the calling thread until the VM stops (single-vCPU VMs that were not
     /// started with threads). No thread hand-off: what fuzzing loops and benchmarks want.
     pub fn run_inline(&self) -> Result<ExitReason> {
+        // One operation: no background worker swaps memory under the running vCPU.
+        let _op = self.exclusive();
         if self.shared.vcpus.len() != 1 || !self.lock_threads().is_empty() {
             return Err(Error::Invalid(
                 "run_inline needs a single-vCPU VM that is not running on its own threads".into(),

@@ -207,15 +207,18 @@ fn fill_forever() {
 /// caller to unmap (their pages would stay allocated otherwise) outside the pool lock.
 fn take_shells_with_orphaned_ram(state: &mut PoolState) -> Vec<(Shape, VmShell)> {
     state.recent_base.retain(|_, base| base.strong_count() > 0);
+    take_shells_mapping(state, &ResidentRam::is_orphaned)
+}
+
+fn take_shells_mapping(
+    state: &mut PoolState,
+    test: &dyn Fn(&ResidentRam) -> bool,
+) -> Vec<(Shape, VmShell)> {
     let mut taken = Vec::new();
     for (shape, idle) in &mut state.idle {
         let mut i = 0;
         while i < idle.len() {
-            if idle[i]
-                .resident
-                .as_ref()
-                .is_some_and(ResidentRam::is_orphaned)
-            {
+            if idle[i].resident.as_ref().is_some_and(test) {
                 taken.push((*shape, idle.swap_remove(i)));
             } else {
                 i += 1;
@@ -272,6 +275,32 @@ pub(crate) fn take_shell(
         Some(shell) => Ok(shell),
         None => create_pooled_shell(config, None),
     }
+}
+
+/// Makes idle shells forget their mappings of `base` and stops premapping it: its owner is
+/// about to write it again (a fold), and a mapping made before would not follow.
+pub(crate) fn forget_base(base: &Arc<File>) {
+    let pool = pool();
+    let mut state = pool.lock();
+    state
+        .recent_base
+        .retain(|_, b| !std::ptr::eq(b.as_ptr(), Arc::as_ptr(base)));
+    let mut taken = take_shells_mapping(&mut state, &|r| r.maps_open(base));
+    if taken.is_empty() {
+        return;
+    }
+    state.busy += 1;
+    drop(state);
+    for (_, shell) in &mut taken {
+        shell.resident = None;
+    }
+    let mut state = pool.lock();
+    state.busy -= 1;
+    for (shape, shell) in taken {
+        state.idle.entry(shape).or_default().push(shell);
+    }
+    drop(state);
+    pool.changed.notify_all();
 }
 
 /// Takes back the shell of a destroyed fork, its RAM either left mapped ([`ResidentRam`]) or
