@@ -11,6 +11,18 @@ const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
 
 /// Lays out an ELF64 x86-64 executable holding `image` at physical/virtual `load_addr`.
 pub fn write_elf(image: &[u8], load_addr: u64, entry64: u64, pvh_entry: Option<u64>) -> Vec<u8> {
+    write_elf_with(image, load_addr, entry64, pvh_entry, None)
+}
+
+/// [`write_elf`] with a second loadable page-aligned segment `(address, bytes)` (the mailbox
+/// page with parameters filled in, for loaders that cannot write guest memory themselves).
+pub fn write_elf_with(
+    image: &[u8],
+    load_addr: u64,
+    entry64: u64,
+    pvh_entry: Option<u64>,
+    extra: Option<(u64, &[u8])>,
+) -> Vec<u8> {
     let mut note = Vec::new();
     if let Some(pvh) = pvh_entry {
         note.extend_from_slice(&4u32.to_le_bytes()); // namesz ("Xen\0")
@@ -19,10 +31,11 @@ pub fn write_elf(image: &[u8], load_addr: u64, entry64: u64, pvh_entry: Option<u
         note.extend_from_slice(b"Xen\0");
         note.extend_from_slice(&(pvh as u32).to_le_bytes());
     }
-    let phnum = if note.is_empty() { 1 } else { 2 };
+    let phnum = 1 + usize::from(!note.is_empty()) + usize::from(extra.is_some());
     let note_off = EHDR_SIZE + PHDR_SIZE * phnum;
     // The loadable image starts page-aligned in the file so offset % align == vaddr % align.
     let image_off = (note_off + note.len()).next_multiple_of(0x1000);
+    let extra_off = (image_off + image.len()).next_multiple_of(0x1000);
 
     let mut out = Vec::with_capacity(image_off + image.len());
     // ELF header.
@@ -43,12 +56,20 @@ pub fn write_elf(image: &[u8], load_addr: u64, entry64: u64, pvh_entry: Option<u
     out.extend_from_slice(&0u16.to_le_bytes()); // e_shstrndx
     let size = image.len() as u64;
     push_phdr(&mut out, PT_LOAD, image_off as u64, load_addr, size, 0x1000);
+    if let Some((addr, bytes)) = extra {
+        let len = bytes.len() as u64;
+        push_phdr(&mut out, PT_LOAD, extra_off as u64, addr, len, 0x1000);
+    }
     if !note.is_empty() {
         push_phdr(&mut out, PT_NOTE, note_off as u64, 0, note.len() as u64, 4);
         out.extend_from_slice(&note);
     }
     out.resize(image_off, 0);
     out.extend_from_slice(image);
+    if let Some((_, bytes)) = extra {
+        out.resize(extra_off, 0);
+        out.extend_from_slice(bytes);
+    }
     out
 }
 

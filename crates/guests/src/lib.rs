@@ -94,6 +94,26 @@ impl Workload {
         )
     }
 
+    /// The guest as an ELF that also loads its mailbox page with `params` (mailbox offset,
+    /// value) filled in: a guest's parameters baked in for loaders that cannot write guest
+    /// memory (QEMU's `-kernel`).
+    pub fn elf_with_params(self, params: &[(u64, u64)]) -> Vec<u8> {
+        let mut mailbox = vec![0u8; 4096];
+        for &(offset, value) in params {
+            let at = offset as usize;
+            if let Some(slot) = mailbox.get_mut(at..at + 8) {
+                slot.copy_from_slice(&value.to_le_bytes());
+            }
+        }
+        elf::write_elf_with(
+            &self.image(),
+            layout::LOAD_ADDR,
+            layout::ENTRY64,
+            Some(layout::PVH_ENTRY),
+            Some((layout::MAILBOX, &mailbox)),
+        )
+    }
+
     /// The guest as an ELF with only the 64-bit entry (Linux-style boot).
     pub fn elf_without_pvh(self) -> Vec<u8> {
         elf::write_elf(&self.image(), layout::LOAD_ADDR, layout::ENTRY64, None)

@@ -36,7 +36,7 @@ pub struct GuestArgs {
     pub params: Vec<(u64, u64)>,
 }
 
-fn parse_param(text: &str) -> Result<(u64, u64), String> {
+pub fn parse_param(text: &str) -> Result<(u64, u64), String> {
     let (index, value) = text
         .split_once('=')
         .ok_or_else(|| format!("'{text}' is not INDEX=VALUE"))?;

@@ -81,6 +81,9 @@ enum GuestsAction {
     Export {
         name: String,
         file: std::path::PathBuf,
+        /// A mailbox parameter baked into the ELF, as INDEX=VALUE (loaded with the guest).
+        #[arg(long = "param", value_parser = guest_args::parse_param)]
+        params: Vec<(u64, u64)>,
     },
 }
 
@@ -126,11 +129,16 @@ fn guests_command(action: Option<GuestsAction>) -> CliResult<u8> {
             }
             Ok(0)
         }
-        Some(GuestsAction::Export { name, file }) => {
+        Some(GuestsAction::Export { name, file, params }) => {
             let w = guest_args::workload(&name)?;
-            std::fs::write(&file, w.elf())
+            let elf = if params.is_empty() {
+                w.elf()
+            } else {
+                w.elf_with_params(&params)
+            };
+            std::fs::write(&file, &elf)
                 .map_err(|e| format!("cannot write {}: {e}", file.display()))?;
-            println!("wrote {} ({} bytes)", file.display(), w.elf().len());
+            println!("wrote {} ({} bytes)", file.display(), elf.len());
             Ok(0)
         }
     }

@@ -142,9 +142,118 @@ fn measure(args: BenchArgs, dir: &Path, report: &mut Report) -> CliResult<()> {
         report.add_median("snapshot_pause_us_p50", &mut snap_pauses, "us", &params);
     }
 
+    qemu_background_snapshot(dir, report)?;
     memory_after_forks(report)?;
     siblings(args, report)?;
     Ok(())
+}
+
+/// QEMU (microvm, KVM) `background-snapshot` of the same `dirty` guest (its parameters baked
+/// into the ELF) while it writes: the downtime QEMU reports, beside vmfork's snapshot pause
+/// measured above in this run. Skipped without QEMU.
+fn qemu_background_snapshot(dir: &Path, report: &mut Report) -> CliResult<()> {
+    let qemu = "qemu-system-x86_64";
+    if std::process::Command::new(qemu)
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("vmfork bench: {qemu} is not installed; skipping the QEMU comparison");
+        return Ok(());
+    }
+    for pages in [10_000u64, 200_000] {
+        let mut downtimes = qemu_downtimes_ms(qemu, dir, pages, 3)?;
+        let vmfork_us = report
+            .metrics
+            .iter()
+            .find(|m| {
+                m.name == "snapshot_pause_us_p50"
+                    && m.params.get("dirty_pages_since_last") == Some(&json!(pages))
+            })
+            .map(|m| m.value);
+        let params = [
+            ("dirty_pages_since_last", json!(pages)),
+            ("mem_mib", json!(MEM_MIB)),
+        ];
+        let (median, _) = p50_p99(&mut downtimes);
+        report.add("qemu_bg_snapshot_downtime_ms", median, "ms", &params);
+        if let Some(us) = vmfork_us.filter(|&us| us > 0.0) {
+            report.add(
+                "qemu_downtime_vs_vmfork_pause_ratio",
+                median * 1e3 / us,
+                "ratio",
+                &params,
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Background snapshots of QEMU running `dirty` over `pages` pages, each after it wrote a whole
+/// generation: the downtime of each, as `info migrate` reports it.
+fn qemu_downtimes_ms(qemu: &str, dir: &Path, pages: u64, runs: usize) -> CliResult<Vec<f64>> {
+    use super::snapshot::{qemu_command_for, Monitor};
+    let elf = dir.join(format!("dirty-{pages}.elf"));
+    std::fs::write(
+        &elf,
+        Workload::Dirty.elf_with_params(&[(mailbox::PARAM0, pages)]),
+    )
+    .map_err(|e| e.to_string())?;
+    let mon = dir.join(format!("qemu-bg-{pages}.mon"));
+    let mut child = qemu_command_for(qemu, &elf, MEM_MIB, &mon, 300)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start {qemu}: {e}"))?;
+    let measured = (|| {
+        let deadline = Instant::now() + Duration::from_secs(240);
+        let mut m = Monitor::connect(&mon, deadline)?;
+        let generation = |m: &mut Monitor| -> CliResult<u64> {
+            let reply = m.command(&format!("xp /1gx {:#x}", MAILBOX + mailbox::PROGRESS))?;
+            // "0000000000200020: 0x0000000000000005" (after the echoed command).
+            let hex = reply
+                .split(": 0x")
+                .nth(1)
+                .map(|h| {
+                    h.chars()
+                        .take_while(char::is_ascii_hexdigit)
+                        .collect::<String>()
+                })
+                .ok_or_else(|| format!("QEMU xp answered {reply:?}"))?;
+            u64::from_str_radix(&hex, 16).map_err(|e| format!("QEMU xp: {e}"))
+        };
+        let wait_generations = |m: &mut Monitor, n: u64| -> CliResult<()> {
+            let start = generation(m)?;
+            while generation(m)? < start + n {
+                if Instant::now() > deadline {
+                    return Err("the dirty guest under QEMU is stuck".into());
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Ok(())
+        };
+        m.command("migrate_set_capability background-snapshot on")?;
+        let mut downtimes = Vec::new();
+        for i in 0..runs {
+            wait_generations(&mut m, 2)?;
+            let file = dir.join(format!("qemu-bg-{pages}-{i}.state"));
+            m.command(&format!("migrate \"exec:cat > {}\"", file.display()))?;
+            m.wait_migrated(deadline)?;
+            let info = m.command("info migrate")?;
+            let _ = std::fs::remove_file(&file);
+            let ms = info
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("downtime:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+                .ok_or_else(|| format!("no downtime in QEMU's info migrate: {info}"))?;
+            downtimes.push(ms);
+        }
+        let _ = m.command("quit");
+        Ok(downtimes)
+    })();
+    let _ = child.kill();
+    let _ = child.wait();
+    measured
 }
 
 /// Memory of 10 forks of a parent that wrote 200,000 pages since its last fork (none written

@@ -261,10 +261,10 @@ fn measure(args: BenchArgs, dir: &Path, report: &mut Report) -> CliResult<()> {
 }
 
 /// A QEMU human monitor on a Unix socket.
-struct Monitor(std::os::unix::net::UnixStream);
+pub(super) struct Monitor(std::os::unix::net::UnixStream);
 
 impl Monitor {
-    fn connect(path: &Path, deadline: Instant) -> CliResult<Self> {
+    pub(super) fn connect(path: &Path, deadline: Instant) -> CliResult<Self> {
         loop {
             match std::os::unix::net::UnixStream::connect(path) {
                 Ok(s) => {
@@ -298,14 +298,14 @@ impl Monitor {
         Ok(text)
     }
 
-    fn command(&mut self, cmd: &str) -> CliResult<String> {
+    pub(super) fn command(&mut self, cmd: &str) -> CliResult<String> {
         use std::io::Write;
         writeln!(self.0, "{cmd}").map_err(|e| format!("QEMU monitor: {e}"))?;
         self.read_to_prompt()
     }
 
     /// Polls `info migrate` until the migration completed.
-    fn wait_migrated(&mut self, deadline: Instant) -> CliResult<()> {
+    pub(super) fn wait_migrated(&mut self, deadline: Instant) -> CliResult<()> {
         loop {
             let reply = self.command("info migrate")?;
             if reply.contains("Migration status: completed") {
@@ -319,9 +319,21 @@ impl Monitor {
     }
 }
 
-fn qemu_command(qemu: &str, elf: &Path, mem_mib: u64, monitor: &Path) -> Command {
+pub(super) fn qemu_command(qemu: &str, elf: &Path, mem_mib: u64, monitor: &Path) -> Command {
+    qemu_command_for(qemu, elf, mem_mib, monitor, 30)
+}
+
+/// [`qemu_command`] killed after `seconds` instead of 30.
+pub(super) fn qemu_command_for(
+    qemu: &str,
+    elf: &Path,
+    mem_mib: u64,
+    monitor: &Path,
+    seconds: u32,
+) -> Command {
     let mut c = Command::new("timeout");
-    c.args(["30", qemu, "-M", "microvm", "-accel", "kvm", "-m"])
+    c.arg(seconds.to_string())
+        .args([qemu, "-M", "microvm", "-accel", "kvm", "-m"])
         .arg(format!("{mem_mib}M"))
         .args([
             "-nodefaults",
