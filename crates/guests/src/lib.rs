@@ -25,11 +25,12 @@ pub enum Workload {
     Triple,
     Spin,
     Dirty,
+    Idle,
 }
 
 impl Workload {
     /// Every workload, in the order `vmfork guests` lists them.
-    pub const ALL: [Workload; 7] = [
+    pub const ALL: [Workload; 8] = [
         Workload::Hello,
         Workload::Counter,
         Workload::Memtouch,
@@ -37,6 +38,7 @@ impl Workload {
         Workload::Triple,
         Workload::Spin,
         Workload::Dirty,
+        Workload::Idle,
     ];
 
     pub fn name(self) -> &'static str {
@@ -48,6 +50,7 @@ impl Workload {
             Workload::Triple => "triple",
             Workload::Spin => "spin",
             Workload::Dirty => "dirty",
+            Workload::Idle => "idle",
         }
     }
 
@@ -60,6 +63,7 @@ impl Workload {
             Workload::Triple => "prints a line, then triple-faults",
             Workload::Spin => "spins forever without output",
             Workload::Dirty => "rewrites PARAM0 pages from 4 MiB forever, stamping a generation number (PARAM1: delay per page)",
+            Workload::Idle => "halts at ring 0, counting interrupts in PROGRESS (PARAM0: LAPIC timer period, 0 = none)",
         }
     }
 
@@ -70,18 +74,20 @@ impl Workload {
 
     /// The flat load image (placed at [`layout::LOAD_ADDR`], 64-bit entry at its first byte).
     pub fn image(self) -> Vec<u8> {
-        let user_code = match self {
-            Workload::Hello => workloads::hello(),
-            Workload::Counter => workloads::counter(),
-            Workload::Memtouch => workloads::memtouch(),
-            Workload::Harness => workloads::harness(),
-            Workload::Triple => workloads::triple(),
-            Workload::Spin => workloads::spin(),
-            Workload::Dirty => workloads::dirty(),
+        use runtime::Ring;
+        let (code, ring) = match self {
+            Workload::Hello => (workloads::hello(), Ring::User),
+            Workload::Counter => (workloads::counter(), Ring::User),
+            Workload::Memtouch => (workloads::memtouch(), Ring::User),
+            Workload::Harness => (workloads::harness(), Ring::User),
+            Workload::Triple => (workloads::triple(), Ring::User),
+            Workload::Spin => (workloads::spin(), Ring::User),
+            Workload::Dirty => (workloads::dirty(), Ring::User),
+            Workload::Idle => (workloads::idle(), Ring::Kernel),
         };
         // The assembler input is fixed at compile time, so failure here is a bug in this crate.
-        let user_code = user_code.expect("built-in workload assembles");
-        runtime::build_image(&user_code).expect("built-in runtime assembles")
+        let code = code.expect("built-in workload assembles");
+        runtime::build_image(&code, ring).expect("built-in runtime assembles")
     }
 
     /// The guest as an ELF with a PVH note (32-bit entry) and a 64-bit `e_entry`.

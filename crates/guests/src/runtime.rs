@@ -58,14 +58,24 @@ const HUGE_PAGE_FLAGS: u64 = TABLE_FLAGS | PAGE_DIRTY | PAGE_HUGE;
 /// Size of the whole image from [`LOAD_ADDR`]: boot code, user code, GDT and page tables.
 pub const IMAGE_SIZE: usize = (PML4 - LOAD_ADDR) as usize + 6 * 0x1000;
 
-/// Builds the full load image around the assembled CPL3 workload `user_code`.
-pub fn build_image(user_code: &[u8]) -> Result<Vec<u8>, IcedError> {
+/// Where the workload runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ring {
+    /// CPL3 with the I/O bitmap open: native speed on hosts that emulate ring 0.
+    User,
+    /// CPL0 (for what only ring 0 may do: `hlt`, `sti`, `lidt`); emulated, and so slow, on such
+    /// hosts, so only for small loops.
+    Kernel,
+}
+
+/// Builds the full load image around the assembled workload `user_code`, entered in `ring`.
+pub fn build_image(user_code: &[u8], ring: Ring) -> Result<Vec<u8>, IcedError> {
     let mut image = vec![0u8; IMAGE_SIZE];
     let mut put = |addr: u64, bytes: &[u8]| {
         let off = (addr - LOAD_ADDR) as usize;
         image[off..off + bytes.len()].copy_from_slice(bytes);
     };
-    put(ENTRY64, &entry64()?);
+    put(ENTRY64, &entry64(ring)?);
     put(PVH_ENTRY, &pvh_entry()?);
     assert!(
         user_code.len() <= (GDT - USER_CODE) as usize,
@@ -120,8 +130,9 @@ fn pvh_entry() -> Result<Vec<u8>, IcedError> {
 }
 
 /// 64-bit entry (from the PVH stub, or straight from a Linux-style 64-bit boot): load our own GDT
-/// and page tables (they have the User bit), then `iretq` to the workload at CPL3.
-fn entry64() -> Result<Vec<u8>, IcedError> {
+/// and page tables (they have the User bit), then `iretq` to the workload at CPL3 (or jump to it
+/// at CPL0).
+fn entry64(ring: Ring) -> Result<Vec<u8>, IcedError> {
     let mut a = CodeAssembler::new(64)?;
     a.mov(rsp, STACK_TOP)?;
     a.mov(rax, GDTR)?;
@@ -130,6 +141,13 @@ fn entry64() -> Result<Vec<u8>, IcedError> {
     a.mov(cr3, rax)?;
     a.mov(ax, TSS_SELECTOR as u32)?;
     a.ltr(ax)?;
+    if ring == Ring::Kernel {
+        a.mov(rax, USER_CODE)?;
+        a.jmp(rax)?;
+        let code = a.assemble(ENTRY64)?;
+        assert!(code.len() <= (PVH_ENTRY - ENTRY64) as usize);
+        return Ok(code);
+    }
     a.push(USER_SS)?;
     a.push(STACK_TOP as i32)?;
     a.push(USER_RFLAGS)?;

@@ -241,6 +241,72 @@ pub fn dirty() -> Result<Vec<u8>, IcedError> {
     g.finish()
 }
 
+/// Where `idle` keeps its interrupt table: the page after its code.
+pub const IDLE_IDT: u64 = USER_CODE + 0x1000;
+/// The vector `idle`'s local APIC timer interrupts on.
+pub const IDLE_TIMER_VECTOR: u8 = 0x20;
+const LAPIC_BASE: u64 = 0xFEE0_0000;
+
+/// Halts at ring 0 with interrupts on, forever; every interrupt wakes it, is acknowledged (EOI)
+/// and counted in PROGRESS. PARAM0 non-zero arms the local APIC timer, periodic, with that
+/// initial count (divide by 1); zero leaves it halted until something else interrupts it. What
+/// real guests do when they have nothing to do, and what hosting many VMs needs. Its code is
+/// followed by its IDT ([`IDLE_IDT`]: every vector an interrupt gate to the one handler).
+pub fn idle() -> Result<Vec<u8>, IcedError> {
+    let mut a = CodeAssembler::new(64)?;
+    let mut handler = a.create_label();
+    let mut idtr = a.create_label();
+    let mut halt = a.create_label();
+    a.lidt(ptr(idtr))?;
+    a.mov(rbx, LAPIC_BASE)?;
+    // Software-enable the local APIC (spurious vector 0xff), then the timer if asked.
+    a.mov(dword_ptr(rbx + 0xF0), 0x1FFu32)?;
+    a.mov(rax, MAILBOX)?;
+    a.mov(rax, qword_ptr(rax + mailbox::PARAM0))?;
+    a.test(rax, rax)?;
+    a.jz(halt)?;
+    a.mov(dword_ptr(rbx + 0x3E0), 0xBu32)?; // divide by 1
+    a.mov(
+        dword_ptr(rbx + 0x320),
+        (1u32 << 17) | IDLE_TIMER_VECTOR as u32,
+    )?; // periodic
+    a.mov(dword_ptr(rbx + 0x380), eax)?;
+    a.set_label(&mut halt)?;
+    a.sti()?;
+    a.hlt()?;
+    a.jmp(halt)?;
+    // Any interrupt: count it, acknowledge it, return to the halt loop.
+    a.set_label(&mut handler)?;
+    a.push(rax)?;
+    a.mov(rax, MAILBOX)?;
+    a.inc(qword_ptr(rax + mailbox::PROGRESS))?;
+    a.mov(rax, LAPIC_BASE + 0xB0)?;
+    a.mov(dword_ptr(rax), 0u32)?;
+    a.pop(rax)?;
+    a.iretq()?;
+    a.set_label(&mut idtr)?;
+    a.dw(&[256 * 16 - 1])?;
+    a.dq(&[IDLE_IDT])?;
+    let assembled = a.assemble_options(
+        USER_CODE,
+        iced_x86::BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
+    )?;
+    let handler = assembled.label_ip(&handler)?;
+    let mut image = assembled.inner.code_buffer;
+    assert!(
+        image.len() <= (IDLE_IDT - USER_CODE) as usize,
+        "idle code too large"
+    );
+    image.resize((IDLE_IDT - USER_CODE) as usize, 0);
+    for _ in 0..256 {
+        let low =
+            (handler & 0xFFFF) | (0x08 << 16) | (0x8E << 40) | (((handler >> 16) & 0xFFFF) << 48);
+        image.extend_from_slice(&low.to_le_bytes());
+        image.extend_from_slice(&(handler >> 32).to_le_bytes());
+    }
+    Ok(image)
+}
+
 /// Why a `dirty` guest's memory and registers are not one instant, or `None` if they are.
 /// `generation` = its `rbx`, `done` = its `r14`, `progress` = its PROGRESS mailbox word, and
 /// `stamps(i)` = the first and last 8 bytes of working-set page `i` (of `pages`).

@@ -302,3 +302,36 @@ fn forks_on_recycled_shells_start_clean() {
     let idle: usize = vmfork::vm::pool::idle_shells().iter().map(|s| s.3).sum();
     assert!(idle >= 1, "destroyed forks should leave shells in the pool");
 }
+
+#[test]
+fn idle_guests_wake_on_timer_interrupts_and_blocked_forks_stay_asleep() {
+    // A 1 ms LAPIC timer (count 1,000,000 at KVM's 1 GHz APIC clock, divide by 1).
+    let (parent, _) = guest_vm(Workload::Idle, config(16), &[(mailbox::PARAM0, 1_000_000)]);
+    parent.start().unwrap();
+    let woke = wait_for_progress(&parent, 20);
+    assert_eq!(parent.status(), vmfork::VmStatus::Running);
+    let child = parent.fork(&ForkOptions::default()).unwrap();
+    let at_fork = progress(&child);
+    assert!(at_fork >= woke);
+    child.start().unwrap();
+    wait_for_progress(&child, at_fork + 20);
+    let blocked = parent
+        .fork(&ForkOptions {
+            block_interrupts: true,
+            ..ForkOptions::default()
+        })
+        .unwrap();
+    let frozen_at = progress(&blocked);
+    blocked.start().unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        progress(&blocked),
+        frozen_at,
+        "a fork with interrupts blocked was woken"
+    );
+    // The parent kept counting meanwhile.
+    assert!(progress(&parent) > at_fork);
+    for vm in [&parent, &child, &blocked] {
+        vm.stop();
+    }
+}

@@ -7,6 +7,7 @@ use guests::layout::{mailbox, MAILBOX};
 use guests::Workload;
 use serde_json::json;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vmfork::boot::{BootSpec, Kernel};
 use vmfork::devices::SerialSink;
@@ -144,7 +145,7 @@ fn measure(args: BenchArgs, dir: &Path, report: &mut Report) -> CliResult<()> {
 
     qemu_background_snapshot(dir, report)?;
     memory_after_forks(report)?;
-    siblings(args, report)?;
+    siblings(args, dir, report)?;
     Ok(())
 }
 
@@ -332,48 +333,87 @@ fn memory_after_forks(report: &mut Report) -> CliResult<()> {
     Ok(())
 }
 
-/// Fork latency with no siblings and with 1,000 live ones, and a burst of 1,000 forks, of a
-/// running parent that writes nothing (what it writes is measured above).
-fn siblings(args: BenchArgs, report: &mut Report) -> CliResult<()> {
-    let parent = busy_vm(0, 0)?;
+/// Fork latency with no siblings and with 1,000 live ones, a burst of 1,000 forks, listing
+/// and destroying them over the API. Parent and siblings are running `idle` guests (halted
+/// until an interrupt, as idle real guests are); what the parent writes is measured above.
+fn siblings(args: BenchArgs, dir: &Path, report: &mut Report) -> CliResult<()> {
+    let config = VmConfig {
+        mem_bytes: MEM_MIB << 20,
+        ..VmConfig::default()
+    };
+    let parent = Vm::boot(
+        config,
+        SerialSink::Discard,
+        &BootSpec::new(Kernel::Elf(Workload::Idle.elf())),
+    )
+    .map_err(err)?;
+    parent.start().map_err(err)?;
+    let registry = vmfork::api::Registry::new(None);
+    let parent = registry.add(parent);
+    let sock = dir.join("api.sock");
+    let _server = vmfork::api::ApiServer::start(&sock, Arc::clone(&registry)).map_err(err)?;
     let opts = ForkOptions::default();
     drop(parent.fork(&opts).map_err(err)?);
-    let time_fork = |samples: &mut Vec<f64>| -> CliResult<Vm> {
+    let fork_running = |samples: Option<&mut Vec<f64>>| -> CliResult<Vm> {
         let t = Instant::now();
         let child = parent.fork(&opts).map_err(err)?;
-        samples.push(t.elapsed().as_secs_f64() * 1e6);
+        if let Some(samples) = samples {
+            samples.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        child.start().map_err(err)?;
         Ok(child)
     };
     let mut alone = Vec::new();
     for _ in 0..args.runs {
-        drop(time_fork(&mut alone)?);
+        drop(fork_running(Some(&mut alone))?);
     }
     let t = Instant::now();
-    let mut family = (0..1000)
-        .map(|_| parent.fork(&opts))
-        .collect::<vmfork::Result<Vec<_>>>()
-        .map_err(err)?;
+    let mut ids = Vec::new();
+    for _ in 0..1000 {
+        ids.push(registry.add(fork_running(None)?).id());
+    }
     let burst_ms = t.elapsed().as_secs_f64() * 1e3;
     let mut crowded = Vec::new();
     for _ in 0..args.runs {
-        family.push(time_fork(&mut crowded)?);
-        family.swap_remove(0);
+        drop(fork_running(Some(&mut crowded))?);
+    }
+    let mut list_ms = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        let listed = crate::client::request(&sock, "GET", "/vms", None)?;
+        list_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        let n = listed.as_array().map_or(0, Vec::len);
+        if n < 1001 {
+            return Err(format!("GET /vms listed {n} VMs, not 1,001"));
+        }
     }
     let t = Instant::now();
-    drop(family);
-    let teardown_ms = t.elapsed().as_secs_f64() * 1e3;
+    for id in ids {
+        crate::client::request(&sock, "DELETE", &format!("/vms/{id}"), None)?;
+    }
+    let destroy_ms = t.elapsed().as_secs_f64() * 1e3;
     parent.stop();
+    registry.destroy_all();
+    let t = Instant::now();
     pool::drain();
+    let teardown_ms = t.elapsed().as_secs_f64() * 1e3;
     let params = |n: u64| {
         [
             ("siblings", json!(n)),
             ("mem_mib", json!(MEM_MIB)),
-            ("parent", json!("spin")),
+            ("guest", json!("idle, running")),
         ]
     };
     report.add_median("fork_latency_us_p50", &mut alone, "us", &params(0));
     report.add_median("fork_latency_us_p50", &mut crowded, "us", &params(1000));
     report.add("forks_1000_total_ms", burst_ms, "ms", &params(1000));
-    report.add("destroy_1000_ms", teardown_ms, "ms", &params(1000));
+    report.add_median("list_vms_ms_p50", &mut list_ms, "ms", &params(1000));
+    report.add("destroy_1000_over_api_ms", destroy_ms, "ms", &params(1000));
+    report.add(
+        "teardown_after_destroy_ms",
+        teardown_ms,
+        "ms",
+        &params(1000),
+    );
     Ok(())
 }

@@ -407,7 +407,7 @@ impl Drop for VmShared {
         if shell.ram_range.is_some() {
             pool::recycle(shell, &self.config);
         } else {
-            pool::reap(Box::new(shell));
+            pool::close(shell);
         }
     }
 }

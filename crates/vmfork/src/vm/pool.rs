@@ -329,7 +329,7 @@ pub(crate) fn recycle(shell: VmShell, config: &VmConfig) {
             return;
         }
     }
-    reap(Box::new(shell));
+    close(shell);
 }
 
 fn forget_dirty_log(shell: &VmShell, config: &VmConfig) -> Result<()> {
@@ -341,6 +341,25 @@ fn forget_dirty_log(shell: &VmShell, config: &VmConfig) -> Result<()> {
             .kvm("KVM_GET_DIRTY_LOG")?;
     }
     Ok(())
+}
+
+/// A shell to close on the reaper thread. The VM it served hands it over from its drop and
+/// drops its own handle on the VM fd just after: closing waits a moment for that, so the VM is
+/// closed here and not on the VM owner's thread (~16 ms with an in-kernel PIT).
+struct ClosingShell(VmShell);
+
+impl Drop for ClosingShell {
+    fn drop(&mut self) {
+        let deadline = std::time::Instant::now() + Duration::from_millis(100);
+        while Arc::strong_count(&self.0.fd) > 1 && std::time::Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+    }
+}
+
+/// Closes `shell` on the reaper thread.
+pub(crate) fn close(shell: VmShell) {
+    reap(Box::new(ClosingShell(shell)));
 }
 
 /// Drops `job` on the reaper thread.
