@@ -7,8 +7,6 @@ use common::*;
 use guests::layout::{mailbox, MAILBOX};
 use guests::Workload;
 use serde_json::Value;
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use vmfork::api::{ApiServer, Registry};
 
@@ -16,29 +14,12 @@ fn socket_path(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("vmfork-test-{}-{name}.sock", std::process::id()))
 }
 
-/// Sends raw bytes, returns (status, JSON body or Null).
 fn raw(sock: &Path, bytes: &[u8]) -> (u16, Value) {
-    let mut s = UnixStream::connect(sock).unwrap();
-    s.write_all(bytes).unwrap();
-    let _ = s.shutdown(std::net::Shutdown::Write);
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let (head, body) = out.split_once("\r\n\r\n").unwrap();
-    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = if body.trim().is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_str(body).unwrap()
-    };
-    (status, body)
+    api_raw(sock, bytes)
 }
 
 fn call(sock: &Path, method: &str, path: &str, body: &str) -> (u16, Value) {
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    raw(sock, req.as_bytes())
+    api_call(sock, method, path, body)
 }
 
 fn server(name: &str, workload: Workload, params: &[(u64, u64)]) -> (ApiServer, u64, PathBuf) {

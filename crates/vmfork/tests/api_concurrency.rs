@@ -9,41 +9,17 @@ use common::*;
 use guests::layout::{mailbox, MAILBOX, MEMTOUCH_BASE};
 use guests::{dirty_instant_problem, Workload};
 use serde_json::Value;
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use vmfork::api::{ApiServer, Registry};
 
 /// Working-set pages of the `dirty` guest: few enough to read in one memory request.
 const PAGES: u64 = 64;
 
-fn call(sock: &Path, method: &str, path: &str, body: &str) -> (u16, Value) {
-    let mut s = UnixStream::connect(sock).unwrap();
-    // A request that takes this long is a hung one.
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out)
-        .unwrap_or_else(|e| panic!("{method} {path}: no reply ({e})"));
-    let (head, body) = out.split_once("\r\n\r\n").unwrap();
-    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = if body.trim().is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_str(body).unwrap()
-    };
-    (status, body)
-}
-
 fn ok(sock: &Path, method: &str, path: &str, body: &str) -> Value {
-    let (status, reply) = call(sock, method, path, body);
+    let (status, reply) = api_call(sock, method, path, body);
     assert!(
         (200..300).contains(&status),
         "{method} {path}: {status} {reply}"
@@ -103,10 +79,8 @@ fn api_clients_on_one_vm_never_tear_hang_or_undo_each_other() {
         "children",
     );
 
-    let stop = Arc::new(AtomicBool::new(false));
     let torn = Arc::new(AtomicUsize::new(0));
     let undone = Arc::new(AtomicUsize::new(0));
-    let done: Vec<Arc<AtomicUsize>> = (0..7).map(|_| Arc::default()).collect();
     type Work = Box<dyn FnMut(&Path) + Send>;
     let mut clients: Vec<Work> = Vec::new();
     let u = Arc::clone(&undone);
@@ -165,28 +139,14 @@ fn api_clients_on_one_vm_never_tear_hang_or_undo_each_other() {
             ok(s, "POST", &format!("/vms/{fork}/reset"), "{}");
         }));
     }
-    let handles: Vec<_> = clients
+    let work = clients
         .into_iter()
-        .zip(done.iter().cloned())
-        .map(|(mut work, count)| {
-            let (stop, sock) = (Arc::clone(&stop), sock.clone());
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    work(&sock);
-                    count.fetch_add(1, Ordering::Relaxed);
-                }
-            })
+        .map(|mut client| {
+            let sock = sock.clone();
+            Box::new(move || client(&sock)) as Box<dyn FnMut() + Send>
         })
         .collect();
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(8) && handles.iter().all(|h| !h.is_finished()) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    stop.store(true, Ordering::Relaxed);
-    for h in handles {
-        h.join().expect("a client failed (see its panic above)");
-    }
-    let counts: Vec<usize> = done.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+    let counts = hammer(work, Duration::from_secs(8), Duration::from_secs(30));
     assert!(
         counts.iter().all(|&c| c > 0),
         "every client got work done: {counts:?}"

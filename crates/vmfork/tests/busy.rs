@@ -6,8 +6,8 @@ mod common;
 use common::*;
 use guests::layout::{mailbox, MAILBOX, MEMTOUCH_BASE};
 use guests::{dirty_instant_problem, Workload};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vmfork::devices::SerialSink;
 use vmfork::{ForkOptions, ResetScope, Snapshot, SnapshotOptions, Vm, VmStatus};
@@ -142,45 +142,6 @@ fn a_parent_whose_children_are_gone_folds_back_and_forks_on() {
         assert!(instant_problem(&child, PAGES).is_none());
     }
     parent.stop();
-}
-
-/// Runs `work` on `threads` threads until `stop`, failing if any iteration takes longer than
-/// `limit` (a hung request) or panics.
-fn hammer(threads: Vec<Box<dyn FnMut() + Send>>, run_for: Duration, limit: Duration) -> Vec<usize> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let (beat_tx, beat_rx) = mpsc::channel::<usize>();
-    let mut handles = Vec::new();
-    let counts: Vec<Arc<AtomicUsize>> = threads.iter().map(|_| Arc::default()).collect();
-    for (i, mut work) in threads.into_iter().enumerate() {
-        let stop = Arc::clone(&stop);
-        let tx = beat_tx.clone();
-        let count = Arc::clone(&counts[i]);
-        handles.push(std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                work();
-                count.fetch_add(1, Ordering::Relaxed);
-                let _ = tx.send(i);
-            }
-        }));
-    }
-    drop(beat_tx);
-    let started = Instant::now();
-    let mut last = vec![Instant::now(); handles.len()];
-    while started.elapsed() < run_for {
-        match beat_rx.recv_timeout(Duration::from_millis(100)) {
-            Ok(i) => last[i] = Instant::now(),
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => panic!("a worker died"),
-        }
-        for (i, t) in last.iter().enumerate() {
-            assert!(t.elapsed() < limit, "worker {i} hung for {:?}", t.elapsed());
-        }
-    }
-    stop.store(true, Ordering::Relaxed);
-    for h in handles {
-        h.join().expect("a worker panicked");
-    }
-    counts.iter().map(|c| c.load(Ordering::Relaxed)).collect()
 }
 
 #[test]

@@ -74,3 +74,88 @@ pub fn wait_for_progress(vm: &Vm, above: u64) -> u64 {
         std::thread::sleep(Duration::from_millis(1));
     }
 }
+
+/// Sends raw bytes to a control API socket; returns (status, JSON body or Null). A reply that
+/// takes over 30 s is a hung request and fails the test.
+pub fn api_raw(sock: &std::path::Path, bytes: &[u8]) -> (u16, serde_json::Value) {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(bytes).unwrap();
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut out = String::new();
+    s.read_to_string(&mut out)
+        .unwrap_or_else(|e| panic!("no reply ({e})"));
+    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = if body.trim().is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_str(body).unwrap()
+    };
+    (status, body)
+}
+
+/// One API request with a body; returns (status, JSON body or Null).
+pub fn api_call(
+    sock: &std::path::Path,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (u16, serde_json::Value) {
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    api_raw(sock, req.as_bytes())
+}
+
+/// Runs each of `work` on its own thread, again and again, for `run_for`; fails if any
+/// iteration takes longer than `limit` (a hung operation) or panics. Returns how many
+/// iterations each got done.
+pub fn hammer(
+    work: Vec<Box<dyn FnMut() + Send>>,
+    run_for: Duration,
+    limit: Duration,
+) -> Vec<usize> {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::{mpsc, Arc};
+    use std::time::Instant;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (beat_tx, beat_rx) = mpsc::channel::<usize>();
+    let mut handles = Vec::new();
+    let counts: Vec<Arc<AtomicUsize>> = work.iter().map(|_| Arc::default()).collect();
+    for (i, mut work) in work.into_iter().enumerate() {
+        let stop = Arc::clone(&stop);
+        let tx = beat_tx.clone();
+        let count = Arc::clone(&counts[i]);
+        handles.push(std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                work();
+                count.fetch_add(1, Ordering::Relaxed);
+                let _ = tx.send(i);
+            }
+        }));
+    }
+    drop(beat_tx);
+    let started = Instant::now();
+    let mut last = vec![Instant::now(); handles.len()];
+    while started.elapsed() < run_for {
+        match beat_rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(i) => last[i] = Instant::now(),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => panic!("a worker died"),
+        }
+        for (i, t) in last.iter().enumerate() {
+            assert!(t.elapsed() < limit, "worker {i} hung for {:?}", t.elapsed());
+        }
+        if handles.iter().any(|h| h.is_finished()) {
+            break;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for h in handles {
+        h.join().expect("a worker panicked (see its message above)");
+    }
+    counts.iter().map(|c| c.load(Ordering::Relaxed)).collect()
+}
