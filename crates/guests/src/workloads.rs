@@ -307,16 +307,49 @@ pub fn idle() -> Result<Vec<u8>, IcedError> {
     Ok(image)
 }
 
+/// Where `dirty`'s generation loop starts: before it (boot code, or its first instructions)
+/// its registers do not hold a generation yet.
+pub fn dirty_loop_start() -> u64 {
+    let code = dirty().expect("built-in workload assembles");
+    let mut decoder =
+        iced_x86::Decoder::with_ip(64, &code, USER_CODE, iced_x86::DecoderOptions::NONE);
+    // The loop starts right after the one load of rbx.
+    for instr in &mut decoder {
+        if instr.op0_register() == iced_x86::Register::RBX
+            && instr.mnemonic() == iced_x86::Mnemonic::Mov
+        {
+            return instr.next_ip();
+        }
+    }
+    USER_CODE
+}
+
 /// Why a `dirty` guest's memory and registers are not one instant, or `None` if they are.
-/// `generation` = its `rbx`, `done` = its `r14`, `progress` = its PROGRESS mailbox word, and
-/// `stamps(i)` = the first and last 8 bytes of working-set page `i` (of `pages`).
+/// `rip`, `generation` = its `rbx`, `done` = its `r14`, `progress` = its PROGRESS mailbox word,
+/// and `stamps(i)` = the first and last 8 bytes of working-set page `i` (of `pages`).
 pub fn dirty_instant_problem(
+    rip: u64,
     generation: u64,
     done: u64,
     progress: u64,
     pages: u64,
     mut stamps: impl FnMut(u64) -> (u64, u64),
 ) -> Option<String> {
+    let loop_start = dirty_loop_start();
+    let code_end = USER_CODE + 0x1000;
+    if !(loop_start..code_end).contains(&rip) {
+        // Not in the loop yet (booting): no generation in flight, every page as PROGRESS says.
+        for i in 0..pages {
+            let (first, last) = stamps(i);
+            if first != progress || last != progress {
+                return Some(format!(
+                    "page {i} has stamps {first}/{last} before the loop started \
+                     (rip {rip:#x}, PROGRESS {progress})"
+                ));
+            }
+        }
+        return None;
+    }
     let g = generation;
     let complete = progress == g;
     if !complete && progress.wrapping_add(1) != g {

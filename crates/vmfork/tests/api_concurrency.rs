@@ -52,7 +52,7 @@ fn instant_problem(sock: &Path, vm: u64) -> Option<String> {
     let mailbox = memory(sock, vm, MAILBOX, 4096);
     let progress = hex_u64(&mailbox[mailbox::PROGRESS as usize..][..8]);
     let pages = memory(sock, vm, MEMTOUCH_BASE, PAGES * 4096);
-    dirty_instant_problem(reg("rbx"), reg("r14"), progress, PAGES, |i| {
+    dirty_instant_problem(reg("rip"), reg("rbx"), reg("r14"), progress, PAGES, |i| {
         let page = &pages[(i * 4096) as usize..][..4096];
         (hex_u64(&page[..8]), hex_u64(&page[4088..]))
     })

@@ -27,7 +27,7 @@ fn dirty_parent(pages: u64, delay: u64) -> Vm {
 fn instant_problem(vm: &Vm, pages: u64) -> Option<String> {
     let regs = vm.registers(0).unwrap().regs;
     let progress = vm.ram().read_u64(MAILBOX + mailbox::PROGRESS).unwrap();
-    dirty_instant_problem(regs.rbx, regs.r14, progress, pages, |i| {
+    dirty_instant_problem(regs.rip, regs.rbx, regs.r14, progress, pages, |i| {
         let page = MEMTOUCH_BASE + i * 4096;
         (
             vm.ram().read_u64(page).unwrap(),
