@@ -335,3 +335,44 @@ fn idle_guests_wake_on_timer_interrupts_and_blocked_forks_stay_asleep() {
         vm.stop();
     }
 }
+
+#[test]
+fn deep_generation_chains_are_merged_and_forks_stay_exact() {
+    let parent = memtouch_parent();
+    drop(parent.fork(&ForkOptions::default()).unwrap());
+    // Each generation writes its own pages (VMM writes, as a debugger would): a layer per
+    // generation that no later one covers.
+    let mut kids = Vec::new();
+    for g in 0..12u64 {
+        for p in 0..5 {
+            let addr = 0x60_0000 + (g * 8 + p) * 4096;
+            parent.ram().write_u64(addr, g * 100 + p + 1).unwrap();
+        }
+        let child = parent.fork(&ForkOptions::default()).unwrap();
+        assert_eq!(ram_hash(&child), ram_hash(&parent), "generation {g}");
+        kids.push(child);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    // Twelve generations of disjoint pages would stack twelve layers; merging keeps it at 8 or
+    // fewer.
+    while parent.image_layers() > 8 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never merged: {} layers",
+            parent.image_layers()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Forks of the merged image are the parent exactly, and so are the older children still.
+    parent.ram().write_u64(0x70_0000, 42).unwrap();
+    let after = parent.fork(&ForkOptions::default()).unwrap();
+    assert_eq!(ram_hash(&after), ram_hash(&parent));
+    assert_eq!(
+        kids[11].ram().read_u64(0x60_0000 + 11 * 8 * 4096).unwrap(),
+        1101
+    );
+    assert_eq!(
+        kids[3].ram().read_u64(0x60_0000 + 11 * 8 * 4096).unwrap(),
+        0
+    );
+}

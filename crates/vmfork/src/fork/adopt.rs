@@ -16,6 +16,40 @@ pub(crate) const ADOPT_IN_PAUSE_PAGES: u64 = 2048;
 /// Pages adopted per background pause (~0.06 µs each here: about a millisecond).
 const CHUNK_PAGES: u64 = 16_384;
 
+/// An image using more layers than this is merged into one on a background thread.
+pub(crate) const MERGE_DEPTH: usize = 8;
+
+/// Merges `image` (the VM's current image, too deep) on a background thread, makes the merged
+/// image the VM's if it still has `image`, and adopts the merged layer into its RAM (so the old
+/// layers are freed once no child needs them).
+pub(crate) fn merge_in_background(vm: Weak<VmShared>, image: Arc<crate::memory::FrozenImage>) {
+    let spawned = std::thread::Builder::new()
+        .name("vmfork-merge".into())
+        .spawn(move || {
+            let Ok(merged) = image.merged() else { return };
+            let Some(shared) = vm.upgrade() else { return };
+            let swapped = {
+                let _op = shared.exclusive();
+                let mut tracking = shared.tracking.lock().unwrap_or_else(|p| p.into_inner());
+                match &tracking.image {
+                    Some(current) if Arc::ptr_eq(current, &image) => {
+                        tracking.image = Some(Arc::clone(&merged));
+                        true
+                    }
+                    _ => false,
+                }
+            };
+            drop(image);
+            if let (true, Some(run)) = (swapped, merged.runs().first()) {
+                let layer = Arc::clone(&run.layer);
+                drop(merged);
+                adopt_chunks(&vm, &layer);
+            }
+        });
+    // No thread: the image stays deep (more mappings, same contents).
+    drop(spawned);
+}
+
 /// Starts adopting `layer` into the VM's RAM on a background thread.
 pub(crate) fn adopt_in_background(vm: Weak<VmShared>, layer: Arc<Layer>) {
     let spawned = std::thread::Builder::new()

@@ -78,6 +78,12 @@ impl Vm {
         self.tracking().image.is_some()
     }
 
+    /// How many layers this VM's current image stacks on its base file (0 without an image);
+    /// a background merge keeps it small.
+    pub fn image_layers(&self) -> usize {
+        self.tracking().image.as_ref().map_or(0, |i| i.depth())
+    }
+
     /// The longest pause a background worker took on this VM (adopting a large layer after a
     /// fork or snapshot: a chunk of pages per pause).
     pub fn max_background_pause(&self) -> Duration {
@@ -214,6 +220,9 @@ impl Vm {
         // the replaced pages) on the reaper thread, not in the pause.
         let previous = tracking.image.replace(Arc::clone(&next));
         crate::vm::pool::reap(Box::new((previous, replaced)));
+        if next.depth() > super::adopt::MERGE_DEPTH {
+            super::adopt::merge_in_background(self.shared_weak(), Arc::clone(&next));
+        }
         Ok(next)
     }
 }

@@ -117,6 +117,22 @@ impl FrozenImage {
         self.with_layer(Layer::copy_of(&self.layout, src, checked)?)
     }
 
+    /// The same image with all its layer runs in one new layer: a deep chain (many layers,
+    /// runs cut small by their overlaps) made flat again. Costs a copy of the layer pages.
+    pub fn merged(self: &Arc<Self>) -> Result<Arc<Self>> {
+        let mut builder = super::LayerBuilder::new(&self.layout)?;
+        let mut pages = super::DirtyPages::new(self.layout.total());
+        for run in &self.runs {
+            builder.copy_run(run.layer.view(), run.offset, run.len)?;
+            for offset in (run.offset..run.end()).step_by(PAGE_SIZE as usize) {
+                pages.mark((offset / PAGE_SIZE) as usize);
+            }
+        }
+        let layer = builder.seal(&pages)?;
+        let flat = Self::from_file(self.layout.clone(), Arc::clone(&self.base))?;
+        flat.with_layer(layer)
+    }
+
     pub fn layout(&self) -> &MemoryLayout {
         &self.layout
     }

@@ -89,6 +89,13 @@ impl LayerBuilder {
         Ok(copied)
     }
 
+    /// Copies `[offset, offset+len)` of `src` (laid out like RAM, not written meanwhile: a
+    /// layer's view) into the layer.
+    pub fn copy_run(&mut self, src: &HostMapping, offset: u64, len: u64) -> Result<()> {
+        allocate(&self.file, offset, len)?;
+        src.write_to_file(offset as usize, len as usize, &self.file)
+    }
+
     /// The finished layer holding exactly `pages` (every one of them copied at least once, the
     /// last copy made while nothing wrote it).
     pub fn seal(self, pages: &DirtyPages) -> Result<Arc<Layer>> {
