@@ -23,6 +23,9 @@ pub struct IrqchipState {
 const MASKED: u32 = 1 << 16;
 /// Local APIC LVT registers (timer, thermal, perf counters, LINT0, LINT1, error), by offset.
 const LAPIC_LVT_OFFSETS: [usize; 6] = [0x320, 0x330, 0x340, 0x350, 0x360, 0x370];
+/// Local APIC interrupt request registers (8 × 32 vectors, 16 bytes apart): interrupts
+/// accepted but not yet delivered.
+const LAPIC_IRR: usize = 0x200;
 
 impl IrqchipState {
     /// Masks every interrupt line: all PIC inputs and all IOAPIC redirection entries (so neither
@@ -30,6 +33,8 @@ impl IrqchipState {
     pub fn mask_all(&mut self) {
         for chip in [&mut self.pic_master, &mut self.pic_slave] {
             chip.chip.pic.imr = 0xff;
+            // Requests already latched would still be delivered once.
+            chip.chip.pic.irr = 0;
         }
         // SAFETY: as above, for the IOAPIC chip id: `ioapic` is the active field, plain data.
         let ioapic = unsafe { &mut self.ioapic.chip.ioapic };
@@ -78,7 +83,15 @@ impl VcpuState {
 
     /// Masks every local vector table entry of this vCPU's local APIC (its timer included).
     pub fn mask_local_interrupts(&mut self) {
+        // An interrupt being injected at the instant, or pending in the local APIC, would still
+        // reach the guest once: drop them too.
+        self.events.interrupt.injected = 0;
+        self.events.interrupt.nr = 0;
         let Some(lapic) = &mut self.lapic else { return };
+        for i in 0..8 {
+            let at = LAPIC_IRR + i * 0x10;
+            lapic.regs[at..at + 4].fill(0);
+        }
         for offset in LAPIC_LVT_OFFSETS {
             let value = Self::lvt(lapic, offset) | MASKED;
             for (r, b) in lapic.regs[offset..offset + 4]
