@@ -26,6 +26,7 @@ pub(crate) fn merge_in_background(vm: Weak<VmShared>, image: Arc<crate::memory::
     let spawned = std::thread::Builder::new()
         .name("vmfork-merge".into())
         .spawn(move || {
+            pool::background_priority();
             let Ok(merged) = image.merged() else { return };
             let Some(shared) = vm.upgrade() else { return };
             let swapped = {
@@ -60,6 +61,7 @@ pub(crate) fn adopt_in_background(vm: Weak<VmShared>, layer: Arc<Layer>) {
 }
 
 fn adopt_chunks(vm: &Weak<VmShared>, layer: &Arc<Layer>) {
+    pool::background_priority();
     for chunk in chunks(layer.runs()) {
         let Some(shared) = vm.upgrade() else { return };
         let _op = shared.exclusive();
@@ -68,10 +70,10 @@ fn adopt_chunks(vm: &Weak<VmShared>, layer: &Arc<Layer>) {
         };
         let started = Instant::now();
         let adopted = adopt_chunk(&shared, layer, &chunk);
+        shared.record_background_pause(started.elapsed());
         if resume {
             shared.background_resume();
         }
-        shared.record_background_pause(started.elapsed());
         match adopted {
             Ok(true) => {}
             // A newer generation replaced the layer, or the VM cannot take more mappings.

@@ -36,6 +36,7 @@ pub(crate) fn watch(vm: Weak<VmShared>) {
 }
 
 fn fold_forever() {
+    pool::background_priority();
     loop {
         std::thread::sleep(CHECK_INTERVAL);
         let vms: Vec<Weak<VmShared>> = {
@@ -148,10 +149,10 @@ fn fold_into_file(vm: &VmShared, pending: &mut DirtyPages) -> crate::Result<()> 
             vm.ram.mapping().copy_pages_to_file(&chunk, file)?;
             vm.ram.share_back(offset, len)
         })();
+        vm.record_background_pause(started.elapsed());
         if resume {
             vm.background_resume();
         }
-        vm.record_background_pause(started.elapsed());
         pool::reap(Box::new(swapped?));
         offset += len;
     }

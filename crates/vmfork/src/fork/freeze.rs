@@ -59,10 +59,12 @@ impl Vm {
             self.pause()?;
         }
         let result = self.freeze_memory(pre).and_then(at_instant);
+        // The pause ends when the vCPUs may run again: the vCPU thread woken by the resume
+        // often takes this thread's core at once, which is no longer the VM's pause.
+        self.shared().record_pause(paused_at.elapsed());
         if running && !stay_paused {
             self.resume()?;
         }
-        self.shared().record_pause(paused_at.elapsed());
         result
     }
 
@@ -110,10 +112,12 @@ impl Vm {
         let mut offset = 0;
         while offset < size {
             let len = FREEZE_CHUNK_BYTES.min(size - offset);
+            let started = Instant::now();
             let resume = shared.background_pause().unwrap_or(false);
             let remapped = shared.ram.make_copy_on_write_range(offset, len);
             if resume {
                 shared.background_resume();
+                shared.record_background_pause(started.elapsed());
             }
             remapped?;
             offset += len;

@@ -504,8 +504,16 @@ unsafe impl Send for DetachedPages {}
 
 impl Drop for DetachedPages {
     fn drop(&mut self) {
-        // SAFETY: unmaps exactly the range this value owns.
-        unsafe { libc::munmap(self.addr.cast(), self.len) };
+        // A megabyte at a time: unmapping holds the process's mapping lock, which a VM's pause
+        // may be waiting for (to swap in a layer); thousands of pages at once kept it for ms.
+        const PIECE: usize = 1 << 20;
+        let mut at = 0;
+        while at < self.len {
+            let len = PIECE.min(self.len - at);
+            // SAFETY: unmaps a piece of the range this value owns, each piece once.
+            unsafe { libc::munmap(self.addr.add(at).cast(), len) };
+            at += len;
+        }
     }
 }
 
