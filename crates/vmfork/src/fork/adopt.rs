@@ -26,7 +26,6 @@ pub(crate) fn merge_in_background(vm: Weak<VmShared>, image: Arc<crate::memory::
     let spawned = std::thread::Builder::new()
         .name("vmfork-merge".into())
         .spawn(move || {
-            pool::background_priority();
             let Ok(merged) = image.merged() else { return };
             let Some(shared) = vm.upgrade() else { return };
             let swapped = {
@@ -61,7 +60,6 @@ pub(crate) fn adopt_in_background(vm: Weak<VmShared>, layer: Arc<Layer>) {
 }
 
 fn adopt_chunks(vm: &Weak<VmShared>, layer: &Arc<Layer>) {
-    pool::background_priority();
     for chunk in chunks(layer.runs()) {
         let Some(shared) = vm.upgrade() else { return };
         let _op = shared.exclusive();

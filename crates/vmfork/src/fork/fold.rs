@@ -36,7 +36,6 @@ pub(crate) fn watch(vm: Weak<VmShared>) {
 }
 
 fn fold_forever() {
-    pool::background_priority();
     loop {
         std::thread::sleep(CHECK_INTERVAL);
         let vms: Vec<Weak<VmShared>> = {

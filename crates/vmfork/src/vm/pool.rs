@@ -361,11 +361,11 @@ impl Drop for ClosingShell {
     }
 }
 
-/// Lowers the calling thread's scheduling priority (nice 10): for background workers (reapers,
-/// the filler, layer adoption, merging, folding), so that on a busy host they yield to vCPU
-/// threads and to the thread holding a VM at its instant (a fork's pause waited for a reaper
-/// freeing memory: pauses of 4–6 ms instead of 1).
-pub(crate) fn background_priority() {
+/// Lowers the calling thread's scheduling priority (nice 10): for the workers that never hold a
+/// VM paused (reapers, the filler), so that on a busy host they yield to vCPU threads and to
+/// the thread holding a VM at its instant. (Workers that pause VMs, such as layer adoption and
+/// folding, keep normal priority: preempted while a VM waits, they would lengthen its pause.)
+fn background_priority() {
     // SAFETY: gettid and setpriority read no memory; on Linux the nice value is per thread,
     // and this only lowers this thread's own priority.
     unsafe {
