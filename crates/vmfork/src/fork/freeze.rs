@@ -116,10 +116,10 @@ impl Vm {
             let resume = shared.background_pause().unwrap_or(false);
             let remapped = shared.ram.make_copy_on_write_range(offset, len);
             if resume {
-                shared.background_resume();
                 shared.record_background_pause(started.elapsed());
+                shared.background_resume();
             }
-            remapped?;
+            crate::vm::pool::reap(Box::new(remapped?));
             offset += len;
         }
         let image = FrozenImage::from_file(

@@ -335,18 +335,25 @@ impl GuestRam {
     /// Turns this shared mapping of the RAM file into a private one, in place: from now on the
     /// file is frozen (it becomes a fork image) and this VM's writes go to private pages.
     pub fn make_copy_on_write(&self) -> Result<()> {
-        self.make_copy_on_write_range(0, self.size())
+        self.make_copy_on_write_range(0, self.size()).map(drop)
     }
 
     /// [`Self::make_copy_on_write`] for `[offset, offset+len)` of the RAM (which must be mapped
-    /// shared there: no layer runs, no private pages).
-    pub fn make_copy_on_write_range(&self, offset: u64, len: u64) -> Result<()> {
-        self.mapping.remap_range(
-            offset as usize,
-            len as usize,
-            self.backing.as_fd(),
-            Sharing::CopyOnWrite,
-        )
+    /// shared there: no layer runs, no private pages). The old mapping's page tables move out
+    /// (returned, to be dropped off the caller's path): tearing down a populated range in place
+    /// cost ~8 ms per 16 MiB here, inside a VM's pause.
+    pub fn make_copy_on_write_range(&self, offset: u64, len: u64) -> Result<Vec<DetachedPages>> {
+        let _swapping = self.swapping.write().unwrap_or_else(|p| p.into_inner());
+        Ok(self
+            .mapping
+            .replace_range(
+                offset as usize,
+                len as usize,
+                self.backing.as_fd(),
+                Sharing::CopyOnWrite,
+            )?
+            .into_iter()
+            .collect())
     }
 
     /// Moves vm-memory's record of pages the VMM wrote into `dirty`, and clears it.
