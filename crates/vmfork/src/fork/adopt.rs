@@ -13,8 +13,8 @@ use std::time::Instant;
 
 /// Layers of at most this many pages are adopted inside the pause itself.
 pub(crate) const ADOPT_IN_PAUSE_PAGES: u64 = 2048;
-/// Pages adopted per background pause (~0.06 µs each here: about a millisecond).
-const CHUNK_PAGES: u64 = 16_384;
+/// Pages adopted per background pause (a millisecond or two here).
+const CHUNK_PAGES: u64 = 8192;
 
 /// An image using more layers than this is merged into one on a background thread.
 pub(crate) const MERGE_DEPTH: usize = 8;

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 /// How often the folder looks at the VMs it watches.
 const CHECK_INTERVAL: Duration = Duration::from_millis(500);
 /// RAM swapped back per pause.
-const CHUNK_BYTES: u64 = 16 << 20;
+const CHUNK_BYTES: u64 = 8 << 20;
 /// Pre-copy rounds at most before the chunk pauses copy what is left.
 const ROUNDS: usize = 4;
 

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 /// were copied once already, so this only overwrites them: ~0.3 µs a page here).
 const PRECOPY_ENOUGH_PAGES: usize = 512;
 /// RAM switched to copy-on-write per pause when a RAM file is frozen.
-const FREEZE_CHUNK_BYTES: u64 = 16 << 20;
+const FREEZE_CHUNK_BYTES: u64 = 8 << 20;
 /// Pre-copy rounds at most (a guest writing faster than pages are copied does not converge).
 const PRECOPY_MAX_ROUNDS: usize = 6;
 
