@@ -2,10 +2,11 @@
 //!
 //! Where things live:
 //! - [`vm`]: the VM, its vCPU threads, pause/resume/stop and exits;
-//! - [`memory`]: guest RAM in a memfd, the one thing fork and snapshots are built on;
+//! - [`memory`]: guest RAM in a memfd, frozen images and their layers: what fork and snapshots
+//!   are built on;
 //! - [`devices`]: serial console, i8042, exit port;
 //! - [`boot`]: loading ELF (PVH or 64-bit entry) and flat kernels;
-//! - [`fork`]: fork, fork of a fork, fork reset;
+//! - [`fork`]: fork, fork of a fork, fork reset; generations (pre-copy, layers, adoption, fold);
 //! - [`fuzz`]: the snapshot-fuzzing loop (fork once, reset per input);
 //! - [`introspect`]: guest virtual memory through the guest's page tables;
 //! - [`api`]: the control API, HTTP+JSON on a Unix socket;
