@@ -431,16 +431,23 @@ pub fn idle_shells() -> Vec<(u8, bool, u64, usize)> {
 /// it, every destroyed VM's file descriptors are closed.
 pub fn drain() {
     let pool = pool();
-    let idle: Vec<VmShell> = {
+    loop {
+        let idle: Vec<VmShell> = {
+            let mut state = pool.lock();
+            state.target.clear();
+            state.idle.drain().flat_map(|(_, v)| v).collect()
+        };
+        for shell in idle {
+            reap(Box::new(shell));
+        }
         let mut state = pool.lock();
-        state.target.clear();
-        state.idle.drain().flat_map(|(_, v)| v).collect()
-    };
-    for shell in idle {
-        reap(Box::new(shell));
-    }
-    let mut state = pool.lock();
-    while state.busy > 0 {
-        state = pool.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+        while state.busy > 0 {
+            state = pool.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+        // Work that held shells out of the pool meanwhile (unmapping a gone family's RAM,
+        // forgetting a folded file) puts them back when done: drain those too.
+        if state.idle.values().all(Vec::is_empty) {
+            return;
+        }
     }
 }
