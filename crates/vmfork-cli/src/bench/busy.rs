@@ -22,14 +22,22 @@ fn err(e: vmfork::Error) -> String {
 
 /// A running 1 GiB guest: `dirty` rewriting `pages` pages, or `spin` (writes nothing) for 0.
 fn busy_vm(pages: u64, delay: u64) -> CliResult<Vm> {
-    let config = VmConfig {
-        mem_bytes: MEM_MIB << 20,
-        ..VmConfig::default()
-    };
     let workload = if pages == 0 {
         Workload::Spin
     } else {
         Workload::Dirty
+    };
+    running_vm(
+        workload,
+        &[(mailbox::PARAM0, pages), (mailbox::PARAM1, delay)],
+    )
+}
+
+/// A running 1 GiB `workload` with mailbox `params` (offset, value).
+fn running_vm(workload: Workload, params: &[(u64, u64)]) -> CliResult<Vm> {
+    let config = VmConfig {
+        mem_bytes: MEM_MIB << 20,
+        ..VmConfig::default()
     };
     let vm = Vm::boot(
         config,
@@ -37,7 +45,7 @@ fn busy_vm(pages: u64, delay: u64) -> CliResult<Vm> {
         &BootSpec::new(Kernel::Elf(workload.elf())),
     )
     .map_err(err)?;
-    for (field, value) in [(mailbox::PARAM0, pages), (mailbox::PARAM1, delay)] {
+    for &(field, value) in params {
         vm.ram().write_u64(MAILBOX + field, value).map_err(err)?;
     }
     vm.start().map_err(err)?;
@@ -298,35 +306,17 @@ fn memory_after_forks(report: &mut Report) -> CliResult<()> {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    report.add(
-        "fold_ms",
-        t.elapsed().as_secs_f64() * 1e3,
-        "ms",
-        &[
-            ("dirty_pages_written", json!(PAGES)),
-            ("mem_mib", json!(MEM_MIB)),
-        ],
-    );
-    report.add(
-        "background_pause_us_max",
-        parent.max_background_pause().as_secs_f64() * 1e6,
-        "us",
-        &[
-            ("dirty_pages_written", json!(PAGES)),
-            ("mem_mib", json!(MEM_MIB)),
-        ],
-    );
+    let written = [
+        ("dirty_pages_written", json!(PAGES)),
+        ("mem_mib", json!(MEM_MIB)),
+    ];
+    report.add("fold_ms", t.elapsed().as_secs_f64() * 1e3, "ms", &written);
+    let longest = parent.max_background_pause().as_secs_f64() * 1e6;
+    report.add("background_pause_us_max", longest, "us", &written);
     std::thread::sleep(Duration::from_millis(200));
     let kept = memory_bytes()?.saturating_sub(baseline);
-    report.add(
-        "parent_rss_ratio",
-        kept as f64 / (MEM_MIB << 20) as f64,
-        "ratio",
-        &[
-            ("dirty_pages_written", json!(PAGES)),
-            ("mem_mib", json!(MEM_MIB)),
-        ],
-    );
+    let ratio = kept as f64 / (MEM_MIB << 20) as f64;
+    report.add("parent_rss_ratio", ratio, "ratio", &written);
     parent.stop();
     drop(parent);
     pool::drain();
@@ -337,17 +327,7 @@ fn memory_after_forks(report: &mut Report) -> CliResult<()> {
 /// and destroying them over the API. Parent and siblings are running `idle` guests (halted
 /// until an interrupt, as idle real guests are); what the parent writes is measured above.
 fn siblings(args: BenchArgs, dir: &Path, report: &mut Report) -> CliResult<()> {
-    let config = VmConfig {
-        mem_bytes: MEM_MIB << 20,
-        ..VmConfig::default()
-    };
-    let parent = Vm::boot(
-        config,
-        SerialSink::Discard,
-        &BootSpec::new(Kernel::Elf(Workload::Idle.elf())),
-    )
-    .map_err(err)?;
-    parent.start().map_err(err)?;
+    let parent = running_vm(Workload::Idle, &[])?;
     let registry = vmfork::api::Registry::new(None);
     let parent = registry.add(parent);
     let sock = dir.join("api.sock");

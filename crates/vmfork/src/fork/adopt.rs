@@ -9,7 +9,6 @@
 use crate::memory::{page_runs, Layer, MAX_MAPPED_RUNS, PAGE_SIZE};
 use crate::vm::{pool, VmShared};
 use std::sync::{Arc, Weak};
-use std::time::Instant;
 
 /// Layers of at most this many pages are adopted inside the pause itself.
 pub(crate) const ADOPT_IN_PAUSE_PAGES: u64 = 2048;
@@ -63,19 +62,11 @@ fn adopt_chunks(vm: &Weak<VmShared>, layer: &Arc<Layer>) {
     for chunk in chunks(layer.runs()) {
         let Some(shared) = vm.upgrade() else { return };
         let _op = shared.exclusive();
-        let Some(resume) = shared.background_pause() else {
-            return;
-        };
-        let started = Instant::now();
-        let adopted = adopt_chunk(&shared, layer, &chunk);
-        shared.record_background_pause(started.elapsed());
-        if resume {
-            shared.background_resume();
-        }
-        match adopted {
-            Ok(true) => {}
+        match shared.with_vcpus_held(|| adopt_chunk(&shared, layer, &chunk)) {
+            Some(Ok(true)) => {}
             // A newer generation replaced the layer, or the VM cannot take more mappings.
-            Ok(false) | Err(_) => return,
+            // Or the VM runs inline, where it cannot be paused from here.
+            Some(Ok(false) | Err(_)) | None => return,
         }
     }
 }

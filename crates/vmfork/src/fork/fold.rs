@@ -10,7 +10,7 @@
 use crate::memory::{DirtyPages, PAGE_SIZE};
 use crate::vm::{pool, VmShared};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How often the folder looks at the VMs it watches.
 const CHECK_INTERVAL: Duration = Duration::from_millis(500);
@@ -133,25 +133,24 @@ fn fold_into_file(vm: &VmShared, pending: &mut DirtyPages) -> crate::Result<()> 
     let mut offset = 0;
     while offset < size {
         let len = CHUNK_BYTES.min(size - offset);
-        // A VM stopping has no vCPU left to pause; its memory is folded all the same.
-        let resume = vm.background_pause().unwrap_or(false);
-        let started = Instant::now();
-        let swapped = (|| {
-            let mut tracking = vm.tracking.lock().unwrap_or_else(|p| p.into_inner());
-            vm.collect_dirty(&mut tracking)?;
-            if let Some(round) = tracking.since_round.as_mut() {
-                pending.union(round);
-                round.clear();
-            }
-            drop(tracking);
-            let chunk = pending.take_range(offset, len);
-            vm.ram.mapping().copy_pages_to_file(&chunk, file)?;
-            vm.ram.share_back(offset, len)
-        })();
-        vm.record_background_pause(started.elapsed());
-        if resume {
-            vm.background_resume();
-        }
+        // foldable() ruled out a VM run inline, and the op lock keeps it so.
+        let swapped = vm
+            .with_vcpus_held(|| {
+                let mut tracking = vm.tracking.lock().unwrap_or_else(|p| p.into_inner());
+                vm.collect_dirty(&mut tracking)?;
+                if let Some(round) = tracking.since_round.as_mut() {
+                    pending.union(round);
+                    round.clear();
+                }
+                drop(tracking);
+                let chunk = pending.take_range(offset, len);
+                vm.ram.mapping().copy_pages_to_file(&chunk, file)?;
+                vm.ram.share_back(offset, len)
+            })
+            .ok_or(crate::Error::State {
+                actual: "running inline",
+                wanted: "running on its own threads or paused",
+            })?;
         pool::reap(Box::new(swapped?));
         offset += len;
     }

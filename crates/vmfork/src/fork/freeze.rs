@@ -112,13 +112,13 @@ impl Vm {
         let mut offset = 0;
         while offset < size {
             let len = FREEZE_CHUNK_BYTES.min(size - offset);
-            let started = Instant::now();
-            let resume = shared.background_pause().unwrap_or(false);
-            let remapped = shared.ram.make_copy_on_write_range(offset, len);
-            if resume {
-                shared.record_background_pause(started.elapsed());
-                shared.background_resume();
-            }
+            // The caller holds the op lock, so the VM does not run inline meanwhile.
+            let remapped = shared
+                .with_vcpus_held(|| shared.ram.make_copy_on_write_range(offset, len))
+                .ok_or(Error::State {
+                    actual: "running inline",
+                    wanted: "running on its own threads or paused",
+                })?;
             crate::vm::pool::reap(Box::new(remapped?));
             offset += len;
         }

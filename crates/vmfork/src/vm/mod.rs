@@ -456,27 +456,36 @@ impl VmShared {
         self.ops.lock()
     }
 
-    /// For a background worker holding the op lock: stops running vCPU threads and returns
-    /// `Some(true)` (resume with [`Self::background_resume`]), `Some(false)` if none run,
-    /// `None` if the VM cannot be paused from here (it is stopping, or runs inline on its
-    /// caller's thread).
-    pub(crate) fn background_pause(&self) -> Option<bool> {
-        match self.control.want() {
-            Want::Stop => None,
-            Want::Pause => Some(false),
-            Want::Run if self.control.alive() == 0 => None,
+    /// For a background worker holding the op lock: runs `f` with no vCPU running, stopping
+    /// them for the moment if they run (recorded as a background pause; the VM still shows as
+    /// running meanwhile). `None`, without running `f`, when the VM runs inline on its caller's
+    /// thread, where it cannot be stopped from here.
+    pub(crate) fn with_vcpus_held<T>(&self, f: impl FnOnce() -> T) -> Option<T> {
+        use std::sync::atomic::Ordering;
+        let started = std::time::Instant::now();
+        let resume = match self.control.want() {
+            // Nothing runs, or nothing will once the stopping vCPUs are out.
+            Want::Stop | Want::Pause => false,
+            Want::Run if self.control.alive() == 0 => return None,
             Want::Run => {
-                self.held.store(true, std::sync::atomic::Ordering::Release);
+                self.held.store(true, Ordering::Release);
                 self.control.set_want(Want::Pause);
                 self.kicks.kick_all();
-                if self.control.wait_parked(self.vcpus.len()) {
-                    Some(true)
-                } else {
-                    self.held.store(false, std::sync::atomic::Ordering::Release);
-                    None
+                let parked = self.control.wait_parked(self.vcpus.len());
+                if !parked {
+                    // It stopped meanwhile: no vCPU runs, nothing to resume.
+                    self.held.store(false, Ordering::Release);
                 }
+                parked
             }
+        };
+        let out = f();
+        if resume {
+            self.record_background_pause(started.elapsed());
+            self.control.set_want(Want::Run);
+            self.held.store(false, Ordering::Release);
         }
+        Some(out)
     }
 
     /// The VM runs inline on its caller's thread, where no background worker can pause it.
@@ -484,13 +493,8 @@ impl VmShared {
         self.control.want() == Want::Run && self.control.alive() == 0
     }
 
-    pub(crate) fn background_resume(&self) {
-        self.control.set_want(Want::Run);
-        self.held.store(false, std::sync::atomic::Ordering::Release);
-    }
-
     /// Records a pause taken by a background worker (the longest is kept).
-    pub(crate) fn record_background_pause(&self, pause: Duration) {
+    fn record_background_pause(&self, pause: Duration) {
         let ns = u64::try_from(pause.as_nanos()).unwrap_or(u64::MAX);
         self.max_background_pause_ns
             .fetch_max(ns, std::sync::atomic::Ordering::Relaxed);
