@@ -11,8 +11,8 @@ mod runtime;
 pub mod workloads;
 
 pub use workloads::{
-    dirty_instant_problem, memtouch_pattern, DEFAULT_COUNTER_DELAY, DEFAULT_DIRTY_PAGES,
-    DEFAULT_MEMTOUCH_PAGES, HARNESS_CRASH_INPUT,
+    dirty_instant_problem, memtouch_pattern, parser_bug_input, ParserBug, DEFAULT_COUNTER_DELAY,
+    DEFAULT_DIRTY_PAGES, DEFAULT_MEMTOUCH_PAGES, HARNESS_CRASH_INPUT,
 };
 
 /// A built-in guest workload.
@@ -26,11 +26,12 @@ pub enum Workload {
     Spin,
     Dirty,
     Idle,
+    Parser,
 }
 
 impl Workload {
     /// Every workload, in the order `vmfork guests` lists them.
-    pub const ALL: [Workload; 8] = [
+    pub const ALL: [Workload; 9] = [
         Workload::Hello,
         Workload::Counter,
         Workload::Memtouch,
@@ -39,6 +40,7 @@ impl Workload {
         Workload::Spin,
         Workload::Dirty,
         Workload::Idle,
+        Workload::Parser,
     ];
 
     pub fn name(self) -> &'static str {
@@ -51,6 +53,7 @@ impl Workload {
             Workload::Spin => "spin",
             Workload::Dirty => "dirty",
             Workload::Idle => "idle",
+            Workload::Parser => "parser",
         }
     }
 
@@ -64,6 +67,7 @@ impl Workload {
             Workload::Spin => "spins forever without output",
             Workload::Dirty => "rewrites PARAM0 pages from 4 MiB forever, stamping a generation number (PARAM1: delay per page)",
             Workload::Idle => "halts at ring 0, counting interrupts in PROGRESS (PARAM0: LAPIC timer period, 0 = none)",
+            Workload::Parser => "fuzzing target: a TLV parser with three planted bugs at different depths; exits 0 (valid) or 1 (malformed)",
         }
     }
 
@@ -72,8 +76,14 @@ impl Workload {
         Self::ALL.into_iter().find(|w| w.name() == name)
     }
 
-    /// The flat load image (placed at [`layout::LOAD_ADDR`], 64-bit entry at its first byte).
-    pub fn image(self) -> Vec<u8> {
+    /// The guest-virtual (= physical) range `[start, end)` of the workload's own code, for
+    /// tools that disassemble it (coverage breakpoints).
+    pub fn code_range(self) -> (u64, u64) {
+        let len = self.code_and_ring().0.len() as u64;
+        (layout::USER_CODE, layout::USER_CODE + len)
+    }
+
+    fn code_and_ring(self) -> (Vec<u8>, runtime::Ring) {
         use runtime::Ring;
         let (code, ring) = match self {
             Workload::Hello => (workloads::hello(), Ring::User),
@@ -84,9 +94,15 @@ impl Workload {
             Workload::Spin => (workloads::spin(), Ring::User),
             Workload::Dirty => (workloads::dirty(), Ring::User),
             Workload::Idle => (workloads::idle(), Ring::Kernel),
+            Workload::Parser => (workloads::parser(), Ring::User),
         };
         // The assembler input is fixed at compile time, so failure here is a bug in this crate.
-        let code = code.expect("built-in workload assembles");
+        (code.expect("built-in workload assembles"), ring)
+    }
+
+    /// The flat load image (placed at [`layout::LOAD_ADDR`], 64-bit entry at its first byte).
+    pub fn image(self) -> Vec<u8> {
+        let (code, ring) = self.code_and_ring();
         runtime::build_image(&code, ring).expect("built-in runtime assembles")
     }
 

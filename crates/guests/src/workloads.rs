@@ -398,6 +398,117 @@ pub fn harness() -> Result<Vec<u8>, IcedError> {
     g.finish()
 }
 
+/// Where `parser`'s planted bugs are, shallow to deep (each a distinct faulting instruction).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParserBug {
+    /// A name record (`A`) longer than 32 bytes writes past the mapped 4 GiB (#PF).
+    LongName,
+    /// A count record (`B`) whose first value byte is 0 divides by zero (#DE).
+    ZeroCount,
+    /// A chunk record (`C`) after a name whose value starts with `DEEP` executes `ud2` (#UD).
+    DeepChunk,
+}
+
+/// An input that reaches each of `parser`'s planted bugs.
+pub fn parser_bug_input(bug: ParserBug) -> Vec<u8> {
+    match bug {
+        ParserBug::LongName => {
+            let mut v = b"V\x01A\x21".to_vec();
+            v.extend_from_slice(&[b'n'; 0x21]);
+            v
+        }
+        ParserBug::ZeroCount => b"V\x02B\x01\x00".to_vec(),
+        ParserBug::DeepChunk => b"V\x03A\x01xC\x04DEEP".to_vec(),
+    }
+}
+
+/// A small TLV parser at CPL3 with planted bugs at three depths ([`ParserBug`]): input is `V`,
+/// a version 1..=3, then records `type, len, value[len]`. It exits 0 for a well-formed input
+/// and 1 for a malformed one, so its exit code says nothing about how deep an input got.
+pub fn parser() -> Result<Vec<u8>, IcedError> {
+    let mut g = Asm::new()?;
+    let exit = g.exit;
+    let a = &mut g.a;
+    let mut malformed = a.create_label();
+    let mut valid = a.create_label();
+    let mut records = a.create_label();
+    let mut rec_a = a.create_label();
+    let mut rec_b = a.create_label();
+    let mut rec_c = a.create_label();
+    a.mov(rcx, qword_ptr(r15 + mailbox::INPUT_LEN))?;
+    a.mov(rsi, INPUT)?;
+    a.cmp(rcx, 2)?;
+    a.jb(malformed)?;
+    a.cmp(byte_ptr(rsi), b'V' as u32)?;
+    a.jne(malformed)?;
+    a.movzx(eax, byte_ptr(rsi + 1))?;
+    a.cmp(al, 1)?;
+    a.jb(malformed)?;
+    a.cmp(al, 3)?;
+    a.ja(malformed)?;
+    a.mov(ebx, 2u32)?; // position of the next record
+    a.xor(r12d, r12d)?; // bit 0: a name was seen
+    a.set_label(&mut records)?;
+    a.cmp(rbx, rcx)?;
+    a.jae(valid)?;
+    a.lea(rdx, ptr(rbx + 2))?;
+    a.cmp(rdx, rcx)?;
+    a.ja(malformed)?;
+    a.movzx(r8d, byte_ptr(rsi + rbx))?; // type
+    a.movzx(r9d, byte_ptr(rsi + rbx + 1))?; // length
+    a.lea(r11, ptr(rsi + rbx + 2))?; // value
+    a.lea(rdx, ptr(rdx + r9))?;
+    a.cmp(rdx, rcx)?;
+    a.ja(malformed)?;
+    a.mov(rbx, rdx)?;
+    a.cmp(r8b, b'A' as u32)?;
+    a.je(rec_a)?;
+    a.cmp(r8b, b'B' as u32)?;
+    a.je(rec_b)?;
+    a.cmp(r8b, b'C' as u32)?;
+    a.je(rec_c)?;
+    a.jmp(malformed)?;
+
+    // A: a name for a 32-byte buffer; a longer one "overflows" past the mapped 4 GiB.
+    a.set_label(&mut rec_a)?;
+    a.or(r12d, 1)?;
+    a.cmp(r9d, 32)?;
+    a.jbe(records)?;
+    a.mov(rax, 0x1_0000_0000u64)?;
+    a.mov(qword_ptr(rax + r9 * 8), r9)?;
+    a.jmp(records)?;
+
+    // B: a count that divides; zero is not refused.
+    a.set_label(&mut rec_b)?;
+    a.test(r9d, r9d)?;
+    a.jz(malformed)?;
+    a.movzx(edi, byte_ptr(r11))?;
+    a.mov(eax, 1000u32)?;
+    a.xor(edx, edx)?;
+    a.div(edi)?;
+    a.jmp(records)?;
+
+    // C: a chunk, meaningful after a name; one starting "DEEP" reaches the deepest bug.
+    a.set_label(&mut rec_c)?;
+    a.test(r12d, 1)?;
+    a.jz(malformed)?;
+    a.cmp(r9d, 4)?;
+    a.jb(records)?;
+    for (i, &byte) in b"DEEP".iter().enumerate() {
+        a.cmp(byte_ptr(r11 + i as u32), byte as u32)?;
+        a.jne(records)?;
+    }
+    a.ud2()?;
+
+    a.set_label(&mut valid)?;
+    a.xor(eax, eax)?;
+    a.jmp(exit)?;
+    a.set_label(&mut malformed)?;
+    a.mov(eax, 1u32)?;
+    a.jmp(exit)?;
+    g.finish()
+}
+
 /// Prints a line, then executes `ud2` with no IDT: #UD, #DF, triple fault.
 pub fn triple() -> Result<Vec<u8>, IcedError> {
     const MSG: &[u8] = b"triple: faulting now\n";

@@ -437,14 +437,43 @@ fn fuzz_a_restored_snapshot_of_the_harness_finds_its_crash() {
         "fuzz",
         "--snapshot",
         snap.to_str().unwrap(),
+        "--code",
+        "0x101000..0x101080",
+        "--crashes",
+        base.join("crashes").to_str().unwrap(),
         "--execs",
         "500000",
         "--seconds",
         "60",
     ]);
     assert_eq!(o.status.code(), Some(1), "a crash exits 1: {}", stderr(&o));
-    assert!(stdout(&o).contains("crash: input"), "{}", stdout(&o));
-    assert!(stdout(&o).contains("FUZZ"), "{}", stdout(&o));
+    let out = stdout(&o);
+    assert!(out.contains("crash: triple-fault/#UD"), "{out}");
+    assert!(out.contains("input 46555a5a"), "\"FUZZ\": {out}");
+    // The saved crash says how to reproduce it, and that command does.
+    let crashes = base.join("crashes");
+    let txt = std::fs::read_dir(&crashes)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "txt"))
+        .expect("a crash report");
+    let text = std::fs::read_to_string(&txt).unwrap();
+    let command = text
+        .lines()
+        .find_map(|l| l.strip_prefix("reproduce: vmfork "))
+        .expect("a reproduction command");
+    let o = vmfork(&command.split(' ').collect::<Vec<_>>());
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("crash: triple-fault/#UD"),
+        "{}",
+        stdout(&o)
+    );
+
+    // Without a code range, coverage cannot be set up: a clear error.
+    let o = vmfork(&["fuzz", "--snapshot", snap.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("code range"), "{}", stderr(&o));
 
     let o = vmfork(&[
         "fuzz",
@@ -453,5 +482,39 @@ fn fuzz_a_restored_snapshot_of_the_harness_finds_its_crash() {
     ]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("snapshot"), "{}", stderr(&o));
+    std::fs::remove_dir_all(&base).unwrap();
+}
+
+#[test]
+fn fuzz_the_parser_with_coverage_keeps_a_corpus_and_refuses_bad_flags() {
+    let base = std::env::temp_dir().join(format!("vmfork-fuzz-parser-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let corpus = base.join("corpus");
+    let args = |execs: &'static str| {
+        vec![
+            "fuzz".to_string(),
+            "--target".into(),
+            "parser".into(),
+            "--keep-going".into(),
+            "--execs".into(),
+            execs.into(),
+            "--corpus".into(),
+            corpus.to_str().unwrap().into(),
+        ]
+    };
+    let first = args("20000");
+    let o = vmfork(&first.iter().map(String::as_str).collect::<Vec<_>>());
+    let out = stdout(&o);
+    assert!(matches!(o.status.code(), Some(0 | 1)), "{}", stderr(&o));
+    assert!(out.contains("20000 execs"), "{out}");
+    let kept = std::fs::read_dir(&corpus).unwrap().count();
+    assert!(kept > 3, "{kept} inputs kept: {out}");
+    // A bad flag value: a clear error, exit 2.
+    let o = vmfork(&["fuzz", "--target", "parser", "--cores", "0"]);
+    assert_ne!(o.status.code(), Some(0));
+    assert!(stderr(&o).contains("--cores"), "{}", stderr(&o));
+    let o = vmfork(&["fuzz", "--target", "parser", "--replay", "/nonexistent"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("/nonexistent"), "{}", stderr(&o));
     std::fs::remove_dir_all(&base).unwrap();
 }

@@ -29,4 +29,4 @@ mod x86;
 pub use error::{Error, Result};
 pub use fork::{ForkOptions, ResetScope, ResetStats};
 pub use snapshot::{Snapshot, SnapshotOptions, SnapshotProgress, SnapshotReport};
-pub use vm::{ExitReason, Vm, VmConfig, VmStatus};
+pub use vm::{ExitReason, ThreadTimer, Vm, VmConfig, VmStatus};

@@ -46,7 +46,7 @@ fn every_fork_and_snapshot_of_a_writing_guest_is_one_instant() {
     let parent = dirty_parent(PAGES, 0);
     parent.start().unwrap();
     wait_generations(&parent, 1);
-    let dir = tempdir();
+    let dir = temp_dir("busy");
     let mut children = Vec::new();
     for round in 0..24 {
         // A full generation written since the last fork: every page is new in each layer.
@@ -151,7 +151,7 @@ fn several_threads_on_one_vm_never_tear_hang_or_undo_each_other() {
     wait_generations(&parent, 1);
     let fork = Arc::new(parent.fork(&ForkOptions::default()).unwrap());
     fork.start().unwrap();
-    let dir = tempdir();
+    let dir = temp_dir("busy");
     let torn = Arc::new(AtomicUsize::new(0));
     let undone = Arc::new(AtomicUsize::new(0));
     let mut work: Vec<Box<dyn FnMut() + Send>> = Vec::new();
@@ -230,15 +230,4 @@ fn several_threads_on_one_vm_never_tear_hang_or_undo_each_other() {
     parent.stop();
     fork.stop();
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-fn tempdir() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "vmfork-busy-{}-{:?}",
-        std::process::id(),
-        std::thread::current().id()
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }

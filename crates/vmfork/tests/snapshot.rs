@@ -15,13 +15,6 @@ use vmfork_format::{Header, Reader, Writer};
 
 const PAGES: u64 = 64;
 
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("vmfork-test-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 fn run_memtouch(vm: &Vm, seed: u64) {
     vm.ram().write_u64(MAILBOX + mailbox::PARAM1, seed).unwrap();
     assert_eq!(vm.run_inline().unwrap(), ExitReason::GuestExit(0));

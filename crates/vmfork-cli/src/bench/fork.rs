@@ -1,5 +1,5 @@
-//! The fork suite: fork latency by RAM size, fork of a fork, reset latency by dirty pages,
-//! fuzzing throughput and the private memory of a fork.
+//! The fork suite: fork latency by RAM size, fork of a fork, reset latency by dirty pages and
+//! the private memory of a fork (fuzzing throughput is in the fuzz suite).
 
 use super::{p50_p99, BenchArgs, Report};
 use crate::CliResult;
@@ -129,16 +129,6 @@ pub fn run(args: BenchArgs) -> CliResult<Report> {
         );
         drop((fork, parent));
     }
-
-    let (_parent, target) = crate::fuzz::harness_target()?;
-    let config = crate::fuzz::harness_fuzz_config(u64::MAX, 3.0, 1, false);
-    let fuzz = vmfork::fuzz::fuzz(&target, &config).map_err(err)?;
-    report.add(
-        "fuzz_execs_per_s",
-        fuzz.execs_per_sec(),
-        "per_s",
-        &[("guest", json!("harness")), ("cores", json!(1))],
-    );
 
     let parent = memtouch_vm(256, 16)?;
     parent.fork(&opts).map_err(err)?;

@@ -15,7 +15,7 @@ use serde_json::{Map, Value};
 pub enum Suite {
     /// VMM start to the guest's first serial byte, in-process and as a process; pause+resume.
     Boot(BenchArgs),
-    /// Fork and fork-of-fork latency, reset latency, fuzzing execs/s, private bytes per fork.
+    /// Fork and fork-of-fork latency, reset latency, private bytes per fork.
     Fork(BenchArgs),
     /// Snapshot write throughput (vs dd), snapshot pause, restore latency by RAM size.
     Snapshot(BenchArgs),

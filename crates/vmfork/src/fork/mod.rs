@@ -221,6 +221,47 @@ impl Vm {
         Ok(stats)
     }
 
+    /// Rewrites bytes of the image this fork resets to, in place, and in the fork's own RAM:
+    /// every VM sharing that image sees them, and a reset keeps them. Only bytes a parent wrote
+    /// after its own fork or restore can be rewritten (they live in a layer vmfork owns; a base
+    /// file may be a snapshot on disk or a running root VM's RAM). Coverage breakpoints use it
+    /// to take a breakpoint out once for every fork at once.
+    pub fn rewrite_origin(&self, addr: u64, data: &[u8]) -> Result<()> {
+        let _op = self.exclusive();
+        let origin = self
+            .shared()
+            .origin
+            .as_ref()
+            .ok_or(Error::NotAFork(self.id()))?;
+        let layout = self.ram().layout();
+        let offset = layout.file_offset(addr).filter(|_| {
+            layout.contains(addr, data.len() as u64)
+                && (addr % PAGE_SIZE) + data.len() as u64 <= PAGE_SIZE
+        });
+        let Some(offset) = offset else {
+            return Err(Error::Invalid(format!(
+                "{} bytes at {addr:#x} are not inside one page of guest RAM",
+                data.len()
+            )));
+        };
+        let run = origin.image.run_at(offset).ok_or_else(|| {
+            Error::Invalid(format!(
+                "guest-physical {addr:#x} is in the base of this fork's image, which vmfork may not \
+                 rewrite: write the bytes in the parent and fork again"
+            ))
+        })?;
+        std::os::unix::fs::FileExt::write_all_at(run.layer.file().as_ref(), data, offset)
+            .map_err(|e| Error::Memory(format!("rewrite a layer page: {e}")))?;
+        // The fork holds its own copy of the page if it wrote it (or the image was copied into
+        // it): make that copy agree too.
+        let mut current = vec![0u8; data.len()];
+        self.ram().read(addr, &mut current)?;
+        if current != data {
+            self.ram().write(addr, data)?;
+        }
+        Ok(())
+    }
+
     /// Gives a `no_devices` fork its device models, with their state as of the fork instant.
     pub fn attach_devices(&self, sink: SerialSink) -> Result<()> {
         let _op = self.exclusive();

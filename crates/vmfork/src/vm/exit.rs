@@ -72,6 +72,8 @@ pub enum ExitReason {
         detail: String,
         dump: Option<VcpuDump>,
     },
+    /// The guest executed an `int3` while breakpoint exits were on; `rip` is its address.
+    Breakpoint { vcpu: usize, rip: u64 },
     /// The host stopped the VM (stop request, Ctrl-C, timeout).
     Stopped,
 }
@@ -116,6 +118,9 @@ impl ExitReason {
                 dump.vcpu, dump.regs.rip
             ),
             ExitReason::InternalError { detail, .. } => format!("KVM could not run the guest: {detail}"),
+            ExitReason::Breakpoint { vcpu, rip } => {
+                format!("guest hit a breakpoint (vCPU {vcpu} at rip {rip:#x})")
+            }
             ExitReason::Stopped => "stopped by the host".into(),
         }
     }

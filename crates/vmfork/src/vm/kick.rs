@@ -92,3 +92,60 @@ impl KickRegistry {
         }
     }
 }
+
+/// A one-shot timer that kicks the thread that made it: a deadline for [`crate::Vm`]'s inline
+/// runs (a fuzzing input that never ends). Arming and disarming are one syscall each.
+pub struct ThreadTimer {
+    id: libc::timer_t,
+}
+
+impl ThreadTimer {
+    /// A disarmed timer whose expiry sends the kick signal to the calling thread.
+    pub fn for_this_thread() -> crate::Result<Self> {
+        install_handler()?;
+        // SAFETY: a zeroed sigevent is valid; the fields set select thread-directed delivery.
+        let mut event: libc::sigevent = unsafe { std::mem::zeroed() };
+        event.sigev_notify = libc::SIGEV_THREAD_ID;
+        event.sigev_signo = kick_signal();
+        // SAFETY: gettid has no preconditions.
+        event.sigev_notify_thread_id = unsafe { libc::gettid() };
+        let mut id: libc::timer_t = std::ptr::null_mut();
+        // SAFETY: `event` and `id` are valid for the call; the kernel writes the timer id.
+        let rc = unsafe { libc::timer_create(libc::CLOCK_MONOTONIC, &mut event, &mut id) };
+        if rc != 0 {
+            return Err(crate::Error::Invalid(format!(
+                "cannot create a run timer: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        Ok(Self { id })
+    }
+
+    /// Fires once after `after` (zero disarms).
+    pub fn arm(&self, after: std::time::Duration) {
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: after.as_secs() as libc::time_t,
+                tv_nsec: after.subsec_nanos() as libc::c_long,
+            },
+        };
+        // SAFETY: `id` is a live timer of this process; `spec` is valid. Failure is impossible
+        // for a valid id and spec.
+        unsafe { libc::timer_settime(self.id, 0, &spec, std::ptr::null_mut()) };
+    }
+
+    pub fn disarm(&self) {
+        self.arm(std::time::Duration::ZERO);
+    }
+}
+
+impl Drop for ThreadTimer {
+    fn drop(&mut self) {
+        // SAFETY: `id` is a live timer owned by this value.
+        unsafe { libc::timer_delete(self.id) };
+    }
+}

@@ -11,6 +11,7 @@ mod vcpu;
 
 pub use control::Want;
 pub use exit::{ExitReason, VcpuDump, GUEST_FAULT_STATUS, STOPPED_STATUS};
+pub use kick::ThreadTimer;
 pub use kvm_system::KvmSystem;
 
 use crate::boot::{self, BootSpec};
@@ -92,6 +93,8 @@ impl VmStatus {
 /// One vCPU: its fd, locked by the vCPU thread while it runs and by the controller while paused.
 pub(crate) struct VcpuSlot {
     pub(crate) fd: Mutex<VcpuFd>,
+    /// Whether KVM guest debugging (breakpoint exits) is on: a recycled shell turns it off.
+    pub(crate) guest_debug: std::sync::atomic::AtomicBool,
 }
 
 /// A dying fork's shell keeps its RAM mapped when at most this many pages (or 1/256 of its RAM,
@@ -250,6 +253,7 @@ pub(crate) fn create_shell(config: &VmConfig, memory: Option<ShellMemory<'_>>) -
             set_lapic_lint(&vcpu)?;
         }
         vcpus.push(VcpuSlot {
+            guest_debug: Default::default(),
             fd: Mutex::new(vcpu),
         });
     }
@@ -625,6 +629,20 @@ impl Vm {
     /// Runs vCPU 0 on the calling thread until the VM stops (single-vCPU VMs that were not
     /// started with threads). No thread hand-off: what fuzzing loops and benchmarks want.
     pub fn run_inline(&self) -> Result<ExitReason> {
+        self.run_inline_until(None)
+    }
+
+    /// [`Self::run_inline`] that gives up after `limit` with [`ExitReason::Stopped`] (a kick
+    /// from `timer`, which must belong to the calling thread, ends the run). The VM is left
+    /// paused where it was, so it can be inspected or reset.
+    pub fn run_inline_for(&self, limit: Duration, timer: &kick::ThreadTimer) -> Result<ExitReason> {
+        timer.arm(limit);
+        let outcome = self.run_inline_until(Some(std::time::Instant::now() + limit));
+        timer.disarm();
+        outcome
+    }
+
+    fn run_inline_until(&self, deadline: Option<std::time::Instant>) -> Result<ExitReason> {
         // One operation: no background worker swaps memory under the running vCPU.
         let _op = self.exclusive();
         if self.shared.vcpus.len() != 1 || !self.lock_threads().is_empty() {
@@ -642,12 +660,32 @@ impl Vm {
         self.shared.control.set_want(Want::Run);
         let mut vcpu = self.shared.vcpu(0)?;
         let _target = kick::KickTarget::register(vcpu.get_kvm_run());
-        let event = vcpu::run_vcpu(0, &mut vcpu, &self.shared.devices, &self.shared.control);
+        let event = vcpu::run_vcpu(
+            0,
+            &mut vcpu,
+            &self.shared.devices,
+            &self.shared.control,
+            deadline,
+        );
         self.shared.control.set_want(Want::Pause);
         Ok(match event {
             vcpu::RunEvent::Exit(reason) => *reason,
             vcpu::RunEvent::Interrupted => ExitReason::Stopped,
         })
+    }
+
+    /// Makes an `int3` the guest executes stop the VM with [`ExitReason::Breakpoint`] instead of
+    /// raising #BP in the guest (KVM's software-breakpoint guest debugging), or turns that off.
+    /// Coverage breakpoints use it.
+    pub fn set_breakpoint_exits(&self, on: bool) -> Result<()> {
+        let _op = self.exclusive();
+        for (index, slot) in self.shared.vcpus.iter().enumerate() {
+            let vcpu = self.shared.vcpu(index)?;
+            set_guest_debug(&vcpu, on)?;
+            slot.guest_debug
+                .store(on, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     /// Stops every vCPU at its next instruction boundary and waits until all have stopped.
@@ -903,7 +941,7 @@ fn vcpu_thread(shared: Arc<VmShared>, index: usize) {
             .fd
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        match vcpu::run_vcpu(index, &mut vcpu, &shared.devices, &shared.control) {
+        match vcpu::run_vcpu(index, &mut vcpu, &shared.devices, &shared.control, None) {
             vcpu::RunEvent::Interrupted => {}
             vcpu::RunEvent::Exit(reason) => {
                 shared.control.finish(*reason);
@@ -919,6 +957,20 @@ fn vcpu_thread(shared: Arc<VmShared>, index: usize) {
 }
 
 /// Registers every RAM region as a KVM memslot (again, to change `log_dirty`).
+/// Turns KVM's software-breakpoint exits on or off for one vCPU.
+pub(crate) fn set_guest_debug(vcpu: &VcpuFd, on: bool) -> Result<()> {
+    let control = if on {
+        kvm_bindings::KVM_GUESTDBG_ENABLE | kvm_bindings::KVM_GUESTDBG_USE_SW_BP
+    } else {
+        0
+    };
+    let debug = kvm_bindings::kvm_guest_debug {
+        control,
+        ..Default::default()
+    };
+    vcpu.set_guest_debug(&debug).kvm("KVM_SET_GUEST_DEBUG")
+}
+
 pub(crate) fn register_memslots(fd: &VmFd, ram: &GuestRam, log_dirty: bool) -> Result<()> {
     // RAM's mapping lives in `VmShared` next to the VM fd and is dropped
     // after the memslots are deleted or the VM closed, so KVM never sees a freed range in use.

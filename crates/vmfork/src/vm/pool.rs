@@ -317,6 +317,16 @@ pub(crate) fn recycle(shell: VmShell, config: &VmConfig) {
         // A kick may have left `immediate_exit` set; the next VM must not see it.
         let mut vcpu = slot.fd.lock().unwrap_or_else(|p| p.into_inner());
         vcpu.set_kvm_immediate_exit(0);
+        // Breakpoint exits belong to the VM that asked for them.
+        if slot
+            .guest_debug
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+            && super::set_guest_debug(&vcpu, false).is_err()
+        {
+            drop(vcpu);
+            close(shell);
+            return;
+        }
     }
     let shape = Shape::of(config);
     if clean {

@@ -23,13 +23,17 @@ impl RunEvent {
 /// KVM's `KVM_SYSTEM_EVENT_*` types.
 const SYSTEM_EVENT_SHUTDOWN: u32 = 1;
 const SYSTEM_EVENT_RESET: u32 = 2;
+/// The #BP exception vector, reported in KVM's debug exit for an `int3`.
+const BP_VECTOR: u32 = 3;
 
-/// Runs `vcpu` until the controller interrupts it or the guest does something that stops the VM.
+/// Runs `vcpu` until the controller interrupts it, the guest does something that stops the VM,
+/// or (when given) a kick arrives after `deadline`.
 pub fn run_vcpu(
     index: usize,
     vcpu: &mut VcpuFd,
     devices: &Devices,
     control: &RunControl,
+    deadline: Option<std::time::Instant>,
 ) -> RunEvent {
     loop {
         if !control.should_run() {
@@ -39,6 +43,9 @@ pub fn run_vcpu(
             Ok(exit) => exit,
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 vcpu.set_kvm_immediate_exit(0);
+                if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                    return RunEvent::Interrupted;
+                }
                 continue;
             }
             Err(e) => {
@@ -87,6 +94,13 @@ pub fn run_vcpu(
                 })
             }
             VcpuExit::Intr => continue,
+            // Only software breakpoints are enabled (see `Vm::set_breakpoint_exits`).
+            VcpuExit::Debug(arch) if arch.exception == BP_VECTOR => {
+                return RunEvent::exit(ExitReason::Breakpoint {
+                    vcpu: index,
+                    rip: arch.pc,
+                })
+            }
             VcpuExit::InternalError => {
                 let suberror = internal_suberror(vcpu);
                 return RunEvent::exit(ExitReason::InternalError {

@@ -159,3 +159,15 @@ pub fn hammer(
     }
     counts.iter().map(|c| c.load(Ordering::Relaxed)).collect()
 }
+
+/// A fresh, empty directory for one test (named by process, `name` and thread).
+pub fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "vmfork-test-{}-{name}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
