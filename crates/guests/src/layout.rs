@@ -34,6 +34,9 @@ pub const MIN_RAM: u64 = 8 << 20;
 pub const SERIAL_PORT: u16 = 0x3f8;
 /// Exit port: a byte written here ends the run with that exit code (QEMU: `isa-debug-exit`).
 pub const EXIT_PORT: u16 = 0x501;
+/// Ready port: fuzzing targets write here just before they read their input (vmfork forks the
+/// fuzzing targets there; elsewhere the write is ignored).
+pub const READY_PORT: u16 = 0x503;
 
 /// Offsets of the mailbox fields (each a little-endian u64).
 pub mod mailbox {

@@ -76,6 +76,15 @@ impl Workload {
         Self::ALL.into_iter().find(|w| w.name() == name)
     }
 
+    /// Whether the workload writes to the ready port before it reads its input (fuzzing
+    /// targets: fork them there).
+    pub fn announces_ready(self) -> bool {
+        matches!(
+            self,
+            Workload::Harness | Workload::Parser | Workload::Memtouch
+        )
+    }
+
     /// The guest-virtual (= physical) range `[start, end)` of the workload's own code, for
     /// tools that disassemble it (coverage breakpoints).
     pub fn code_range(self) -> (u64, u64) {

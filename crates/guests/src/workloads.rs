@@ -1,7 +1,9 @@
 //! The CPL3 workloads. Each runs at native speed (ring 3 is not emulated on nested hosts) and
 //! talks to the host through the serial port, the exit port and the mailbox page.
 
-use crate::layout::{mailbox, EXIT_PORT, INPUT, MAILBOX, MEMTOUCH_BASE, SERIAL_PORT, USER_CODE};
+use crate::layout::{
+    mailbox, EXIT_PORT, INPUT, MAILBOX, MEMTOUCH_BASE, READY_PORT, SERIAL_PORT, USER_CODE,
+};
 use iced_x86::code_asm::*;
 use iced_x86::IcedError;
 
@@ -48,6 +50,12 @@ impl Asm {
         self.a.lea(rsi, ptr(label))?;
         self.a.mov(ecx, len as u32)?;
         self.a.call(self.print)
+    }
+
+    /// Says "ready for input" on the ready port (where fuzzing forks the target).
+    fn announce_ready(&mut self) -> Result<(), IcedError> {
+        self.a.mov(dx, READY_PORT as u32)?;
+        self.a.out(dx, al)
     }
 
     fn exit_with(&mut self, code: u8) -> Result<(), IcedError> {
@@ -160,6 +168,7 @@ pub fn counter() -> Result<Vec<u8>, IcedError> {
 pub fn memtouch() -> Result<Vec<u8>, IcedError> {
     const MSG: &[u8] = b"memtouch done ";
     let mut g = Asm::new()?;
+    g.announce_ready()?;
     let msg = string_after(&mut g, MSG)?;
     let a = &mut g.a;
     let mut have_pages = a.create_label();
@@ -380,6 +389,7 @@ pub fn dirty_instant_problem(
 /// IDT becomes a triple fault).
 pub fn harness() -> Result<Vec<u8>, IcedError> {
     let mut g = Asm::new()?;
+    g.announce_ready()?;
     let a = &mut g.a;
     let mut out = a.create_label();
     a.mov(rcx, qword_ptr(r15 + mailbox::INPUT_LEN))?;
@@ -427,6 +437,7 @@ pub fn parser_bug_input(bug: ParserBug) -> Vec<u8> {
 /// and 1 for a malformed one, so its exit code says nothing about how deep an input got.
 pub fn parser() -> Result<Vec<u8>, IcedError> {
     let mut g = Asm::new()?;
+    g.announce_ready()?;
     let exit = g.exit;
     let a = &mut g.a;
     let mut malformed = a.create_label();

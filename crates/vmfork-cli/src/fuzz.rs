@@ -102,14 +102,19 @@ fn target_config() -> VmConfig {
     }
 }
 
-/// Boots a built-in target, stopped at its entry.
+/// Boots a built-in target and, if it announces when it is ready for input, runs it there.
 pub fn boot_target(workload: Workload) -> CliResult<Vm> {
-    Vm::boot(
+    let vm = Vm::boot(
         target_config(),
         SerialSink::Discard,
         &BootSpec::new(Kernel::Elf(workload.elf())),
     )
-    .map_err(|e| e.to_string())
+    .map_err(|e| e.to_string())?;
+    if workload.announces_ready() {
+        vm.run_to_ready(Duration::from_secs(10))
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(vm)
 }
 
 /// A configuration for a built-in target with input the harness way.

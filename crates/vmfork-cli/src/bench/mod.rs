@@ -4,6 +4,7 @@
 mod boot;
 mod busy;
 mod fork;
+mod fuzz;
 mod snapshot;
 
 use crate::CliResult;
@@ -22,6 +23,9 @@ pub enum Suite {
     /// A guest that keeps writing: fork/snapshot pause by pages dirtied since the last one,
     /// memory per fork and kept by the parent, fork latency among 1,000 siblings.
     Busy(BenchArgs),
+    /// Fuzzing: execs/s by cores and feedback, reset latency by dirty pages (quick, full and
+    /// parts), execs to the planted parser's deepest bug, a coverage breakpoint's first hit.
+    Fuzz(BenchArgs),
 }
 
 #[derive(Args, Clone, Copy)]
@@ -35,8 +39,11 @@ pub struct BenchArgs {
 }
 
 pub fn run(suite: Suite) -> CliResult<u8> {
-    let (Suite::Boot(args) | Suite::Fork(args) | Suite::Snapshot(args) | Suite::Busy(args)) =
-        &suite;
+    let (Suite::Boot(args)
+    | Suite::Fork(args)
+    | Suite::Snapshot(args)
+    | Suite::Busy(args)
+    | Suite::Fuzz(args)) = &suite;
     if args.runs < 5 {
         return Err("--runs must be at least 5".into());
     }
@@ -45,6 +52,7 @@ pub fn run(suite: Suite) -> CliResult<u8> {
         Suite::Fork(args) => (args, fork::run(args)?),
         Suite::Snapshot(args) => (args, snapshot::run(args)?),
         Suite::Busy(args) => (args, busy::run(args)?),
+        Suite::Fuzz(args) => (args, fuzz::run(args)?),
     };
     if args.json {
         println!(

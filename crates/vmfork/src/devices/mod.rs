@@ -22,6 +22,9 @@ const I8042_LEN: u16 = 5;
 /// A write here ends the run with the written byte as the exit code.
 pub const EXIT_PORT: u16 = 0x501;
 const EXIT_PORT_LEN: u16 = 2;
+/// Ready port: a write here says "ready for input" (a fuzzing harness about to read its input:
+/// where `Vm::run_to_ready` stops and fuzzing forks). Other runs go straight on.
+pub const READY_PORT: u16 = 0x503;
 /// The serial console's legacy interrupt line.
 pub const SERIAL_IRQ: u32 = 4;
 
@@ -33,6 +36,8 @@ pub enum PioOutcome {
     Exit(u8),
     /// The guest pulsed the i8042 reset line.
     Reset,
+    /// The guest wrote to the ready port.
+    Ready,
 }
 
 /// Raises the serial interrupt through an irqfd when the VM has an in-kernel irqchip.
@@ -269,6 +274,8 @@ impl Devices {
             }
         } else if in_range(port, EXIT_PORT, EXIT_PORT_LEN) {
             return PioOutcome::Exit(data.first().copied().unwrap_or(0));
+        } else if port == READY_PORT {
+            return PioOutcome::Ready;
         }
         // Writes to ports with no device are dropped, as on a PC.
         PioOutcome::Continue

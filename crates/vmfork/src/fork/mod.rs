@@ -10,6 +10,9 @@
 mod adopt;
 mod fold;
 mod freeze;
+mod quick_reset;
+
+pub(crate) use quick_reset::ring0_unreachable;
 
 use crate::devices::{Devices, SerialSink};
 use crate::error::{Error, KvmContext, Result};
@@ -54,6 +57,8 @@ pub enum ResetScope {
 pub struct ResetStats {
     /// Pages copied back from the fork image.
     pub pages_restored: usize,
+    /// Only what a CPL3-confined guest can change was restored ([`Vm::reset_quick`]).
+    pub quick: bool,
 }
 
 impl Vm {
@@ -142,6 +147,9 @@ impl Vm {
         }
         for (i, vcpu_state) in state.vcpus.iter().enumerate() {
             let slot = shared.vcpus[i].fd.lock().unwrap_or_else(|p| p.into_inner());
+            shared.vcpus[i]
+                .exit_synced
+                .store(false, std::sync::atomic::Ordering::Release);
             if with_cpuid {
                 vcpu_state.restore(&slot)?;
             } else {
@@ -202,23 +210,37 @@ impl Vm {
         }
         let mut stats = ResetStats::default();
         if scope != ResetScope::StateOnly {
-            let mut tracking = self.tracking();
-            self.shared().collect_dirty(&mut tracking)?;
-            let mapping = self.shared().ram.mapping();
-            for offset in tracking.since_origin.offsets() {
-                origin.image.copy_page_to(mapping, offset)?;
-                stats.pages_restored += 1;
-            }
-            // The RAM is the origin's image again: the next generation builds on it.
-            tracking.since_origin.clear();
-            tracking.since_image.clear();
-            tracking.image = Some(Arc::clone(&origin.image));
+            stats = self.restore_dirty_pages(origin, None)?.0;
         }
         if scope != ResetScope::MemoryOnly {
             self.load_saved_state(&origin.state, false)?;
             self.shared().devices.load_state(&origin.state.devices)?;
         }
         Ok(stats)
+    }
+
+    /// Copies back from the origin's image every page dirtied since the fork instant; also says
+    /// whether the page at RAM file offset `watch` was one of them.
+    fn restore_dirty_pages(
+        &self,
+        origin: &ForkOrigin,
+        watch: Option<u64>,
+    ) -> Result<(ResetStats, bool)> {
+        let mut stats = ResetStats::default();
+        let mut tracking = self.tracking();
+        self.shared().collect_dirty(&mut tracking)?;
+        let mapping = self.shared().ram.mapping();
+        let mut watched = false;
+        for offset in tracking.since_origin.offsets() {
+            origin.image.copy_page_to(mapping, offset)?;
+            stats.pages_restored += 1;
+            watched |= Some(offset) == watch;
+        }
+        // The RAM is the origin's image again: the next generation builds on it.
+        tracking.since_origin.clear();
+        tracking.since_image.clear();
+        tracking.image = Some(Arc::clone(&origin.image));
+        Ok((stats, watched))
     }
 
     /// Rewrites bytes of the image this fork resets to, in place, and in the fork's own RAM:

@@ -191,13 +191,10 @@ impl Breakpoints {
         self.sites.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Whether `addr` is an armed site whose `int3` `target` still executes.
-    pub fn is_live(&self, target: &Vm, addr: u64) -> bool {
-        let Some(site) = self.lock().get(&addr).copied() else {
-            return false;
-        };
-        let mut byte = [0u8];
-        target.ram().read(site.phys, &mut byte).is_ok() && byte[0] == INT3
+    /// Whether `addr` is a site (armed now or once: another target may have taken it out
+    /// between this target's stop and this call).
+    pub fn is_site(&self, addr: u64) -> bool {
+        self.lock().contains_key(&addr)
     }
 
     /// `target` stopped on the site at `addr`: a coverage breakpoint is taken out of the image

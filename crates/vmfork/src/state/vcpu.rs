@@ -79,6 +79,21 @@ impl VcpuState {
         vcpu.set_mp_state(self.mp_state).kvm("KVM_SET_MP_STATE")?;
         vcpu.set_sregs(&self.sregs).kvm("KVM_SET_SREGS")?;
         vcpu.set_regs(&self.regs).kvm("KVM_SET_REGS")?;
+        self.restore_xsave(vcpu)?;
+        vcpu.set_xcrs(&self.xcrs).kvm("KVM_SET_XCRS")?;
+        vcpu.set_debug_regs(&self.debugregs)
+            .kvm("KVM_SET_DEBUGREGS")?;
+        if let Some(lapic) = &self.lapic {
+            vcpu.set_lapic(lapic).kvm("KVM_SET_LAPIC")?;
+        }
+        write_msrs(vcpu, &self.msrs)?;
+        vcpu.set_vcpu_events(&self.events)
+            .kvm("KVM_SET_VCPU_EVENTS")?;
+        Ok(())
+    }
+
+    /// Restores the x87/SSE/AVX state alone.
+    pub fn restore_xsave(&self, vcpu: &VcpuFd) -> Result<()> {
         let mut xsave = kvm_xsave::default();
         if self.xsave.len() != xsave.region.len() {
             return Err(crate::Error::Invalid(format!(
@@ -90,17 +105,12 @@ impl VcpuState {
         xsave.region.copy_from_slice(&self.xsave);
         // SAFETY: `kvm_xsave` is the legacy 4 KiB buffer; KVM copies at most that much because
         // vmfork never enables dynamic XSAVE features (KVM_CAP_XSAVE2 sizing).
-        unsafe { vcpu.set_xsave(&xsave) }.kvm("KVM_SET_XSAVE")?;
-        vcpu.set_xcrs(&self.xcrs).kvm("KVM_SET_XCRS")?;
-        vcpu.set_debug_regs(&self.debugregs)
-            .kvm("KVM_SET_DEBUGREGS")?;
-        if let Some(lapic) = &self.lapic {
-            vcpu.set_lapic(lapic).kvm("KVM_SET_LAPIC")?;
-        }
-        write_msrs(vcpu, &self.msrs)?;
-        vcpu.set_vcpu_events(&self.events)
-            .kvm("KVM_SET_VCPU_EVENTS")?;
-        Ok(())
+        unsafe { vcpu.set_xsave(&xsave) }.kvm("KVM_SET_XSAVE")
+    }
+
+    /// The value of MSR `index` in this state, if it was saved.
+    pub fn msr(&self, index: u32) -> Option<u64> {
+        self.msrs.iter().find(|m| m.index == index).map(|m| m.data)
     }
 
     fn restore_cpuid(&self, vcpu: &VcpuFd) -> Result<()> {

@@ -72,6 +72,9 @@ pub enum ExitReason {
         detail: String,
         dump: Option<VcpuDump>,
     },
+    /// The guest wrote to the ready port during a run that stops there
+    /// ([`Vm::run_to_ready`](crate::Vm::run_to_ready)); it can run on from there.
+    Ready,
     /// The guest executed an `int3` while breakpoint exits were on; `rip` is its address.
     Breakpoint { vcpu: usize, rip: u64 },
     /// The host stopped the VM (stop request, Ctrl-C, timeout).
@@ -90,7 +93,7 @@ impl ExitReason {
         match self {
             ExitReason::GuestExit(code) => i32::from(*code),
             ExitReason::Reset | ExitReason::PowerOff => 0,
-            ExitReason::Stopped => STOPPED_STATUS,
+            ExitReason::Stopped | ExitReason::Ready => STOPPED_STATUS,
             _ => GUEST_FAULT_STATUS,
         }
     }
@@ -122,6 +125,7 @@ impl ExitReason {
                 format!("guest hit a breakpoint (vCPU {vcpu} at rip {rip:#x})")
             }
             ExitReason::Stopped => "stopped by the host".into(),
+            ExitReason::Ready => "guest is ready for input (ready port)".into(),
         }
     }
 

@@ -11,6 +11,8 @@ pub struct KvmSystem {
     pub(crate) supported_cpuid: CpuId,
     msr_candidates: Vec<u32>,
     saved_msrs: OnceLock<Vec<u32>>,
+    /// KVM copies registers to `kvm_run` at each exit on request (`KVM_CAP_SYNC_REGS`).
+    pub(crate) sync_regs: bool,
 }
 
 static SYSTEM: OnceLock<KvmSystem> = OnceLock::new();
@@ -36,8 +38,9 @@ impl KvmSystem {
             .as_slice()
             .to_vec();
         Ok(SYSTEM.get_or_init(|| KvmSystem {
-            kvm,
             supported_cpuid,
+            sync_regs: kvm.check_extension(kvm_ioctls::Cap::SyncRegs),
+            kvm,
             msr_candidates,
             saved_msrs: OnceLock::new(),
         }))

@@ -95,6 +95,9 @@ pub(crate) struct VcpuSlot {
     pub(crate) fd: Mutex<VcpuFd>,
     /// Whether KVM guest debugging (breakpoint exits) is on: a recycled shell turns it off.
     pub(crate) guest_debug: std::sync::atomic::AtomicBool,
+    /// Whether `kvm_run`'s register copy (sync regs) is the vCPU's state: set after an inline
+    /// run's exit, cleared by any other access to the vCPU (which may set state).
+    pub(crate) exit_synced: std::sync::atomic::AtomicBool,
 }
 
 /// A dying fork's shell keeps its RAM mapped when at most this many pages (or 1/256 of its RAM,
@@ -170,6 +173,11 @@ pub(crate) struct ForkOrigin {
     pub(crate) state: VmState,
     pub(crate) image: Arc<FrozenImage>,
     pub(crate) source: ForkSource,
+    /// The guest cannot enter ring 0 from this state without a triple fault (what
+    /// [`Vm::reset_quick`] relies on).
+    pub(crate) ring0_unreachable: bool,
+    /// RAM file offset of the page holding this state's GDT, once looked up.
+    pub(crate) gdt_page: std::sync::OnceLock<u64>,
 }
 
 impl ForkOrigin {
@@ -189,6 +197,8 @@ impl ForkOrigin {
             },
             image: Arc::clone(image),
             source,
+            ring0_unreachable: crate::fork::ring0_unreachable(state, opts.block_interrupts),
+            gdt_page: std::sync::OnceLock::new(),
         }
     }
 }
@@ -254,6 +264,7 @@ pub(crate) fn create_shell(config: &VmConfig, memory: Option<ShellMemory<'_>>) -
         }
         vcpus.push(VcpuSlot {
             guest_debug: Default::default(),
+            exit_synced: Default::default(),
             fd: Mutex::new(vcpu),
         });
     }
@@ -534,7 +545,10 @@ impl VmShared {
                 self.vcpus.len()
             ))
         })?;
-        Ok(slot.fd.lock().unwrap_or_else(|p| p.into_inner()))
+        let vcpu = slot.fd.lock().unwrap_or_else(|p| p.into_inner());
+        slot.exit_synced
+            .store(false, std::sync::atomic::Ordering::Release);
+        Ok(vcpu)
     }
 }
 
@@ -629,7 +643,31 @@ impl Vm {
     /// Runs vCPU 0 on the calling thread until the VM stops (single-vCPU VMs that were not
     /// started with threads). No thread hand-off: what fuzzing loops and benchmarks want.
     pub fn run_inline(&self) -> Result<ExitReason> {
-        self.run_inline_until(None)
+        self.run_inline_with(vcpu::RunLimits::default())
+    }
+
+    /// Runs the VM inline (as [`Self::run_inline`]) until the guest writes to the ready port
+    /// ([`crate::devices::READY_PORT`]), and leaves it paused just after that write: where a
+    /// fuzzing harness is about to read its input. Any other end of the run, or `limit`
+    /// passing first, is an error.
+    pub fn run_to_ready(&self, limit: Duration) -> Result<()> {
+        let timer = kick::ThreadTimer::for_this_thread()?;
+        timer.arm(limit);
+        let exit = self.run_inline_with(vcpu::RunLimits {
+            deadline: Some(std::time::Instant::now() + limit),
+            stop_at_ready: true,
+        });
+        timer.disarm();
+        match exit? {
+            ExitReason::Ready => Ok(()),
+            ExitReason::Stopped => Err(Error::Invalid(format!(
+                "the guest did not write to the ready port within {limit:?}"
+            ))),
+            other => Err(Error::Invalid(format!(
+                "the guest stopped before it was ready: {}",
+                other.summary()
+            ))),
+        }
     }
 
     /// [`Self::run_inline`] that gives up after `limit` with [`ExitReason::Stopped`] (a kick
@@ -637,12 +675,15 @@ impl Vm {
     /// paused where it was, so it can be inspected or reset.
     pub fn run_inline_for(&self, limit: Duration, timer: &kick::ThreadTimer) -> Result<ExitReason> {
         timer.arm(limit);
-        let outcome = self.run_inline_until(Some(std::time::Instant::now() + limit));
+        let outcome = self.run_inline_with(vcpu::RunLimits {
+            deadline: Some(std::time::Instant::now() + limit),
+            stop_at_ready: false,
+        });
         timer.disarm();
         outcome
     }
 
-    fn run_inline_until(&self, deadline: Option<std::time::Instant>) -> Result<ExitReason> {
+    fn run_inline_with(&self, limits: vcpu::RunLimits) -> Result<ExitReason> {
         // One operation: no background worker swaps memory under the running vCPU.
         let _op = self.exclusive();
         if self.shared.vcpus.len() != 1 || !self.lock_threads().is_empty() {
@@ -665,8 +706,13 @@ impl Vm {
             &mut vcpu,
             &self.shared.devices,
             &self.shared.control,
-            deadline,
+            limits,
         );
+        if vcpu.get_kvm_run().kvm_valid_regs != 0 {
+            self.shared.vcpus[0]
+                .exit_synced
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
         self.shared.control.set_want(Want::Pause);
         Ok(match event {
             vcpu::RunEvent::Exit(reason) => *reason,
@@ -941,7 +987,8 @@ fn vcpu_thread(shared: Arc<VmShared>, index: usize) {
             .fd
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        match vcpu::run_vcpu(index, &mut vcpu, &shared.devices, &shared.control, None) {
+        let limits = vcpu::RunLimits::default();
+        match vcpu::run_vcpu(index, &mut vcpu, &shared.devices, &shared.control, limits) {
             vcpu::RunEvent::Interrupted => {}
             vcpu::RunEvent::Exit(reason) => {
                 shared.control.finish(*reason);

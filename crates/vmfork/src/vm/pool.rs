@@ -317,6 +317,17 @@ pub(crate) fn recycle(shell: VmShell, config: &VmConfig) {
         // A kick may have left `immediate_exit` set; the next VM must not see it.
         let mut vcpu = slot.fd.lock().unwrap_or_else(|p| p.into_inner());
         vcpu.set_kvm_immediate_exit(0);
+        // Register copies at exit were asked for by the VM that used the shell.
+        for reg in [
+            kvm_ioctls::SyncReg::Register,
+            kvm_ioctls::SyncReg::SystemRegister,
+            kvm_ioctls::SyncReg::VcpuEvents,
+        ] {
+            vcpu.clear_sync_valid_reg(reg);
+            vcpu.clear_sync_dirty_reg(reg);
+        }
+        slot.exit_synced
+            .store(false, std::sync::atomic::Ordering::Release);
         // Breakpoint exits belong to the VM that asked for them.
         if slot
             .guest_debug

@@ -26,14 +26,23 @@ const SYSTEM_EVENT_RESET: u32 = 2;
 /// The #BP exception vector, reported in KVM's debug exit for an `int3`.
 const BP_VECTOR: u32 = 3;
 
+/// What else ends a stretch of KVM_RUN calls (inline runs).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RunLimits {
+    /// A kick after this instant ends the run.
+    pub deadline: Option<std::time::Instant>,
+    /// A write to the ready port ends the run.
+    pub stop_at_ready: bool,
+}
+
 /// Runs `vcpu` until the controller interrupts it, the guest does something that stops the VM,
-/// or (when given) a kick arrives after `deadline`.
+/// or one of `limits` is reached.
 pub fn run_vcpu(
     index: usize,
     vcpu: &mut VcpuFd,
     devices: &Devices,
     control: &RunControl,
-    deadline: Option<std::time::Instant>,
+    limits: RunLimits,
 ) -> RunEvent {
     loop {
         if !control.should_run() {
@@ -43,7 +52,10 @@ pub fn run_vcpu(
             Ok(exit) => exit,
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 vcpu.set_kvm_immediate_exit(0);
-                if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                if limits
+                    .deadline
+                    .is_some_and(|d| std::time::Instant::now() >= d)
+                {
                     return RunEvent::Interrupted;
                 }
                 continue;
@@ -60,6 +72,10 @@ pub fn run_vcpu(
                 PioOutcome::Continue => {}
                 PioOutcome::Exit(code) => return RunEvent::exit(ExitReason::GuestExit(code)),
                 PioOutcome::Reset => return RunEvent::exit(ExitReason::Reset),
+                PioOutcome::Ready if limits.stop_at_ready => {
+                    return RunEvent::exit(ExitReason::Ready)
+                }
+                PioOutcome::Ready => {}
             },
             VcpuExit::IoIn(port, data) => devices.pio_read(port, data),
             // No MMIO devices yet: unmapped reads see all ones, as on a PC bus.
