@@ -26,8 +26,20 @@ pub enum FeedbackArg {
     ExitCode,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum EngineArg {
+    /// vmfork's own loop: havoc + comparison constants, one target fork per core.
+    Builtin,
+    /// LibAFL drives the target forks (havoc and token mutators, queue scheduler, max-map
+    /// feedback, LibAFL's on-disk corpora); one core.
+    Libafl,
+}
+
 #[derive(Args)]
 pub struct FuzzArgs {
+    /// Who mutates and schedules inputs.
+    #[arg(long, value_enum, default_value_t = EngineArg::Builtin)]
+    pub engine: EngineArg,
     /// The built-in guest to fuzz (`harness`, `parser`, ... see `vmfork guests`).
     #[arg(long, default_value = "harness")]
     pub target: String,
@@ -206,6 +218,30 @@ pub fn run(args: FuzzArgs) -> CliResult<u8> {
                 println!("crash: {crash}");
                 FOUND_CRASH
             }
+        });
+    }
+    if args.engine == EngineArg::Libafl {
+        if args.cores != 1 {
+            return Err("--engine libafl runs on one core (--cores 1)".into());
+        }
+        let report = vmfork_libafl::fuzz(&entry, &config).map_err(|e| e.to_string())?;
+        println!(
+            "{} execs in {:.2?} = {:.0} execs/s (LibAFL); corpus {}; solutions {}; blocks {}/{}",
+            report.execs,
+            report.elapsed,
+            report.execs_per_sec(),
+            report.corpus_size,
+            report.solutions,
+            report.blocks_hit,
+            report.blocks
+        );
+        for (crash, exec) in &report.crashes {
+            println!("crash: {crash} — first at exec {exec}");
+        }
+        return Ok(if report.crashes.is_empty() {
+            0
+        } else {
+            FOUND_CRASH
         });
     }
     let report = fuzz(&entry, &config).map_err(|e| e.to_string())?;

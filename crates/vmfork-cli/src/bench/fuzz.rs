@@ -53,6 +53,21 @@ pub fn run(args: BenchArgs) -> CliResult<Report> {
         }
     }
 
+    let mut config = target_fuzz_config(Some(Workload::Parser));
+    config.max_time = Duration::from_secs_f64(THROUGHPUT_SECONDS);
+    let result = vmfork_libafl::fuzz(&parser, &config).map_err(err)?;
+    report.add(
+        "fuzz_execs_per_s",
+        result.execs_per_sec(),
+        "per_s",
+        &[
+            ("guest", json!("parser")),
+            ("cores", json!(1)),
+            ("coverage", json!(true)),
+            ("engine", json!("libafl")),
+        ],
+    );
+
     reset_latency(&mut report, args)?;
 
     let deep = match replay(
@@ -65,9 +80,10 @@ pub fn run(args: BenchArgs) -> CliResult<Report> {
         Outcome::Crash(c) => c.rip,
         other => return Err(format!("the parser's deep bug did not crash: {other:?}")),
     };
-    for (feedback, name) in [
-        (Feedback::Coverage, "coverage"),
-        (Feedback::ExitCode, "exit_code"),
+    for (feedback, name, libafl) in [
+        (Feedback::Coverage, "coverage", false),
+        (Feedback::ExitCode, "exit_code", false),
+        (Feedback::Coverage, "coverage", true),
     ] {
         let mut execs = Vec::new();
         let mut found = 0;
@@ -78,11 +94,17 @@ pub fn run(args: BenchArgs) -> CliResult<Report> {
             config.max_execs = BUG_BUDGET;
             config.max_time = Duration::from_secs(120);
             config.stop_at_rip = Some(deep);
-            let result = fuzz(&parser, &config).map_err(err)?;
-            match result.crash_at(deep) {
-                Some(record) => {
+            let first = if libafl {
+                let result = vmfork_libafl::fuzz(&parser, &config).map_err(err)?;
+                result.crash_at(deep).map(|&(_, exec)| exec)
+            } else {
+                let result = fuzz(&parser, &config).map_err(err)?;
+                result.crash_at(deep).map(|record| record.first_exec)
+            };
+            match first {
+                Some(exec) => {
                     found += 1;
-                    execs.push(record.first_exec as f64);
+                    execs.push(exec as f64);
                 }
                 None => execs.push(BUG_BUDGET as f64),
             }
@@ -93,6 +115,7 @@ pub fn run(args: BenchArgs) -> CliResult<Report> {
             "execs",
             &[
                 ("feedback", json!(name)),
+                ("engine", json!(if libafl { "libafl" } else { "builtin" })),
                 ("seeds", json!(SEEDS)),
                 ("found", json!(found)),
                 ("budget", json!(BUG_BUDGET)),

@@ -160,75 +160,154 @@ pub fn target_fork_options() -> ForkOptions {
     }
 }
 
-/// The coverage base and what was armed in it.
-struct Setup {
+/// The coverage base: a fork of the entry with every coverage block and crash site armed.
+/// Targets fork from it; a block one of them reaches is taken out for all of them.
+pub struct CoverageBase {
     base: Vm,
     breakpoints: Arc<Breakpoints>,
+    /// Block starts armed, ascending (a block's index here is its coverage map slot).
+    blocks: Vec<u64>,
     tokens: Vec<Vec<u8>>,
+    config: FuzzConfig,
 }
 
-fn set_up(entry: &Vm, config: &FuzzConfig, coverage: bool) -> Result<Setup> {
-    if entry.status() == VmStatus::Running {
-        return Err(Error::Invalid(
-            "the fuzzing entry VM must be stopped at the harness's entry (pause it first)".into(),
-        ));
+impl CoverageBase {
+    /// Forks `entry` (stopped where the harness is about to read input; not changed) and arms
+    /// it: coverage blocks when `config.feedback` is coverage (found by disassembling
+    /// `config.code`, or `config.blocks`), and `config.crash_sites` always.
+    pub fn new(entry: &Vm, config: &FuzzConfig) -> Result<Self> {
+        Self::with_coverage(entry, config, config.feedback == Feedback::Coverage)
     }
-    if config.max_input == 0 || config.cores == 0 || config.timeout.is_zero() {
-        return Err(Error::Invalid(
-            "max input, cores and the per-input timeout must be non-zero".into(),
-        ));
+
+    fn with_coverage(entry: &Vm, config: &FuzzConfig, coverage: bool) -> Result<Self> {
+        if entry.status() == VmStatus::Running {
+            return Err(Error::Invalid(
+                "the fuzzing entry VM must be stopped at the harness's entry (pause it first)"
+                    .into(),
+            ));
+        }
+        if config.max_input == 0 || config.cores == 0 || config.timeout.is_zero() {
+            return Err(Error::Invalid(
+                "max input, cores and the per-input timeout must be non-zero".into(),
+            ));
+        }
+        let base = entry.fork(&target_fork_options())?;
+        let mut blocks = std::collections::BTreeSet::new();
+        let mut tokens = Vec::new();
+        if coverage {
+            let (start, end) = config.code.ok_or_else(|| {
+                Error::Invalid("coverage feedback needs the target's code range".into())
+            })?;
+            let code = coverage::read_code(&base, start, end)?;
+            // The fork may stand before the code (in a boot stub): its start is an entry too.
+            let mut entries = vec![base.registers(0)?.regs.rip, start];
+            entries.extend(&config.entries);
+            let map = coverage::map_code(&code, start, &entries);
+            blocks = match &config.blocks {
+                Some(given) => given.iter().copied().collect(),
+                None => map.blocks,
+            };
+            tokens = map.tokens.into_iter().collect();
+        }
+        let breakpoints = Arc::new(Breakpoints::arm(&base, &blocks, &config.crash_sites)?);
+        Ok(Self {
+            base,
+            breakpoints,
+            blocks: blocks.into_iter().collect(),
+            tokens,
+            config: config.clone(),
+        })
     }
-    let base = entry.fork(&target_fork_options())?;
-    let mut blocks = std::collections::BTreeSet::new();
-    let mut tokens = Vec::new();
-    if coverage {
-        let (start, end) = config.code.ok_or_else(|| {
-            Error::Invalid("coverage feedback needs the target's code range".into())
-        })?;
-        let code = coverage::read_code(&base, start, end)?;
-        // The fork may stand before the code (in a boot stub): its start is an entry too.
-        let mut entries = vec![base.registers(0)?.regs.rip, start];
-        entries.extend(&config.entries);
-        let map = coverage::map_code(&code, start, &entries);
-        blocks = match &config.blocks {
-            Some(given) => given.iter().copied().collect(),
-            None => map.blocks,
-        };
-        tokens = map.tokens.into_iter().collect();
+
+    /// Block starts armed, ascending.
+    pub fn blocks(&self) -> &[u64] {
+        &self.blocks
     }
-    let breakpoints = Arc::new(Breakpoints::arm(&base, &blocks, &config.crash_sites)?);
-    Ok(Setup {
-        base,
-        breakpoints,
-        tokens,
-    })
+
+    /// The coverage map slot of the block at `addr`.
+    pub fn block_index(&self, addr: u64) -> Option<usize> {
+        self.blocks.binary_search(&addr).ok()
+    }
+
+    /// Constants the target's code compares with (a mutator dictionary).
+    pub fn tokens(&self) -> &[Vec<u8>] {
+        &self.tokens
+    }
+
+    /// Blocks reached so far by any target.
+    pub fn blocks_hit(&self) -> usize {
+        self.breakpoints.counts().1
+    }
+
+    /// A new target fork, which runs inputs on the calling thread only (its time limit kicks
+    /// this thread).
+    pub fn target(&self) -> Result<Target> {
+        let target = self.base.fork(&target_fork_options())?;
+        let (blocks, _) = self.breakpoints.counts();
+        if blocks > 0 || !self.config.crash_sites.is_empty() {
+            target.set_breakpoint_exits(true)?;
+        }
+        Ok(Target {
+            target,
+            timer: ThreadTimer::for_this_thread()?,
+            thread: std::thread::current().id(),
+            breakpoints: Arc::clone(&self.breakpoints),
+            config: self.config.clone(),
+            reruns: 0,
+        })
+    }
 }
 
-/// One target fork and what it needs to run inputs.
-struct Runner<'a> {
+/// What one input did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Execution {
+    pub outcome: Outcome,
+    /// Blocks this input reached before any other input did.
+    pub new_blocks: Vec<u64>,
+}
+
+/// One target fork: runs an input, learns what it did, resets.
+pub struct Target {
     target: Vm,
     timer: ThreadTimer,
-    breakpoints: &'a Breakpoints,
-    config: &'a FuzzConfig,
+    thread: std::thread::ThreadId,
+    breakpoints: Arc<Breakpoints>,
+    config: FuzzConfig,
     reruns: u64,
 }
 
 /// The most a single input may be run again for breakpoint stops before this is an error.
 const MAX_RERUNS: u64 = 100_000;
 
-impl<'a> Runner<'a> {
-    fn new(setup: &'a Setup, config: &'a FuzzConfig) -> Result<Self> {
-        let target = setup.base.fork(&target_fork_options())?;
-        let (blocks, _) = setup.breakpoints.counts();
-        if blocks > 0 || !config.crash_sites.is_empty() {
-            target.set_breakpoint_exits(true)?;
+impl Target {
+    /// Inputs run again after a breakpoint stopped them (hosts without `int3` exits).
+    pub fn reruns(&self) -> u64 {
+        self.reruns
+    }
+
+    /// The target VM (reset between inputs).
+    pub fn vm(&self) -> &Vm {
+        &self.target
+    }
+
+    /// Runs `input` to its outcome and resets the target.
+    pub fn run(&mut self, input: &[u8]) -> Result<Execution> {
+        if std::thread::current().id() != self.thread {
+            return Err(Error::Invalid(
+                "a fuzzing target runs inputs on the thread that made it".into(),
+            ));
         }
-        Ok(Self {
-            target,
-            timer: ThreadTimer::for_this_thread()?,
-            breakpoints: &setup.breakpoints,
-            config,
-            reruns: 0,
+        if input.len() > self.config.max_input {
+            return Err(Error::Invalid(format!(
+                "the input has {} bytes, the target takes at most {}",
+                input.len(),
+                self.config.max_input
+            )));
+        }
+        let (outcome, new_blocks) = self.execute(input)?;
+        Ok(Execution {
+            outcome,
+            new_blocks,
         })
     }
 
@@ -239,10 +318,10 @@ impl<'a> Runner<'a> {
             .write_u64(self.config.input_len_addr, input.len() as u64)
     }
 
-    /// Runs one input to its outcome and resets the target; also returns how many blocks it
+    /// Runs one input to its outcome and resets the target; also returns the blocks it
     /// reached first.
-    fn execute(&mut self, input: &[u8]) -> Result<(Outcome, u64)> {
-        let mut new_blocks = 0;
+    fn execute(&mut self, input: &[u8]) -> Result<(Outcome, Vec<u64>)> {
+        let mut new_blocks = Vec::new();
         let mut reruns = 0;
         // Sites this input stopped at (and had taken out): a second stop one byte after the
         // same site is a real fault there.
@@ -279,7 +358,9 @@ impl<'a> Runner<'a> {
                         })
                     }
                     Some(hit) => {
-                        new_blocks += u64::from(hit == Hit::NewBlock);
+                        if hit == Hit::NewBlock {
+                            new_blocks.push(addr);
+                        }
                         if must_rerun {
                             reruns += 1;
                             if reruns > MAX_RERUNS {
@@ -348,7 +429,7 @@ struct Shared {
 /// it is not changed): forks a coverage base from it, arms breakpoints there, forks one target
 /// per core from that, and runs inputs until a limit is reached.
 pub fn fuzz(entry: &Vm, config: &FuzzConfig) -> Result<FuzzReport> {
-    let setup = set_up(entry, config, config.feedback == Feedback::Coverage)?;
+    let setup = CoverageBase::new(entry, config)?;
     let mut seeds = Vec::new();
     for dir in [&config.corpus_dir, &config.seeds_dir]
         .into_iter()
@@ -424,14 +505,14 @@ struct Counters<'a> {
 
 fn work(
     worker: usize,
-    setup: &Setup,
+    setup: &CoverageBase,
     config: &FuzzConfig,
     seeds: &[Vec<u8>],
     shared: &Mutex<Shared>,
     counters: &Counters<'_>,
     start: Instant,
 ) -> Result<()> {
-    let mut runner = Runner::new(setup, config)?;
+    let mut runner = setup.target()?;
     let result = work_with(
         worker,
         &mut runner,
@@ -449,8 +530,8 @@ fn work(
 #[allow(clippy::too_many_arguments)]
 fn work_with(
     worker: usize,
-    runner: &mut Runner<'_>,
-    setup: &Setup,
+    runner: &mut Target,
+    setup: &CoverageBase,
     config: &FuzzConfig,
     seeds: &[Vec<u8>],
     shared: &Mutex<Shared>,
@@ -494,7 +575,7 @@ fn work_with(
                 let seen = s.exit_codes.entry(code).or_insert(0);
                 *seen += 1;
                 let new_code = *seen == 1;
-                if is_seed || new_blocks > 0 || new_code {
+                if is_seed || !new_blocks.is_empty() || new_code {
                     s.corpus.add(&input)?;
                 }
             }
@@ -538,7 +619,7 @@ pub fn replay(entry: &Vm, config: &FuzzConfig, input: &[u8]) -> Result<Outcome> 
             config.max_input
         )));
     }
-    let setup = set_up(entry, config, false)?;
-    let mut runner = Runner::new(&setup, config)?;
+    let setup = CoverageBase::with_coverage(entry, config, false)?;
+    let mut runner = setup.target()?;
     Ok(runner.execute(input)?.0)
 }
