@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use guests::layout::{mailbox, MAILBOX, MEMTOUCH_BASE};
 use guests::{memtouch_pattern, Workload};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 use vmfork::devices::SerialSink;
 use vmfork::snapshot::{MEMORY_FILE, STATE_FILE};
@@ -357,7 +357,8 @@ fn bad_snapshots_are_refused_with_the_problem_named() {
     assert!(err.contains("does not match its checksum"), "{err}");
 
     // Records for a vCPU or device the VM does not have, duplicates, a missing vCPU.
-    let cases: [(&str, fn(&mut Vec<vmfork_format::Record>), &str); 4] = [
+    type Edit = fn(&mut Vec<vmfork_format::Record>);
+    let cases: [(&str, Edit, &str); 4] = [
         (
             "vcpu1",
             |r| {
