@@ -31,7 +31,8 @@ pub enum EngineArg {
     /// vmfork's own loop: havoc + comparison constants, one target fork per core.
     Builtin,
     /// LibAFL drives the target forks (havoc and token mutators, queue scheduler, max-map
-    /// feedback, LibAFL's on-disk corpora); one core.
+    /// feedback, LibAFL's on-disk corpora); with --cores N, LibAFL's launcher: one client
+    /// process per core sharing inputs over LLMP (needs --crashes).
     Libafl,
 }
 
@@ -164,17 +165,17 @@ pub fn run(args: FuzzArgs) -> CliResult<u8> {
     if args.timeout_ms == 0 || args.cores == 0 {
         return Err("--timeout-ms and --cores must be at least 1".into());
     }
-    let (entry, known) = match &args.snapshot {
-        Some(path) => {
-            let snapshot = Snapshot::open(path).map_err(|e| e.to_string())?;
-            let vm = snapshot
-                .restore_with(SerialSink::Discard, &vmfork::fuzz::target_fork_options())
-                .map_err(|e| e.to_string())?;
-            (vm, None)
-        }
-        None => {
-            let w = workload(&args.target)?;
-            (boot_target(w)?, Some(w))
+    let known = match &args.snapshot {
+        Some(_) => None,
+        None => Some(workload(&args.target)?),
+    };
+    // Builds the VM to fuzz (in each LibAFL client process, for `--engine libafl --cores N`).
+    let make_entry = || -> vmfork::Result<Vm> {
+        match (&args.snapshot, known) {
+            (Some(path), _) => Snapshot::open(path)?
+                .restore_with(SerialSink::Discard, &vmfork::fuzz::target_fork_options()),
+            (None, Some(w)) => boot_target(w).map_err(vmfork::Error::Invalid),
+            (None, None) => Err(vmfork::Error::Invalid("no target".into())),
         }
     };
     let mut config = target_fuzz_config(known);
@@ -201,6 +202,32 @@ pub fn run(args: FuzzArgs) -> CliResult<u8> {
     config.seeds_dir = args.seeds.clone();
     config.replay_command = replay_command(&args);
 
+    if args.engine == EngineArg::Libafl && args.cores > 1 {
+        if args.replay.is_some() {
+            return Err("--replay runs one input: leave out --cores".into());
+        }
+        if config.crashes_dir.is_none() {
+            return Err("--engine libafl --cores N needs --crashes DIR".into());
+        }
+        let report = vmfork_libafl::fuzz_on_cores(make_entry, &config, args.cores)
+            .map_err(|e| e.to_string())?;
+        println!(
+            "LibAFL on {} cores: {} solutions in {}",
+            args.cores,
+            report.solutions,
+            args.crashes
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        );
+        return Ok(if report.solutions == 0 {
+            0
+        } else {
+            FOUND_CRASH
+        });
+    }
+    let entry = make_entry().map_err(|e| e.to_string())?;
+
     if let Some(path) = &args.replay {
         let input =
             std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
@@ -221,9 +248,6 @@ pub fn run(args: FuzzArgs) -> CliResult<u8> {
         });
     }
     if args.engine == EngineArg::Libafl {
-        if args.cores != 1 {
-            return Err("--engine libafl runs on one core (--cores 1)".into());
-        }
         let report = vmfork_libafl::fuzz(&entry, &config).map_err(|e| e.to_string())?;
         println!(
             "{} execs in {:.2?} = {:.0} execs/s (LibAFL); corpus {}; solutions {}; blocks {}/{}",

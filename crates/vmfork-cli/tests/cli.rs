@@ -518,3 +518,48 @@ fn fuzz_the_parser_with_coverage_keeps_a_corpus_and_refuses_bad_flags() {
     assert!(stderr(&o).contains("/nonexistent"), "{}", stderr(&o));
     std::fs::remove_dir_all(&base).unwrap();
 }
+
+#[test]
+fn fuzz_with_libafl_on_one_and_two_cores() {
+    let base = std::env::temp_dir().join(format!("vmfork-fuzz-libafl-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let crashes = base.join("crashes");
+    let o = vmfork(&[
+        "fuzz",
+        "--target",
+        "parser",
+        "--engine",
+        "libafl",
+        "--execs",
+        "20000",
+        "--keep-going",
+    ]);
+    assert!(matches!(o.status.code(), Some(0 | 1)), "{}", stderr(&o));
+    assert!(stdout(&o).contains("(LibAFL)"), "{}", stdout(&o));
+    // LibAFL's launcher: a broker and two client processes, each with its own target fork.
+    let o = vmfork(&[
+        "fuzz",
+        "--target",
+        "parser",
+        "--engine",
+        "libafl",
+        "--cores",
+        "2",
+        "--seconds",
+        "4",
+        "--keep-going",
+        "--crashes",
+        crashes.to_str().unwrap(),
+    ]);
+    let out = stdout(&o);
+    assert!(matches!(o.status.code(), Some(0 | 1)), "{}", stderr(&o));
+    assert!(out.contains("clients: 2"), "{out}");
+    assert!(out.contains("LibAFL on 2 cores"), "{out}");
+    // Without a crashes directory the launcher is refused before anything starts.
+    let o = vmfork(&[
+        "fuzz", "--target", "parser", "--engine", "libafl", "--cores", "2",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("--crashes"), "{}", stderr(&o));
+    let _ = std::fs::remove_dir_all(&base);
+}
