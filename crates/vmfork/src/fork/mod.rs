@@ -196,14 +196,18 @@ impl Vm {
         self.reset_with(ResetScope::All)
     }
 
+    /// Where this fork came from; an error for a VM that is not a fork.
+    pub(crate) fn origin(&self) -> Result<&ForkOrigin> {
+        self.shared()
+            .origin
+            .as_ref()
+            .ok_or(Error::NotAFork(self.id()))
+    }
+
     /// [`Self::reset`] limited to memory or to state.
     pub fn reset_with(&self, scope: ResetScope) -> Result<ResetStats> {
         let _op = self.exclusive();
-        let origin = self
-            .shared()
-            .origin
-            .as_ref()
-            .ok_or(Error::NotAFork(self.id()))?;
+        let origin = self.origin()?;
         self.require_stopped()?;
         if self.exit_reason().is_some() {
             self.rearm();
@@ -250,11 +254,7 @@ impl Vm {
     /// to take a breakpoint out once for every fork at once.
     pub fn rewrite_origin(&self, addr: u64, data: &[u8]) -> Result<()> {
         let _op = self.exclusive();
-        let origin = self
-            .shared()
-            .origin
-            .as_ref()
-            .ok_or(Error::NotAFork(self.id()))?;
+        let origin = self.origin()?;
         let layout = self.ram().layout();
         let offset = layout.file_offset(addr).filter(|_| {
             layout.contains(addr, data.len() as u64)

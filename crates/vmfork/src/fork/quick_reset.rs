@@ -52,11 +52,7 @@ impl Vm {
     /// a triple fault or a KVM error, use [`Vm::reset`].
     pub fn reset_quick(&self) -> Result<ResetStats> {
         let _op = self.exclusive();
-        let origin = self
-            .shared()
-            .origin
-            .as_ref()
-            .ok_or(Error::NotAFork(self.id()))?;
+        let origin = self.origin()?;
         if !origin.ring0_unreachable {
             return self.reset();
         }

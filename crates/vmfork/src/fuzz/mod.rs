@@ -456,19 +456,23 @@ pub fn fuzz(entry: &Vm, config: &FuzzConfig) -> Result<FuzzReport> {
     let stop = AtomicBool::new(false);
     let start = Instant::now();
     let seeds = &seeds;
+    let run = Run {
+        setup: &setup,
+        config,
+        seeds,
+        shared: &shared,
+        execs: &execs,
+        reruns: &reruns,
+        stop: &stop,
+        start,
+    };
     std::thread::scope(|scope| {
         for worker in 0..config.cores {
-            let (setup, shared, execs, reruns, stop) = (&setup, &shared, &execs, &reruns, &stop);
+            let run = &run;
             scope.spawn(move || {
-                let counters = Counters {
-                    execs,
-                    reruns,
-                    stop,
-                };
-                let result = work(worker, setup, config, seeds, shared, &counters, start);
-                if let Err(e) = result {
-                    stop.store(true, Ordering::Relaxed);
-                    lock(shared).error.get_or_insert(e);
+                if let Err(e) = run.work(worker) {
+                    run.stop.store(true, Ordering::Relaxed);
+                    lock(run.shared).error.get_or_insert(e);
                 }
             });
         }
@@ -496,117 +500,107 @@ fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
     shared.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The counters every worker updates without the lock.
-struct Counters<'a> {
+/// What the workers of one run share.
+struct Run<'a> {
+    setup: &'a CoverageBase,
+    config: &'a FuzzConfig,
+    seeds: &'a [Vec<u8>],
+    shared: &'a Mutex<Shared>,
     execs: &'a AtomicU64,
     reruns: &'a AtomicU64,
     stop: &'a AtomicBool,
+    start: Instant,
 }
 
-fn work(
-    worker: usize,
-    setup: &CoverageBase,
-    config: &FuzzConfig,
-    seeds: &[Vec<u8>],
-    shared: &Mutex<Shared>,
-    counters: &Counters<'_>,
-    start: Instant,
-) -> Result<()> {
-    let mut runner = setup.target()?;
-    let result = work_with(
-        worker,
-        &mut runner,
-        setup,
-        config,
-        seeds,
-        shared,
-        counters,
-        start,
-    );
-    counters.reruns.fetch_add(runner.reruns, Ordering::Relaxed);
-    result
-}
-
-#[allow(clippy::too_many_arguments)]
-fn work_with(
-    worker: usize,
-    runner: &mut Target,
-    setup: &CoverageBase,
-    config: &FuzzConfig,
-    seeds: &[Vec<u8>],
-    shared: &Mutex<Shared>,
-    counters: &Counters<'_>,
-    start: Instant,
-) -> Result<()> {
-    let Counters { execs, stop, .. } = *counters;
-    let mut rng = Rng::new(config.seed.wrapping_add(worker as u64));
-    // Each worker runs its share of the seeds first, so their coverage is known.
-    let mut my_seeds = seeds.iter().skip(worker).step_by(config.cores);
-    loop {
-        if stop.load(Ordering::Relaxed)
-            || execs.load(Ordering::Relaxed) >= config.max_execs
-            || start.elapsed() >= config.max_time
-        {
-            break;
-        }
-        let (input, is_seed) = match my_seeds.next() {
-            Some(seed) => (seed.clone(), true),
-            None => {
-                let s = lock(shared);
-                // Until some input is kept (every seed so far crashed or hung), mutate nothing.
-                // Half the picks go to the newest entries: the inputs that got deepest last.
-                let pick = |rng: &mut Rng| match s.corpus.len() {
-                    0 => &[][..],
-                    n if rng.below(2) == 0 => s.corpus.get(n - 1 - rng.below(n.min(4))),
-                    n => s.corpus.get(rng.below(n)),
-                };
-                let parent = pick(&mut rng);
-                let other = pick(&mut rng);
-                let input =
-                    mutate::mutate(&mut rng, parent, other, &setup.tokens, config.max_input);
-                (input, false)
-            }
-        };
-        let (outcome, new_blocks) = runner.execute(&input)?;
-        let exec = execs.fetch_add(1, Ordering::Relaxed) + 1;
-        let mut s = lock(shared);
-        match outcome {
-            Outcome::Exit(code) => {
-                let seen = s.exit_codes.entry(code).or_insert(0);
-                *seen += 1;
-                let new_code = *seen == 1;
-                if is_seed || !new_blocks.is_empty() || new_code {
-                    s.corpus.add(&input)?;
-                }
-            }
-            Outcome::Timeout { rip } => {
-                s.timeouts += 1;
-                if s.timeout_sites.insert(rip) {
-                    let what = format!("timeout after {:?} at rip {rip:#x}", config.timeout);
-                    s.store.save(&format!("timeout-{rip:x}"), &input, &what)?;
-                }
-            }
-            Outcome::Crash(crash) => {
-                if let Some(known) = s.crashes.iter_mut().find(|c| c.crash == crash) {
-                    known.count += 1;
-                } else {
-                    let what = format!("crash: {crash}");
-                    let saved = s.store.save(&crash.signature(), &input, &what)?;
-                    if config.stop_on_crash || config.stop_at_rip == Some(crash.rip) {
-                        stop.store(true, Ordering::Relaxed);
-                    }
-                    s.crashes.push(CrashRecord {
-                        crash,
-                        input: input.clone(),
-                        first_exec: exec,
-                        count: 1,
-                        saved,
-                    });
-                }
-            }
-        }
+impl Run<'_> {
+    /// Worker `worker`: its own target fork, inputs until a limit.
+    fn work(&self, worker: usize) -> Result<()> {
+        let mut runner = self.setup.target()?;
+        let result = self.fuzz_with(worker, &mut runner);
+        self.reruns.fetch_add(runner.reruns, Ordering::Relaxed);
+        result
     }
-    Ok(())
+
+    fn fuzz_with(&self, worker: usize, runner: &mut Target) -> Result<()> {
+        let Run {
+            setup,
+            config,
+            seeds,
+            shared,
+            execs,
+            stop,
+            start,
+            ..
+        } = *self;
+        let mut rng = Rng::new(config.seed.wrapping_add(worker as u64));
+        // Each worker runs its share of the seeds first, so their coverage is known.
+        let mut my_seeds = seeds.iter().skip(worker).step_by(config.cores);
+        loop {
+            if stop.load(Ordering::Relaxed)
+                || execs.load(Ordering::Relaxed) >= config.max_execs
+                || start.elapsed() >= config.max_time
+            {
+                break;
+            }
+            let (input, is_seed) = match my_seeds.next() {
+                Some(seed) => (seed.clone(), true),
+                None => {
+                    let s = lock(shared);
+                    // Until some input is kept (every seed so far crashed or hung), mutate nothing.
+                    // Half the picks go to the newest entries: the inputs that got deepest last.
+                    let pick = |rng: &mut Rng| match s.corpus.len() {
+                        0 => &[][..],
+                        n if rng.below(2) == 0 => s.corpus.get(n - 1 - rng.below(n.min(4))),
+                        n => s.corpus.get(rng.below(n)),
+                    };
+                    let parent = pick(&mut rng);
+                    let other = pick(&mut rng);
+                    let input =
+                        mutate::mutate(&mut rng, parent, other, &setup.tokens, config.max_input);
+                    (input, false)
+                }
+            };
+            let (outcome, new_blocks) = runner.execute(&input)?;
+            let exec = execs.fetch_add(1, Ordering::Relaxed) + 1;
+            let mut s = lock(shared);
+            match outcome {
+                Outcome::Exit(code) => {
+                    let seen = s.exit_codes.entry(code).or_insert(0);
+                    *seen += 1;
+                    let new_code = *seen == 1;
+                    if is_seed || !new_blocks.is_empty() || new_code {
+                        s.corpus.add(&input)?;
+                    }
+                }
+                Outcome::Timeout { rip } => {
+                    s.timeouts += 1;
+                    if s.timeout_sites.insert(rip) {
+                        let what = format!("timeout after {:?} at rip {rip:#x}", config.timeout);
+                        s.store.save(&format!("timeout-{rip:x}"), &input, &what)?;
+                    }
+                }
+                Outcome::Crash(crash) => {
+                    if let Some(known) = s.crashes.iter_mut().find(|c| c.crash == crash) {
+                        known.count += 1;
+                    } else {
+                        let what = format!("crash: {crash}");
+                        let saved = s.store.save(&crash.signature(), &input, &what)?;
+                        if config.stop_on_crash || config.stop_at_rip == Some(crash.rip) {
+                            stop.store(true, Ordering::Relaxed);
+                        }
+                        s.crashes.push(CrashRecord {
+                            crash,
+                            input: input.clone(),
+                            first_exec: exec,
+                            count: 1,
+                            saved,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Runs one input against `entry` the way [`fuzz`] would (crash sites armed, no coverage

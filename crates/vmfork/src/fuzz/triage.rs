@@ -21,7 +21,7 @@ pub enum Outcome {
 /// A crash, with what tells it apart from other crashes.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Crash {
-    /// `triple-fault/#DE`, `crash-site`, `crash-code/66`, ...
+    /// `triple-fault/#DE`, `crash-site`, `crash-code/66`, `int3`, ...
     pub kind: String,
     /// Where it happened (guest-virtual).
     pub rip: u64,
@@ -59,9 +59,11 @@ pub fn classify(target: &Vm, exit: &ExitReason) -> Crash {
             let vector = guess_vector(target, d.regs.rip, d.sregs.cr2);
             (format!("triple-fault/{vector}"), d.regs.rip, d.regs.rsp)
         }
+        // An `int3` of the guest's own (not a coverage block or crash site), handed to the
+        // VMM because breakpoint exits are on.
         ExitReason::Breakpoint { rip, .. } => {
             let rsp = target.registers(0).map(|r| r.regs.rsp).unwrap_or(0);
-            ("crash-site".to_string(), *rip, rsp)
+            ("int3".to_string(), *rip, rsp)
         }
         other => match other.dump() {
             Some(d) => (short_kind(other), d.regs.rip, d.regs.rsp),
