@@ -563,3 +563,96 @@ fn fuzz_with_libafl_on_one_and_two_cores() {
     assert!(stderr(&o).contains("--crashes"), "{}", stderr(&o));
     let _ = std::fs::remove_dir_all(&base);
 }
+
+/// Reads what the server sends until it closes (a reset after the response counts as the end).
+fn read_reply(s: &mut std::os::unix::net::UnixStream) -> String {
+    use std::io::Read;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn the_api_socket_and_its_clients_cannot_be_abused() {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::net::UnixStream;
+    let dir = std::env::temp_dir().join(format!("vmfork-abuse-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("api.sock");
+    // Under umask 000 the socket is still owner-only.
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "umask 000; exec {} serve --api-sock {}",
+            env!("CARGO_BIN_EXE_vmfork"),
+            sock.display()
+        ))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !sock.exists() {
+        assert!(std::time::Instant::now() < deadline, "never listened");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "socket mode {mode:o}");
+
+    // A request head over 16 KiB gets its 431, not a reset.
+    let mut s = UnixStream::connect(&sock).unwrap();
+    let mut head = b"GET /vms HTTP/1.1\r\nX-Pad: ".to_vec();
+    head.extend(std::iter::repeat_n(b'a', 100 << 10));
+    let _ = s.write_all(&head);
+    assert!(read_reply(&mut s).starts_with("HTTP/1.1 431"));
+    drop(s);
+    // (Its slot is given back once the server has finished with it.)
+    std::thread::sleep(std::time::Duration::from_millis(300));
+
+    // One client holding many idle connections: past its share it gets 503 at once, and
+    // another client (the CLI, another process) is still served.
+    let idle: Vec<UnixStream> = (0..16)
+        .map(|_| UnixStream::connect(&sock).unwrap())
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let mut extra = UnixStream::connect(&sock).unwrap();
+    let _ = extra.write_all(b"GET /vms HTTP/1.1\r\n\r\n");
+    let reply = read_reply(&mut extra);
+    assert!(reply.starts_with("HTTP/1.1 503"), "{reply}");
+    assert!(reply.contains("from this client"), "{reply}");
+    let t = std::time::Instant::now();
+    let o = vmfork(&["ls", "--api-sock", sock.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(t.elapsed() < std::time::Duration::from_secs(5));
+    drop(idle);
+
+    // A client trickling its request a byte at a time is cut off by the whole-request
+    // deadline (10 s), not per read.
+    let mut slow = UnixStream::connect(&sock).unwrap();
+    let t = std::time::Instant::now();
+    let trickle = std::thread::spawn(move || {
+        for b in b"GET /vms HTTP/1.1\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa" {
+            if slow.write_all(&[*b]).is_err() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        }
+        read_reply(&mut slow)
+    });
+    let reply = trickle.join().unwrap();
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+    let took = t.elapsed();
+    assert!(took < std::time::Duration::from_secs(25), "{took:?}");
+
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}

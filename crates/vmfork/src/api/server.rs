@@ -1,20 +1,32 @@
-//! The socket server: accepts connections on a Unix socket, one thread per connection (bounded),
-//! one request per connection.
+//! The socket server: accepts connections on a Unix socket, one thread per connection (bounded
+//! in total and per client process), one request per connection, each with a whole-request
+//! deadline.
 
 use super::http::{read_request, Response};
 use super::{routes, Registry};
 use crate::error::{Error, Result};
+use std::collections::HashMap;
+use std::io::Read;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Most connections served at once; more get 503 at once.
-const MAX_CONNECTIONS: usize = 64;
-/// A client must send its request within this time.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+pub const MAX_CONNECTIONS: usize = 64;
+/// Most connections one client process may hold at once; more get 503 at once.
+pub const MAX_CONNECTIONS_PER_CLIENT: usize = 16;
+/// A client must send its whole request within this time (not per read: a client trickling a
+/// byte at a time is cut off all the same).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// After the response, unread request bytes are read and dropped for at most this long, so
+/// closing does not reset the connection before the client has read the response.
+const LINGER: Duration = Duration::from_millis(200);
+/// The socket's mode whatever the umask: owner only.
+const SOCKET_MODE: u32 = 0o600;
 
 /// A running API server; dropping it stops serving and removes the socket file.
 pub struct ApiServer {
@@ -24,8 +36,8 @@ pub struct ApiServer {
 }
 
 impl ApiServer {
-    /// Serves `registry` on a new Unix socket at `path`. A stale socket file (nobody listening)
-    /// is replaced; a live one is an error.
+    /// Serves `registry` on a new Unix socket at `path`, mode 0600 whatever the umask. A stale
+    /// socket file (nobody listening) is replaced; a live one is an error.
     pub fn start(path: &Path, registry: Arc<Registry>) -> Result<ApiServer> {
         if path.exists() {
             if UnixStream::connect(path).is_ok() {
@@ -37,8 +49,7 @@ impl ApiServer {
             std::fs::remove_file(path)
                 .map_err(|e| Error::Invalid(format!("cannot replace {}: {e}", path.display())))?;
         }
-        let listener = UnixListener::bind(path)
-            .map_err(|e| Error::Invalid(format!("cannot listen on {}: {e}", path.display())))?;
+        let listener = bind_private(path)?;
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let stop = Arc::clone(&stop);
@@ -59,6 +70,42 @@ impl ApiServer {
     }
 }
 
+/// Binds the socket in a fresh owner-only directory beside `path`, sets its mode, and renames
+/// it into place: it is never reachable under a looser mode, whatever the umask.
+fn bind_private(path: &Path) -> Result<UnixListener> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::Invalid(format!("{} is not a socket path", path.display())))?;
+    let private = parent.join(format!(
+        ".{}.bind-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&private);
+    let fail = |what: &str, e: std::io::Error| {
+        Error::Invalid(format!("cannot listen on {}: {what}: {e}", path.display()))
+    };
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private)
+        .map_err(|e| fail("private directory", e))?;
+    let staged = private.join("sock");
+    let bound = UnixListener::bind(&staged)
+        .map_err(|e| fail("bind", e))
+        .and_then(|l| {
+            std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(SOCKET_MODE))
+                .map_err(|e| fail("chmod", e))?;
+            std::fs::rename(&staged, path).map_err(|e| fail("rename", e))?;
+            Ok(l)
+        });
+    let _ = std::fs::remove_dir_all(&private);
+    bound
+}
+
 impl Drop for ApiServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
@@ -71,38 +118,147 @@ impl Drop for ApiServer {
     }
 }
 
+/// Connections held, in total and by client process.
+#[derive(Default)]
+struct Slots {
+    total: usize,
+    by_client: HashMap<i32, usize>,
+}
+
+impl Slots {
+    /// Takes a slot for `client`, or says why not.
+    fn take(&mut self, client: i32) -> std::result::Result<(), &'static str> {
+        if self.total >= MAX_CONNECTIONS {
+            return Err("too many connections");
+        }
+        let mine = self.by_client.entry(client).or_insert(0);
+        if *mine >= MAX_CONNECTIONS_PER_CLIENT {
+            return Err("too many connections from this client");
+        }
+        *mine += 1;
+        self.total += 1;
+        Ok(())
+    }
+
+    fn give_back(&mut self, client: i32) {
+        self.total -= 1;
+        if let Some(n) = self.by_client.get_mut(&client) {
+            *n -= 1;
+            if *n == 0 {
+                self.by_client.remove(&client);
+            }
+        }
+    }
+}
+
+/// The process id of the peer (0 when the kernel does not say).
+fn peer_pid(stream: &UnixStream) -> i32 {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: SO_PEERCRED writes a ucred of `len` bytes into `cred`, which outlives the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        cred.pid
+    } else {
+        0
+    }
+}
+
+fn lock(slots: &Mutex<Slots>) -> std::sync::MutexGuard<'_, Slots> {
+    slots.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn accept_loop(listener: &UnixListener, registry: &Arc<Registry>, stop: &AtomicBool) {
-    let active = Arc::new(AtomicUsize::new(0));
+    let slots = Arc::new(Mutex::new(Slots::default()));
     for stream in listener.incoming() {
         if stop.load(Ordering::SeqCst) {
             break;
         }
         let Ok(mut stream) = stream else { continue };
-        if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
-            active.fetch_sub(1, Ordering::SeqCst);
-            let _ = Response::error(503, "too many connections").write_to(&mut stream);
+        let client = peer_pid(&stream);
+        if let Err(why) = lock(&slots).take(client) {
+            refuse(&mut stream, why);
             continue;
         }
         let registry = Arc::clone(registry);
-        let active_here = Arc::clone(&active);
+        let slots_here = Arc::clone(&slots);
         let spawned = std::thread::Builder::new()
             .name("vmfork-api-conn".into())
             .spawn(move || {
                 serve_connection(stream, &registry);
-                active_here.fetch_sub(1, Ordering::SeqCst);
+                lock(&slots_here).give_back(client);
             });
         if spawned.is_err() {
-            active.fetch_sub(1, Ordering::SeqCst);
+            lock(&slots).give_back(client);
         }
     }
 }
 
+/// Answers 503 on the accepting thread without waiting for the client: whatever part of its
+/// request has arrived is read first, so the close does not reset the connection.
+fn refuse(stream: &mut UnixStream, why: &str) {
+    let _ = stream.set_nonblocking(true);
+    let mut sink = [0u8; 16 << 10];
+    while matches!(stream.read(&mut sink), Ok(n) if n > 0) {}
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
+    let _ = Response::error(503, why).write_to(stream);
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+}
+
+/// A stream whose reads all end by one deadline.
+struct DeadlineReader<'a> {
+    stream: &'a UnixStream,
+    deadline: Instant,
+}
+
+impl Read for DeadlineReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        (&mut &*self.stream).read(buf)
+    }
+}
+
 fn serve_connection(mut stream: UnixStream, registry: &Registry) {
-    let _ = stream.set_read_timeout(Some(REQUEST_TIMEOUT));
     let _ = stream.set_write_timeout(Some(REQUEST_TIMEOUT));
-    let response = match read_request(&mut stream) {
+    let mut reader = DeadlineReader {
+        stream: &stream,
+        deadline: Instant::now() + REQUEST_TIMEOUT,
+    };
+    let response = match read_request(&mut reader) {
         Ok(req) => routes::handle(registry, &req),
         Err(response) => response,
     };
     let _ = response.write_to(&mut stream);
+    // Let the client read the response before the close: drop what it still sends.
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let mut reader = DeadlineReader {
+        stream: &stream,
+        deadline: Instant::now() + LINGER,
+    };
+    let mut sink = [0u8; 16 << 10];
+    let mut dropped = 0usize;
+    while let Ok(n) = reader.read(&mut sink) {
+        dropped += n;
+        if n == 0 || dropped > (1 << 20) {
+            break;
+        }
+    }
 }
