@@ -65,8 +65,9 @@ pub fn workload(name: &str) -> CliResult<Workload> {
     })
 }
 
-fn read(path: &PathBuf, what: &str) -> CliResult<Vec<u8>> {
-    std::fs::read(path).map_err(|e| format!("cannot read {what} {}: {e}", path.display()))
+/// Reads a boot file: a regular file (never a FIFO or a device) no larger than the VM's RAM.
+fn read(path: &std::path::Path, what: &str, max: u64) -> CliResult<Vec<u8>> {
+    vmfork::files::read_regular(path, what, max).map_err(|e| e.to_string())
 }
 
 impl GuestArgs {
@@ -89,10 +90,18 @@ impl GuestArgs {
     }
 
     pub fn boot_spec(&self) -> CliResult<BootSpec> {
+        let chosen = [
+            self.guest.is_some(),
+            self.kernel.is_some(),
+            self.flat.is_some(),
+        ];
+        if chosen.iter().filter(|&&c| c).count() > 1 {
+            return Err("give one of guest, kernel and flat, not several".into());
+        }
         let kernel = match (&self.guest, &self.kernel, &self.flat) {
             (Some(name), _, _) => Kernel::Elf(workload(name)?.elf()),
             (None, Some(path), _) => {
-                let bytes = read(path, "kernel")?;
+                let bytes = read(path, "kernel", self.mem)?;
                 if !bytes.starts_with(b"\x7fELF") {
                     return Err(format!(
                         "{} is not an ELF file (use --flat for a flat binary)",
@@ -102,7 +111,7 @@ impl GuestArgs {
                 Kernel::Elf(bytes)
             }
             (None, None, Some(path)) => Kernel::Flat {
-                image: read(path, "flat binary")?,
+                image: read(path, "flat binary", self.mem)?,
                 load_addr: self.load_addr,
             },
             (None, None, None) => {
@@ -112,7 +121,7 @@ impl GuestArgs {
         let mut spec = BootSpec::new(kernel);
         spec.cmdline = self.cmdline.clone();
         spec.initrd = match &self.initrd {
-            Some(p) => Some(read(p, "initrd")?),
+            Some(p) => Some(read(p, "initrd", self.mem)?),
             None => None,
         };
         Ok(spec)

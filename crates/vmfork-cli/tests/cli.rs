@@ -656,3 +656,92 @@ fn the_api_socket_and_its_clients_cannot_be_abused() {
     child.wait().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn boot_files_stream_targets_and_register_values_are_checked() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("vmfork-files-cli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    // A FIFO as kernel: refused at once, not a hang.
+    let fifo = dir.join("fifo");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let t = std::time::Instant::now();
+    let o = vmfork(&["run", "--kernel", fifo.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("not a regular file"), "{}", stderr(&o));
+    assert!(t.elapsed() < std::time::Duration::from_secs(10));
+    // A device as initrd, and an initrd larger than RAM.
+    let o = vmfork(&["run", "--guest", "hello", "--initrd", "/dev/zero"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("not a regular file"), "{}", stderr(&o));
+    let big = dir.join("big.img");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let o = vmfork(&[
+        "run",
+        "--guest",
+        "hello",
+        "--mem",
+        "32M",
+        "--initrd",
+        big.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("limit"), "{}", stderr(&o));
+
+    let mut daemon = ApiProcess::start(
+        &["serve"],
+        dir.join("api.sock"),
+        std::process::Stdio::null(),
+    );
+    // Contradictory boot specs are refused, not half-used.
+    let reply = post(
+        &daemon.sock,
+        "/vms",
+        r#"{"guest":"hello","flat":"/etc/hostname"}"#,
+    );
+    assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+    assert!(reply.contains("not several"), "{reply}");
+    let reply = post(&daemon.sock, "/vms", r#"{"kernel":"/dev/zero"}"#);
+    assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+    // A VM to snapshot: its stream never overwrites an existing file.
+    let reply = post(&daemon.sock, "/vms", r#"{"guest":"counter","paused":true}"#);
+    assert!(reply.starts_with("HTTP/1.1 201"), "{reply}");
+    let vm = daemon.first_vm();
+    let victim = dir.join("victim");
+    std::fs::write(&victim, b"keep me").unwrap();
+    let body = format!(r#"{{"path":"{}","stream":true}}"#, victim.display());
+    let reply = post(&daemon.sock, &format!("/vms/{vm}/snapshot"), &body);
+    assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+    assert_eq!(std::fs::read(&victim).unwrap(), b"keep me");
+    // Snapshot files are owner-only.
+    let snap = dir.join("snap");
+    let o = daemon.ctl(&["snapshot", &vm, snap.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&snap), 0o700);
+    assert_eq!(mode(&snap.join("memory.bin")), 0o600);
+    assert_eq!(mode(&snap.join("state.vmfs")), 0o600);
+    // A register value KVM refuses is the request's fault: 400, not 500.
+    let mut s = std::os::unix::net::UnixStream::connect(&daemon.sock).unwrap();
+    let body = r#"{"cr4": 18446744073709551615}"#;
+    use std::io::Write;
+    write!(
+        s,
+        "PATCH /vms/{vm}/regs HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let reply = read_reply(&mut s);
+    assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+    daemon.child.kill().unwrap();
+    daemon.child.wait().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -32,6 +32,9 @@ pub enum Error {
     Invalid(String),
     #[error("snapshot {path}: {problem}")]
     Snapshot { path: String, problem: String },
+    /// The VM is doing something this would conflict with (a snapshot being written).
+    #[error("{0}")]
+    Busy(String),
 }
 
 /// Result with the library's [`Error`].

@@ -17,6 +17,7 @@ pub mod api;
 pub mod boot;
 pub mod devices;
 mod error;
+pub mod files;
 pub mod fork;
 pub mod fuzz;
 pub mod introspect;

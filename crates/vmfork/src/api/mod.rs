@@ -93,7 +93,7 @@ impl Registry {
 /// the host's (500).
 pub(crate) fn error_response(e: &Error) -> Response {
     let status = match e {
-        Error::State { .. } | Error::NotAFork(_) => 409,
+        Error::State { .. } | Error::NotAFork(_) | Error::Busy(_) => 409,
         Error::Invalid(_)
         | Error::Config(_)
         | Error::Memory(_)

@@ -163,7 +163,13 @@ fn vm_route(
             let _op = vm.exclusive();
             let mut regs = lib(vm.registers(vcpu))?;
             registers::patch(&mut regs, &changes).map_err(bad)?;
-            lib(vm.set_registers(vcpu, &regs))?;
+            vm.set_registers(vcpu, &regs).map_err(|e| match e {
+                // KVM refuses values no CPU could hold (reserved CR4 bits, say): the request's.
+                crate::Error::Kvm { source, .. } if source.errno() == libc::EINVAL => {
+                    bad(format!("KVM refused these register values: {source}"))
+                }
+                other => error_response(&other),
+            })?;
             Ok(Response::json(200, registers::to_json(&regs)))
         }
         (["memory"], "GET") => read_memory(vm, req),
@@ -293,9 +299,7 @@ fn snapshot(vm: &Vm, req: &Request) -> Reply {
         if r.diff {
             return Err(bad("a stream snapshot is always full (no diff)"));
         }
-        let out = std::fs::OpenOptions::new()
-            .write(true)
-            .open(path)
+        let out = crate::files::create_stream_target(path)
             .map_err(|e| bad(format!("cannot open {} for the stream: {e}", r.path)))?;
         lib(vm.snapshot_to_stream(out))?
     } else {

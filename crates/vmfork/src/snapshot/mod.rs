@@ -88,14 +88,12 @@ impl<'a> ProgressSlot<'a> {
         let slot = &vm.shared().snapshot_progress;
         let mut current = slot.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(busy) = current.as_ref() {
-            return Err(problem(
-                path,
-                format!(
-                    "VM {} is already writing a snapshot to {} (one at a time)",
-                    vm.id(),
-                    busy.path.display()
-                ),
-            ));
+            return Err(Error::Busy(format!(
+                "snapshot {}: VM {} is already writing a snapshot to {} (one at a time)",
+                path.display(),
+                vm.id(),
+                busy.path.display()
+            )));
         }
         *current = Some(SnapshotProgress {
             path: path.to_path_buf(),
@@ -387,7 +385,7 @@ impl Target {
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<MemoryDigest> {
         let _ = std::fs::remove_dir_all(&self.temp);
-        std::fs::create_dir(&self.temp).map_err(|e| problem(&self.temp, e))?;
+        crate::files::create_private_dir(&self.temp).map_err(|e| problem(&self.temp, e))?;
         let result = self.write_into_temp(vm, frozen, progress);
         if result.is_err() {
             let _ = std::fs::remove_dir_all(&self.temp);
@@ -402,8 +400,8 @@ impl Target {
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<MemoryDigest> {
         let size = vm.ram().size();
-        let memory =
-            File::create(self.temp.join(MEMORY_FILE)).map_err(|e| problem(&self.temp, e))?;
+        let memory = crate::files::create_private(&self.temp.join(MEMORY_FILE))
+            .map_err(|e| problem(&self.temp, e))?;
         memory.set_len(size).map_err(|e| problem(&self.temp, e))?;
         let digest = memory_file::write_pages(&frozen.image, &memory, &frozen.pages, progress)?;
         memory.sync_all().map_err(|e| problem(&self.temp, e))?;
@@ -418,7 +416,8 @@ impl Target {
             data_pages: digest.data_pages,
             crc32: digest.crc32,
         };
-        let state = File::create(self.temp.join(STATE_FILE)).map_err(|e| problem(&self.temp, e))?;
+        let state = crate::files::create_private(&self.temp.join(STATE_FILE))
+            .map_err(|e| problem(&self.temp, e))?;
         let flags = if frozen.base.is_some() {
             vmfork_format::HEADER_DIFF
         } else {
@@ -637,11 +636,11 @@ impl Snapshot {
             ));
         }
         if path.is_file() {
-            let file = File::open(path).map_err(|e| problem(path, e))?;
+            let file = crate::files::open_regular(path).map_err(|e| problem(path, e))?;
             return Self::from_stream(path, BufReader::new(file));
         }
         let state_path = path.join(STATE_FILE);
-        let state = File::open(&state_path).map_err(|e| {
+        let state = crate::files::open_regular(&state_path).map_err(|e| {
             problem(
                 path,
                 format!("cannot open {STATE_FILE}: {e} (is this a snapshot directory?)"),
@@ -658,7 +657,7 @@ impl Snapshot {
             ));
         }
         let memory_path = path.join(MEMORY_FILE);
-        let memory = File::open(&memory_path)
+        let memory = crate::files::open_regular(&memory_path)
             .map_err(|e| problem(path, format!("cannot open {MEMORY_FILE}: {e}")))?;
         let len = memory.metadata().map_err(|e| problem(path, e))?.len();
         if len != loaded.memory.size {
@@ -893,7 +892,8 @@ impl Snapshot {
                 Some(Snapshot::open(&dir)?)
             };
             let loaded = snap.as_ref().map_or(&self.loaded, |s| &s.loaded);
-            let memory = File::open(dir.join(MEMORY_FILE)).map_err(|e| problem(&dir, e))?;
+            let memory =
+                crate::files::open_regular(&dir.join(MEMORY_FILE)).map_err(|e| problem(&dir, e))?;
             let digest = memory_file::digest_of(&memory, loaded.memory.size)?;
             if digest.crc32 != loaded.memory.crc32 || digest.data_pages != loaded.memory.data_pages
             {
