@@ -10,7 +10,7 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
-use vmfork::api::{ApiServer, Registry};
+use vmfork::api::{ApiServer, Limits, Registry};
 use vmfork::devices::SerialSink;
 use vmfork::Vm;
 
@@ -18,6 +18,16 @@ use vmfork::Vm;
 pub struct ServeArgs {
     #[command(flatten)]
     pub sock: SocketArg,
+    /// Most VMs hosted at once (every fork and restore counts); more are refused with 429.
+    #[arg(long, default_value_t = Limits::default().max_vms)]
+    pub max_vms: usize,
+    /// Most guest RAM hosted at once, the sum of the VMs' RAM sizes (K/M/G/T); more is
+    /// refused with 507.
+    #[arg(long, default_value = "64T", value_parser = parse_size)]
+    pub max_guest_ram: u64,
+    /// Most snapshots written at once; more are refused with 429.
+    #[arg(long, default_value_t = Limits::default().max_snapshots_in_flight)]
+    pub max_snapshots: usize,
 }
 
 /// The body of `POST /vms`: the same choices as `vmfork run`.
@@ -72,7 +82,12 @@ pub fn boot_from_json(body: &serde_json::Value) -> Result<Vm, String> {
 
 pub fn serve(args: ServeArgs) -> CliResult<u8> {
     interrupt::install()?;
-    let registry = Registry::new(Some(Box::new(boot_from_json)));
+    let limits = Limits {
+        max_vms: args.max_vms,
+        max_guest_ram: args.max_guest_ram,
+        max_snapshots_in_flight: args.max_snapshots,
+    };
+    let registry = Registry::with_limits(Some(Box::new(boot_from_json)), limits);
     let server = ApiServer::start(&args.sock.path, registry.clone()).map_err(|e| e.to_string())?;
     eprintln!(
         "vmfork: serving the control API on {}",

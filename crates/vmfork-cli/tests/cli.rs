@@ -745,3 +745,46 @@ fn boot_files_stream_targets_and_register_values_are_checked() {
     daemon.child.wait().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn server_limits_are_clear_errors() {
+    let dir = std::env::temp_dir().join(format!("vmfork-limits-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut daemon = ApiProcess::start(
+        &["serve", "--max-vms", "3", "--max-guest-ram", "200M"],
+        dir.join("api.sock"),
+        std::process::Stdio::null(),
+    );
+    let boot = |mem: &str| {
+        post(
+            &daemon.sock,
+            "/vms",
+            &format!(r#"{{"guest":"spin","mem":"{mem}","paused":true}}"#),
+        )
+    };
+    assert!(boot("64M").starts_with("HTTP/1.1 201"));
+    assert!(boot("64M").starts_with("HTTP/1.1 201"));
+    // 128 MiB in use; 128 more would pass 200 MiB.
+    let reply = boot("128M");
+    assert!(reply.starts_with("HTTP/1.1 507"), "{reply}");
+    assert!(reply.contains("--max-guest-ram"), "{reply}");
+    // Two children of a 64 MiB VM: three VMs would be four.
+    let vm = daemon.first_vm();
+    let reply = post(&daemon.sock, &format!("/vms/{vm}/fork"), r#"{"count":2}"#);
+    assert!(reply.starts_with("HTTP/1.1 429"), "{reply}");
+    assert!(reply.contains("--max-vms"), "{reply}");
+    let reply = post(
+        &daemon.sock,
+        &format!("/vms/{vm}/fork"),
+        r#"{"count":1,"paused":true}"#,
+    );
+    assert!(reply.starts_with("HTTP/1.1 201"), "{reply}");
+    let reply = boot("16M");
+    assert!(reply.starts_with("HTTP/1.1 429"), "{reply}");
+    // Nothing was left behind by the refusals.
+    assert_eq!(stdout(&daemon.ctl(&["ls"])).lines().count(), 1 + 3);
+    daemon.child.kill().unwrap();
+    daemon.child.wait().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}

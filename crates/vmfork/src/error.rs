@@ -35,6 +35,12 @@ pub enum Error {
     /// The VM is doing something this would conflict with (a snapshot being written).
     #[error("{0}")]
     Busy(String),
+    /// A server limit (VMs, snapshots in flight) would be exceeded.
+    #[error("{0}")]
+    Limit(String),
+    /// The server's total guest RAM limit would be exceeded.
+    #[error("{0}")]
+    NoRoom(String),
 }
 
 /// Result with the library's [`Error`].

@@ -24,12 +24,45 @@ use std::sync::{Arc, Mutex, MutexGuard};
 /// not need to know the built-in guests. Errors are messages for a 400 response.
 pub type BootFn = dyn Fn(&serde_json::Value) -> Result<Vm, String> + Send + Sync;
 
+/// What one server may host at once; each limit hit is a clear error (429, or 507 for RAM).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// VMs hosted (every fork and restore counts).
+    pub max_vms: usize,
+    /// The sum of the hosted VMs' RAM sizes (nominal: forks share pages, but each may come
+    /// to write all of its RAM).
+    pub max_guest_ram: u64,
+    /// Snapshots being written at once, over all VMs.
+    pub max_snapshots_in_flight: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_vms: 4096,
+            max_guest_ram: 64 << 40,
+            max_snapshots_in_flight: 8,
+        }
+    }
+}
+
 /// The VMs one process hosts, by id.
 pub struct Registry {
     vms: Mutex<BTreeMap<u64, Arc<Vm>>>,
     boot: Option<Box<BootFn>>,
     /// Snapshots restored lately, kept open so restoring one again is a warm restore.
     pub(crate) snapshots: SnapshotCache,
+    limits: Limits,
+    snapshots_in_flight: std::sync::atomic::AtomicUsize,
+}
+
+/// A snapshot being written, counted against [`Limits::max_snapshots_in_flight`] while alive.
+pub(crate) struct SnapshotTicket<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for SnapshotTicket<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// How many opened snapshots the API keeps for warm restores.
@@ -38,11 +71,73 @@ const SNAPSHOTS_KEPT_OPEN: usize = 8;
 impl Registry {
     /// A registry; with `boot`, `POST /vms` can create new VM families.
     pub fn new(boot: Option<Box<BootFn>>) -> Arc<Self> {
+        Self::with_limits(boot, Limits::default())
+    }
+
+    /// A registry that refuses to grow past `limits`.
+    pub fn with_limits(boot: Option<Box<BootFn>>, limits: Limits) -> Arc<Self> {
         Arc::new(Self {
             vms: Mutex::new(BTreeMap::new()),
             boot,
             snapshots: SnapshotCache::new(SNAPSHOTS_KEPT_OPEN),
+            limits,
+            snapshots_in_flight: Default::default(),
         })
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Whether `count` more VMs of `ram` bytes each would fit, given `vms` (the map, locked).
+    fn room_in(&self, vms: &BTreeMap<u64, Arc<Vm>>, count: usize, ram: u64) -> Result<(), Error> {
+        if vms.len() + count > self.limits.max_vms {
+            return Err(Error::Limit(format!(
+                "this server hosts {} VMs and takes at most {} (--max-vms)",
+                vms.len(),
+                self.limits.max_vms
+            )));
+        }
+        let used: u64 = vms.values().map(|vm| vm.config().mem_bytes).sum();
+        let wanted = ram.saturating_mul(count as u64);
+        if used.saturating_add(wanted) > self.limits.max_guest_ram {
+            return Err(Error::NoRoom(format!(
+                "{} MiB more guest RAM would pass this server's {} MiB limit ({} MiB in use; \
+                 --max-guest-ram)",
+                wanted >> 20,
+                self.limits.max_guest_ram >> 20,
+                used >> 20
+            )));
+        }
+        Ok(())
+    }
+
+    /// Whether `count` more VMs of `ram` bytes each would fit now.
+    pub fn room_for(&self, count: usize, ram: u64) -> Result<(), Error> {
+        self.room_in(&self.lock(), count, ram)
+    }
+
+    /// Adds a VM if it fits the limits (it is dropped, and so torn down, if not).
+    pub fn admit(&self, vm: Vm) -> Result<Arc<Vm>, Error> {
+        let mut vms = self.lock();
+        self.room_in(&vms, 1, vm.config().mem_bytes)?;
+        let vm = Arc::new(vm);
+        vms.insert(vm.id(), Arc::clone(&vm));
+        Ok(vm)
+    }
+
+    /// Counts a snapshot in flight, if the limit allows one more.
+    pub(crate) fn snapshot_ticket(&self) -> Result<SnapshotTicket<'_>, Error> {
+        use std::sync::atomic::Ordering;
+        let n = self.snapshots_in_flight.fetch_add(1, Ordering::SeqCst);
+        let ticket = SnapshotTicket(&self.snapshots_in_flight);
+        if n >= self.limits.max_snapshots_in_flight {
+            return Err(Error::Limit(format!(
+                "{n} snapshots are being written and this server takes at most {} at once",
+                self.limits.max_snapshots_in_flight
+            )));
+        }
+        Ok(ticket)
     }
 
     fn lock(&self) -> MutexGuard<'_, BTreeMap<u64, Arc<Vm>>> {
@@ -94,6 +189,8 @@ impl Registry {
 pub(crate) fn error_response(e: &Error) -> Response {
     let status = match e {
         Error::State { .. } | Error::NotAFork(_) | Error::Busy(_) => 409,
+        Error::Limit(_) => 429,
+        Error::NoRoom(_) => 507,
         Error::Invalid(_)
         | Error::Config(_)
         | Error::Memory(_)

@@ -125,7 +125,10 @@ fn vm_route(
         }
         ([], _) => Err(not_allowed(method, "GET, DELETE")),
         (["fork"], "POST") => fork(registry, vm, req),
-        (["snapshot"], "POST") => snapshot(vm, req),
+        (["snapshot"], "POST") => {
+            let _ticket = lib(registry.snapshot_ticket())?;
+            snapshot(vm, req)
+        }
         (["snapshot"], "GET") => Ok(Response::json(
             200,
             match vm.snapshot_progress() {
@@ -228,8 +231,9 @@ fn boot(registry: &Registry, req: &Request) -> Reply {
         ));
     };
     let spec: Value = body(req)?;
+    lib(registry.room_for(1, 0))?;
     let vm = boot(&spec).map_err(bad)?;
-    let vm = registry.add(vm);
+    let vm = lib(registry.admit(vm))?;
     Ok(Response::json(201, describe(&vm)))
 }
 
@@ -267,11 +271,12 @@ fn fork(registry: &Registry, vm: &Vm, req: &Request) -> Reply {
         block_interrupts: r.block_interrupts,
         fresh_shell: false,
     };
+    lib(registry.room_for(r.count, vm.config().mem_bytes))?;
     let sinks = (0..r.count).map(|_| SerialSink::buffer().0).collect();
     let children = lib(vm.fork_many(&opts, sinks))?;
     let mut described = Vec::new();
     for child in children {
-        let child = registry.add(child);
+        let child = lib(registry.admit(child))?;
         if !r.paused {
             lib(child.start())?;
         }
@@ -327,9 +332,10 @@ fn restore(registry: &Registry, req: &Request) -> Reply {
         )));
     }
     let snapshot = lib(registry.snapshots.open(std::path::Path::new(&r.path)))?;
+    lib(registry.room_for(r.count, snapshot.config().mem_bytes))?;
     let mut described = Vec::new();
     for _ in 0..r.count {
-        let vm = registry.add(lib(snapshot.restore(SerialSink::buffer().0))?);
+        let vm = lib(registry.admit(lib(snapshot.restore(SerialSink::buffer().0))?))?;
         if !r.paused {
             lib(vm.start())?;
         }
