@@ -22,6 +22,10 @@ use std::process::ExitCode;
     about = "A KVM VMM that forks, resets, snapshots and migrates VMs"
 )]
 struct Cli {
+    /// Do not confine vmfork's threads with seccomp filters (they are on by default: vCPU
+    /// threads may only make KVM ioctls and a few more calls, VMM threads what they need).
+    #[arg(long, global = true)]
+    no_seccomp: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -89,6 +93,9 @@ enum GuestsAction {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.no_seccomp {
+        vmfork::confine::seccomp::set_enabled(false);
+    }
     let result = match cli.command {
         Command::Run(args) => run::run(args),
         Command::Guests { action } => guests_command(action),

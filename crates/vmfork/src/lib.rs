@@ -15,6 +15,7 @@
 
 pub mod api;
 pub mod boot;
+pub mod confine;
 pub mod devices;
 mod error;
 pub mod files;

@@ -49,8 +49,8 @@ pub fn run(suite: Suite) -> CliResult<u8> {
     }
     let (args, report) = match suite {
         Suite::Boot(args) => (args, boot::run(args)?),
-        Suite::Fork(args) => (args, fork::run(args)?),
-        Suite::Snapshot(args) => (args, snapshot::run(args)?),
+        Suite::Fork(args) => (args, with_and_without_seccomp(|| fork::run(args))?),
+        Suite::Snapshot(args) => (args, with_and_without_seccomp(|| snapshot::run(args))?),
         Suite::Busy(args) => (args, busy::run(args)?),
         Suite::Fuzz(args) => (args, fuzz::run(args)?),
     };
@@ -63,6 +63,38 @@ pub fn run(suite: Suite) -> CliResult<u8> {
         report.print_table();
     }
     Ok(0)
+}
+
+/// Runs a suite twice in one process, on a thread confined as vmfork's VMM threads are (and
+/// with vCPU threads confined) and then with filters off, each metric marked `seccomp`
+/// true/false: what the filters cost the operations measured.
+fn with_and_without_seccomp(suite: impl Fn() -> CliResult<Report> + Sync) -> CliResult<Report> {
+    use vmfork::confine::seccomp;
+    let was = seccomp::enabled();
+    let mut merged: Option<Report> = None;
+    for on in [false, true] {
+        seccomp::set_enabled(on);
+        let result = std::thread::scope(|s| {
+            s.spawn(|| {
+                if on {
+                    seccomp::install(seccomp::ThreadKind::Vmm).map_err(|e| e.to_string())?;
+                }
+                suite()
+            })
+            .join()
+            .map_err(|_| "the benchmark thread panicked".to_string())?
+        });
+        seccomp::set_enabled(was);
+        let mut report = result?;
+        for m in &mut report.metrics {
+            m.params.insert("seccomp".into(), Value::Bool(on));
+        }
+        match &mut merged {
+            None => merged = Some(report),
+            Some(all) => all.metrics.append(&mut report.metrics),
+        }
+    }
+    merged.ok_or_else(|| "no report".to_string())
 }
 
 #[derive(Serialize)]

@@ -55,7 +55,10 @@ impl ApiServer {
             let stop = Arc::clone(&stop);
             std::thread::Builder::new()
                 .name("vmfork-api".into())
-                .spawn(move || accept_loop(&listener, &registry, &stop))
+                .spawn(move || {
+                    crate::confine::seccomp::confine_vmm_thread();
+                    accept_loop(&listener, &registry, &stop)
+                })
                 .map_err(Error::Io)?
         };
         Ok(ApiServer {

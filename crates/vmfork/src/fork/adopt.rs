@@ -25,6 +25,7 @@ pub(crate) fn merge_in_background(vm: Weak<VmShared>, image: Arc<crate::memory::
     let spawned = std::thread::Builder::new()
         .name("vmfork-merge".into())
         .spawn(move || {
+            crate::confine::seccomp::confine_vmm_thread();
             let Ok(merged) = image.merged() else { return };
             let Some(shared) = vm.upgrade() else { return };
             let swapped = {
@@ -53,7 +54,10 @@ pub(crate) fn merge_in_background(vm: Weak<VmShared>, image: Arc<crate::memory::
 pub(crate) fn adopt_in_background(vm: Weak<VmShared>, layer: Arc<Layer>) {
     let spawned = std::thread::Builder::new()
         .name("vmfork-adopt".into())
-        .spawn(move || adopt_chunks(&vm, &layer));
+        .spawn(move || {
+            crate::confine::seccomp::confine_vmm_thread();
+            adopt_chunks(&vm, &layer)
+        });
     // No thread: the VM keeps its private copies (more memory, same contents).
     drop(spawned);
 }

@@ -25,7 +25,10 @@ fn watched() -> &'static Mutex<Vec<Weak<VmShared>>> {
         // No thread: VMs simply stay unfolded.
         let _ = std::thread::Builder::new()
             .name("vmfork-fold".into())
-            .spawn(fold_forever);
+            .spawn(|| {
+                crate::confine::seccomp::confine_vmm_thread();
+                fold_forever()
+            });
         Mutex::new(Vec::new())
     })
 }

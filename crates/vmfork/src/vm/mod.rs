@@ -970,6 +970,15 @@ impl Drop for Vm {
 }
 
 fn vcpu_thread(shared: Arc<VmShared>, index: usize) {
+    // The guest-facing thread: confined before it runs a single guest instruction.
+    if let Err(e) = crate::confine::seccomp::install(crate::confine::seccomp::ThreadKind::Vcpu) {
+        shared.control.finish(ExitReason::InternalError {
+            detail: format!("vCPU {index} could not be confined: {e}"),
+            dump: None,
+        });
+        shared.kicks.kick_all();
+        return;
+    }
     let run_ptr = {
         let mut vcpu = shared.vcpus[index]
             .fd

@@ -115,6 +115,7 @@ fn pool() -> &'static Pool {
                 std::thread::Builder::new()
                     .name(format!("vmfork-reaper{i}"))
                     .spawn(move || {
+                        crate::confine::seccomp::confine_vmm_thread();
                         background_priority();
                         loop {
                             let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
@@ -131,7 +132,10 @@ fn pool() -> &'static Pool {
         // falls back to the caller's thread (see `reap`) and `keep_ready` reports the failure.
         let filler_running = std::thread::Builder::new()
             .name("vmfork-pool".into())
-            .spawn(fill_forever)
+            .spawn(|| {
+                crate::confine::seccomp::confine_vmm_thread();
+                fill_forever()
+            })
             .is_ok();
         drop(spawned);
         Pool {
