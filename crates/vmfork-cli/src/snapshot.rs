@@ -290,6 +290,9 @@ pub struct RestoreArgs {
     /// Serve the control API on this Unix socket.
     #[arg(long)]
     pub api_sock: Option<PathBuf>,
+    /// Check the memory files' checksums (and the diff chain's) before running anything.
+    #[arg(long)]
+    pub verify: bool,
 }
 
 /// Restores and runs until every restored VM (and fork of one) has exited or been destroyed.
@@ -300,6 +303,9 @@ pub fn restore(args: RestoreArgs) -> CliResult<u8> {
     }
     let started = Instant::now();
     let snap = open(&args.path)?;
+    if args.verify {
+        snap.verify().map_err(|e| e.to_string())?;
+    }
     interrupt::install()?;
     let registry = Registry::new(None);
     let mut vms = Vec::new();

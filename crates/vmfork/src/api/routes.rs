@@ -321,6 +321,9 @@ struct RestoreRequest {
     count: usize,
     #[serde(default)]
     paused: bool,
+    /// Check the memory checksums (the whole diff chain's) before restoring.
+    #[serde(default)]
+    verify: bool,
 }
 
 fn restore(registry: &Registry, req: &Request) -> Reply {
@@ -332,6 +335,9 @@ fn restore(registry: &Registry, req: &Request) -> Reply {
         )));
     }
     let snapshot = lib(registry.snapshots.open(std::path::Path::new(&r.path)))?;
+    if r.verify {
+        lib(snapshot.verify())?;
+    }
     lib(registry.room_for(r.count, snapshot.config().mem_bytes))?;
     let mut described = Vec::new();
     for _ in 0..r.count {
