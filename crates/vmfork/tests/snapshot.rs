@@ -647,6 +647,26 @@ fn the_snapshot_cache_reuses_an_open_snapshot_until_its_files_change() {
         cache.open(&dir.join(name)).unwrap();
     }
     assert_eq!(cache.len(), 2);
+    // Deleted snapshots are let go at the next lookup (their files' space is freed).
+    std::fs::remove_dir_all(dir.join("y")).unwrap();
+    std::fs::remove_dir_all(dir.join("z")).unwrap();
+    vm.snapshot(&dir.join("w"), &full()).unwrap();
+    cache.open(&dir.join("w")).unwrap();
+    assert_eq!(cache.len(), 1);
+
+    // A diff whose base is deleted or replaced is opened afresh, and refused.
+    let base = dir.join("base");
+    vm.snapshot(&base, &full()).unwrap();
+    // (memtouch has run to its exit: change a page from the host instead.)
+    vm.ram()
+        .write_u64(guests::layout::MEMTOUCH_BASE, 0x5eed)
+        .unwrap();
+    let diff = dir.join("diff");
+    vm.snapshot(&diff, &SnapshotOptions { diff: true }).unwrap();
+    cache.open(&diff).unwrap();
+    std::fs::remove_dir_all(&base).unwrap();
+    let err = cache.open(&diff).unwrap_err().to_string();
+    assert!(err.contains("base") || err.contains("cannot open"), "{err}");
     std::fs::remove_dir_all(dir).unwrap();
 }
 

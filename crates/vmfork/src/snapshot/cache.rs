@@ -1,6 +1,8 @@
 //! Opened snapshots kept for reuse: restoring one again skips reading its state and finds
 //! pooled shells still mapping its memory (what makes a warm restore flat in RAM size). An
-//! entry is opened afresh when its files change (a snapshot replaced under the same path).
+//! entry is opened afresh when its files or any of its diff bases' files change (a snapshot or
+//! a base replaced or deleted under the same path), and entries whose files changed are let go
+//! at every lookup, so a deleted snapshot's space is freed.
 
 use super::{Snapshot, MEMORY_FILE, STATE_FILE};
 use crate::error::Result;
@@ -18,13 +20,18 @@ struct FileIdentity {
     mtime_ns: i128,
 }
 
-/// The identity of a snapshot's files (`None` when one cannot be read: then nothing is cached).
-fn identity(path: &Path) -> Option<Vec<FileIdentity>> {
-    let files = if path.is_dir() {
-        vec![path.join(STATE_FILE), path.join(MEMORY_FILE)]
-    } else {
-        vec![path.to_path_buf()]
-    };
+/// The identity of the files of the snapshot at `path` and of its diff bases `chain` (`None`
+/// when one cannot be read: then nothing is cached).
+fn identity(path: &Path, chain: &[PathBuf]) -> Option<Vec<FileIdentity>> {
+    let mut files = Vec::new();
+    for dir in std::iter::once(path).chain(chain.iter().map(PathBuf::as_path)) {
+        if dir.is_dir() {
+            files.push(dir.join(STATE_FILE));
+            files.push(dir.join(MEMORY_FILE));
+        } else {
+            files.push(dir.to_path_buf());
+        }
+    }
     files
         .iter()
         .map(|f| {
@@ -63,25 +70,29 @@ impl SnapshotCache {
     /// checked) now.
     pub fn open(&self, path: &Path) -> Result<Arc<Snapshot>> {
         let key = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
-        let identity = identity(&key);
         {
             let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+            // Every entry whose files (or bases' files) changed or went is let go.
+            entries.retain(|e| identity(&e.path, e.snapshot.chain()).as_ref() == Some(&e.identity));
             if let Some(i) = entries.iter().position(|e| e.path == key) {
-                // Taken out: put back only while its files are unchanged.
                 if let Some(entry) = entries.remove(i) {
-                    if identity.as_ref() == Some(&entry.identity) {
-                        let snapshot = Arc::clone(&entry.snapshot);
-                        entries.push_front(entry);
-                        return Ok(snapshot);
-                    }
+                    let snapshot = Arc::clone(&entry.snapshot);
+                    entries.push_front(entry);
+                    return Ok(snapshot);
                 }
             }
         }
-        let Some(identity) = identity else {
-            return Snapshot::open(path).map(Arc::new);
-        };
         // Opened outside the lock: reading a long chain must not hold up other restores.
+        let before = identity(&key, &[]);
         let snapshot = Arc::new(Snapshot::open(&key)?);
+        // Cached only if its own files did not change while it was opened (its bases are
+        // checked by id and checksum as it opens).
+        let Some(identity) = identity(&key, snapshot.chain()) else {
+            return Ok(snapshot);
+        };
+        if before.as_deref() != identity.get(..before.as_ref().map_or(0, Vec::len)) {
+            return Ok(snapshot);
+        }
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         entries.retain(|e| e.path != key);
         entries.push_front(Entry {
