@@ -261,6 +261,14 @@ const RUN_COUNTER: [&str; 9] = [
     "60",
 ];
 
+/// A fresh, empty directory for one test.
+fn fresh_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("vmfork-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 /// A `vmfork` process serving the control API on `sock`, and the CLI pointed at it.
 struct ApiProcess {
     child: std::process::Child,
@@ -284,6 +292,27 @@ impl ApiProcess {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         Self { child, sock }
+    }
+
+    /// `vmfork serve ARGS` with its socket in `dir`.
+    fn serve_in(dir: &std::path::Path, args: &[&str]) -> Self {
+        let mut all = vec!["serve"];
+        all.extend(args);
+        Self::start(&all, dir.join("api.sock"), std::process::Stdio::null())
+    }
+
+    /// Boots a paused VM over the API (`body` names the guest) and returns its id (the
+    /// server's only VM).
+    fn boot_paused(&self, body: &str) -> String {
+        let reply = post(&self.sock, "/vms", body);
+        assert!(reply.starts_with("HTTP/1.1 201"), "{reply}");
+        self.first_vm()
+    }
+
+    /// `vmfork snapshot VM PATH`, which must succeed.
+    fn snapshot(&self, vm: &str, path: &std::path::Path) {
+        let o = self.ctl(&["snapshot", vm, path.to_str().unwrap()]);
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     }
 
     /// `vmfork ARGS --api-sock SOCK`.
@@ -411,25 +440,12 @@ fn snapshot_info_verify_and_restore_a_running_counter() {
 
 #[test]
 fn fuzz_a_restored_snapshot_of_the_harness_finds_its_crash() {
-    let base = std::env::temp_dir().join(format!("vmfork-fuzz-snap-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&base);
-    std::fs::create_dir_all(&base).unwrap();
-    let mut daemon = ApiProcess::start(
-        &["serve"],
-        base.join("serve.sock"),
-        std::process::Stdio::null(),
-    );
+    let base = fresh_dir("fuzz-snap");
+    let mut daemon = ApiProcess::serve_in(&base, &[]);
     // A harness loaded but never started: the snapshot is of its entry point.
-    let reply = post(
-        &daemon.sock,
-        "/vms",
-        r#"{"guest":"harness","mem":"64M","paused":true}"#,
-    );
-    assert!(reply.starts_with("HTTP/1.1 201"), "{reply}");
-    let vm = daemon.first_vm();
+    let vm = daemon.boot_paused(r#"{"guest":"harness","mem":"64M","paused":true}"#);
     let snap = base.join("harness");
-    let o = daemon.ctl(&["snapshot", &vm, snap.to_str().unwrap()]);
-    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    daemon.snapshot(&vm, &snap);
     daemon.child.kill().unwrap();
     daemon.child.wait().unwrap();
 
@@ -487,8 +503,7 @@ fn fuzz_a_restored_snapshot_of_the_harness_finds_its_crash() {
 
 #[test]
 fn fuzz_the_parser_with_coverage_keeps_a_corpus_and_refuses_bad_flags() {
-    let base = std::env::temp_dir().join(format!("vmfork-fuzz-parser-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&base);
+    let base = fresh_dir("fuzz-parser");
     let corpus = base.join("corpus");
     let args = |execs: &'static str| {
         vec![
@@ -521,8 +536,7 @@ fn fuzz_the_parser_with_coverage_keeps_a_corpus_and_refuses_bad_flags() {
 
 #[test]
 fn fuzz_with_libafl_on_one_and_two_cores() {
-    let base = std::env::temp_dir().join(format!("vmfork-fuzz-libafl-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&base);
+    let base = fresh_dir("fuzz-libafl");
     let crashes = base.join("crashes");
     let o = vmfork(&[
         "fuzz",
@@ -583,9 +597,7 @@ fn the_api_socket_and_its_clients_cannot_be_abused() {
     use std::io::Write;
     use std::os::unix::fs::PermissionsExt;
     use std::os::unix::net::UnixStream;
-    let dir = std::env::temp_dir().join(format!("vmfork-abuse-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir("abuse");
     let sock = dir.join("api.sock");
     // Under umask 000 the socket is still owner-only.
     let mut child = Command::new("sh")
@@ -662,9 +674,7 @@ fn the_api_socket_and_its_clients_cannot_be_abused() {
 #[test]
 fn boot_files_stream_targets_and_register_values_are_checked() {
     use std::os::unix::fs::PermissionsExt;
-    let dir = std::env::temp_dir().join(format!("vmfork-files-cli-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir("files-cli");
     // A FIFO as kernel: refused at once, not a hang.
     let fifo = dir.join("fifo");
     assert!(Command::new("mkfifo")
@@ -698,11 +708,7 @@ fn boot_files_stream_targets_and_register_values_are_checked() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("limit"), "{}", stderr(&o));
 
-    let mut daemon = ApiProcess::start(
-        &["serve"],
-        dir.join("api.sock"),
-        std::process::Stdio::null(),
-    );
+    let mut daemon = ApiProcess::serve_in(&dir, &[]);
     // Contradictory boot specs are refused, not half-used.
     let reply = post(
         &daemon.sock,
@@ -725,8 +731,7 @@ fn boot_files_stream_targets_and_register_values_are_checked() {
     assert_eq!(std::fs::read(&victim).unwrap(), b"keep me");
     // Snapshot files are owner-only.
     let snap = dir.join("snap");
-    let o = daemon.ctl(&["snapshot", &vm, snap.to_str().unwrap()]);
-    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    daemon.snapshot(&vm, &snap);
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&snap), 0o700);
     assert_eq!(mode(&snap.join("memory.bin")), 0o600);
@@ -750,14 +755,8 @@ fn boot_files_stream_targets_and_register_values_are_checked() {
 
 #[test]
 fn server_limits_are_clear_errors() {
-    let dir = std::env::temp_dir().join(format!("vmfork-limits-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut daemon = ApiProcess::start(
-        &["serve", "--max-vms", "3", "--max-guest-ram", "200M"],
-        dir.join("api.sock"),
-        std::process::Stdio::null(),
-    );
+    let dir = fresh_dir("limits");
+    let mut daemon = ApiProcess::serve_in(&dir, &["--max-vms", "3", "--max-guest-ram", "200M"]);
     let boot = |mem: &str| {
         post(
             &daemon.sock,
@@ -794,24 +793,11 @@ fn server_limits_are_clear_errors() {
 #[test]
 fn restore_verify_refuses_a_tampered_memory_file() {
     use std::io::{Seek, SeekFrom, Write};
-    let dir = std::env::temp_dir().join(format!("vmfork-verify-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut daemon = ApiProcess::start(
-        &["serve"],
-        dir.join("api.sock"),
-        std::process::Stdio::null(),
-    );
-    let reply = post(
-        &daemon.sock,
-        "/vms",
-        r#"{"guest":"hello","mem":"32M","paused":true}"#,
-    );
-    assert!(reply.starts_with("HTTP/1.1 201"), "{reply}");
-    let vm = daemon.first_vm();
+    let dir = fresh_dir("verify");
+    let mut daemon = ApiProcess::serve_in(&dir, &[]);
+    let vm = daemon.boot_paused(r#"{"guest":"hello","mem":"32M","paused":true}"#);
     let snap = dir.join("snap");
-    let o = daemon.ctl(&["snapshot", &vm, snap.to_str().unwrap()]);
-    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    daemon.snapshot(&vm, &snap);
     // Intact: verified and restored, over the API and by the CLI.
     let body = format!(
         r#"{{"path":"{}","verify":true,"paused":true}}"#,
