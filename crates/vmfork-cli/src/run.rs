@@ -21,6 +21,10 @@ pub struct RunArgs {
     pub api_sock: Option<std::path::PathBuf>,
 }
 
+/// Exit status when the console's reader went away: 128 + SIGPIPE, as a shell reports a tool
+/// killed writing to a closed pipe.
+pub const CONSOLE_CLOSED_STATUS: u8 = 141;
+
 pub fn run(args: RunArgs) -> CliResult<u8> {
     let config = args.guest.config()?;
     let spec = args.guest.boot_spec()?;
@@ -47,6 +51,12 @@ pub fn run(args: RunArgs) -> CliResult<u8> {
     let reason = loop {
         if let Some(reason) = vm.wait_timeout(Duration::from_millis(50)) {
             break reason;
+        }
+        if vmfork::devices::stdout_closed() {
+            // Nobody reads the console any more (`| head`): end as a Unix tool does.
+            vm.stop();
+            registry.destroy_all();
+            return Ok(CONSOLE_CLOSED_STATUS);
         }
         let timed_out = timeout.is_some_and(|t| started.elapsed() >= t);
         if interrupt::interrupted() || timed_out {

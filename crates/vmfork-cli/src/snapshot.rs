@@ -337,6 +337,11 @@ pub fn restore(args: RestoreArgs) -> CliResult<u8> {
             registry.destroy_all();
             break;
         }
+        if vmfork::devices::stdout_closed() {
+            registry.destroy_all();
+            drop(server);
+            return Ok(crate::run::CONSOLE_CLOSED_STATUS);
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
     let reason = vms[0].wait_timeout(Duration::from_secs(5));

@@ -824,3 +824,31 @@ fn restore_verify_refuses_a_tampered_memory_file() {
     daemon.child.wait().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_run_whose_console_reader_goes_away_ends() {
+    use std::io::BufRead;
+    // `vmfork run --guest counter | head -2`: counter prints forever.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vmfork"))
+        .args(["run", "--guest", "counter", "--param", "0=100000"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    assert!(lines.next().unwrap().unwrap().starts_with("counter"));
+    assert!(lines.next().unwrap().unwrap().starts_with("counter"));
+    drop(lines);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still running with nobody reading"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(141));
+}

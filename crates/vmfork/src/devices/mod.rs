@@ -5,7 +5,7 @@
 
 mod serial_sink;
 
-pub use serial_sink::{SerialBuffer, SerialSink, SERIAL_BUFFER_CAP};
+pub use serial_sink::{stdout_closed, SerialBuffer, SerialSink, SERIAL_BUFFER_CAP};
 
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicBool, Ordering};

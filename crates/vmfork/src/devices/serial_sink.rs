@@ -74,10 +74,23 @@ impl SerialSink {
     }
 }
 
+/// Set once a console write to standard output found it closed (`vmfork run | head -2`).
+static STDOUT_CLOSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether a console on standard output found it closed: the reader is gone, and a foreground
+/// run should end (as a Unix tool does on SIGPIPE) instead of running unseen.
+pub fn stdout_closed() -> bool {
+    STDOUT_CLOSED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 impl Write for SerialSink {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         match self {
-            SerialSink::Stdout => io::stdout().write(data),
+            SerialSink::Stdout => io::stdout().write(data).inspect_err(|e| {
+                if e.kind() == io::ErrorKind::BrokenPipe {
+                    STDOUT_CLOSED.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+            }),
             SerialSink::File(f) => f.write(data),
             SerialSink::Buffer(b) => {
                 b.push(data);
