@@ -852,3 +852,49 @@ fn a_run_whose_console_reader_goes_away_ends() {
     };
     assert_eq!(status.code(), Some(141));
 }
+
+#[test]
+fn sigterm_lets_a_snapshot_in_flight_finish_and_answer() {
+    let dir = fresh_dir("sigterm");
+    let mut daemon = ApiProcess::serve_in(&dir, &[]);
+    // memtouch fills 60,000 pages (234 MiB) and exits: a snapshot with that much to write.
+    let reply = post(
+        &daemon.sock,
+        "/vms",
+        r#"{"guest":"memtouch","mem":"512M","params":{"0":60000}}"#,
+    );
+    assert!(reply.starts_with("HTTP/1.1 201"), "{reply}");
+    let vm = daemon.first_vm();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !stdout(&daemon.ctl(&["ls"])).contains("exited") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "memtouch never finished"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let snap = dir.join("snap");
+    let sock = daemon.sock.clone();
+    let body = format!(r#"{{"path":"{}"}}"#, snap.display());
+    let request = std::thread::spawn(move || post(&sock, &format!("/vms/{vm}/snapshot"), &body));
+    std::thread::sleep(std::time::Duration::from_millis(30));
+    // SAFETY: kill on a child process of this test.
+    unsafe { libc::kill(daemon.child.id() as i32, libc::SIGTERM) };
+    let reply = request.join().unwrap();
+    assert!(
+        reply.starts_with("HTTP/1.1 201"),
+        "the client was answered: {reply}"
+    );
+    let status = daemon.child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    // The snapshot is whole, and nothing half-written is left beside it.
+    let o = vmfork(&["snapshot", "verify", snap.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let leftovers: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("partial"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -28,11 +28,17 @@ const LINGER: Duration = Duration::from_millis(200);
 /// The socket's mode whatever the umask: owner only.
 const SOCKET_MODE: u32 = 0o600;
 
-/// A running API server; dropping it stops serving and removes the socket file.
+/// How long dropping a server waits for requests in flight (a snapshot being written) to
+/// finish and answer their clients.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(60);
+
+/// A running API server; dropping it stops accepting, removes the socket file, and waits (up
+/// to [`SHUTDOWN_GRACE`]) for the requests in flight to finish and be answered.
 pub struct ApiServer {
     path: PathBuf,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    slots: Arc<Mutex<Slots>>,
 }
 
 impl ApiServer {
@@ -51,13 +57,15 @@ impl ApiServer {
         }
         let listener = bind_private(path)?;
         let stop = Arc::new(AtomicBool::new(false));
+        let slots = Arc::new(Mutex::new(Slots::default()));
         let thread = {
             let stop = Arc::clone(&stop);
+            let slots = Arc::clone(&slots);
             std::thread::Builder::new()
                 .name("vmfork-api".into())
                 .spawn(move || {
                     crate::confine::seccomp::confine_vmm_thread();
-                    accept_loop(&listener, &registry, &stop)
+                    accept_loop(&listener, &registry, &stop, &slots)
                 })
                 .map_err(Error::Io)?
         };
@@ -65,6 +73,7 @@ impl ApiServer {
             path: path.to_path_buf(),
             stop,
             thread: Some(thread),
+            slots,
         })
     }
 
@@ -118,6 +127,11 @@ impl Drop for ApiServer {
             let _ = t.join();
         }
         let _ = std::fs::remove_file(&self.path);
+        // Requests in flight (a snapshot being written) finish and answer their clients.
+        let deadline = Instant::now() + SHUTDOWN_GRACE;
+        while lock(&self.slots).total > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }
 
@@ -184,20 +198,24 @@ fn lock(slots: &Mutex<Slots>) -> std::sync::MutexGuard<'_, Slots> {
     slots.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn accept_loop(listener: &UnixListener, registry: &Arc<Registry>, stop: &AtomicBool) {
-    let slots = Arc::new(Mutex::new(Slots::default()));
+fn accept_loop(
+    listener: &UnixListener,
+    registry: &Arc<Registry>,
+    stop: &AtomicBool,
+    slots: &Arc<Mutex<Slots>>,
+) {
     for stream in listener.incoming() {
         if stop.load(Ordering::SeqCst) {
             break;
         }
         let Ok(mut stream) = stream else { continue };
         let client = peer_pid(&stream);
-        if let Err(why) = lock(&slots).take(client) {
+        if let Err(why) = lock(slots).take(client) {
             refuse(&mut stream, why);
             continue;
         }
         let registry = Arc::clone(registry);
-        let slots_here = Arc::clone(&slots);
+        let slots_here = Arc::clone(slots);
         let spawned = std::thread::Builder::new()
             .name("vmfork-api-conn".into())
             .spawn(move || {
@@ -205,7 +223,7 @@ fn accept_loop(listener: &UnixListener, registry: &Arc<Registry>, stop: &AtomicB
                 lock(&slots_here).give_back(client);
             });
         if spawned.is_err() {
-            lock(&slots).give_back(client);
+            lock(slots).give_back(client);
         }
     }
 }
