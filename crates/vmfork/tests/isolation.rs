@@ -1,0 +1,158 @@
+//! No state crosses VM families: family A writes a secret into every page of its RAM, every
+//! general register and the MSRs a guest kernel owns, forks, resets, snapshots and restores,
+//! and is destroyed; family B, built right after in the same process (from the shells A's VMs
+//! gave back), is scanned for the secret in its memory, registers and MSRs. Many rounds.
+//! Its own test binary: no other test's VMs take the recycled shells meanwhile.
+
+mod common;
+
+use common::*;
+use guests::Workload;
+use vmfork::devices::SerialSink;
+use vmfork::{ForkOptions, Snapshot, SnapshotOptions, Vm, VmConfig};
+
+const SECRET: u64 = 0x5ec2_e7a1_1ce5_0b0b;
+/// MSRs a guest kernel sets and another family must never see: STAR, LSTAR, CSTAR, SFMASK,
+/// KERNEL_GS_BASE, FS_BASE, GS_BASE, TSC_AUX.
+const GUEST_MSRS: [u32; 8] = [
+    0xc000_0081,
+    0xc000_0082,
+    0xc000_0083,
+    0xc000_0084,
+    0xc000_0102,
+    0xc000_0100,
+    0xc000_0101,
+    0xc000_0103,
+];
+
+fn cfg() -> VmConfig {
+    config(32)
+}
+
+/// Plants the secret in every page and register and in the guest-owned MSRs it keeps.
+fn plant(vm: &Vm) {
+    let page = SECRET.to_le_bytes().repeat(512);
+    let size = vm.ram().size();
+    for region in &vm.ram().layout().regions {
+        let mut addr = region.guest_addr;
+        while addr < region.end() && addr - region.guest_addr < size {
+            vm.ram().write(addr, &page).unwrap();
+            addr += 4096;
+        }
+    }
+    let mut state = vm.vcpu_state(0).unwrap();
+    let r = &mut state.regs;
+    for reg in [
+        &mut r.rax, &mut r.rbx, &mut r.rcx, &mut r.rdx, &mut r.rsi, &mut r.rdi, &mut r.rbp,
+        &mut r.r8, &mut r.r9, &mut r.r10, &mut r.r11, &mut r.r12, &mut r.r13, &mut r.r14,
+    ] {
+        *reg = SECRET;
+    }
+    for msr in &mut state.msrs {
+        if GUEST_MSRS.contains(&msr.index) {
+            // TSC_AUX holds 32 bits; the others take canonical addresses or masks.
+            msr.data = if msr.index == 0xc000_0103 {
+                SECRET & 0xffff_ffff
+            } else {
+                SECRET & 0x0000_7fff_ffff_f000
+            };
+        }
+    }
+    vm.set_vcpu_state(0, &state).unwrap();
+}
+
+/// Where `vm` shows any trace of the secret.
+fn traces(vm: &Vm) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut buf = vec![0u8; 1 << 20];
+    for region in &vm.ram().layout().regions {
+        let mut addr = region.guest_addr;
+        while addr < region.end() {
+            let n = (region.end() - addr).min(buf.len() as u64) as usize;
+            vm.ram().read(addr, &mut buf[..n]).unwrap();
+            if let Some(at) = buf[..n]
+                .chunks_exact(8)
+                .position(|w| u64::from_le_bytes(w.try_into().unwrap()) == SECRET)
+            {
+                found.push(format!("memory at {:#x}", addr + at as u64 * 8));
+                break;
+            }
+            addr += n as u64;
+        }
+    }
+    let state = vm.vcpu_state(0).unwrap();
+    if format!("{:?}", state.regs).contains(&SECRET.to_string()) {
+        found.push(format!("registers {:?}", state.regs));
+    }
+    for msr in &state.msrs {
+        let low = SECRET & 0xffff_ffff;
+        let addr = SECRET & 0x0000_7fff_ffff_f000;
+        if GUEST_MSRS.contains(&msr.index) && (msr.data == low || msr.data == addr) {
+            found.push(format!("MSR {:#x} = {:#x}", msr.index, msr.data));
+        }
+    }
+    found
+}
+
+fn boot() -> Vm {
+    guest_vm(Workload::Spin, cfg(), &[]).0
+}
+
+#[test]
+fn a_destroyed_familys_secrets_never_reach_the_next_family() {
+    let dir = temp_dir("isolation");
+    for round in 0..6 {
+        // Family A: root, fork, fork of the fork, reset, snapshot, restore, all planted.
+        {
+            let root = boot();
+            plant(&root);
+            let child = root.fork(&ForkOptions::default()).unwrap();
+            plant(&child);
+            let grandchild = child.fork(&ForkOptions::default()).unwrap();
+            grandchild.start().unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            grandchild.pause().unwrap();
+            plant(&grandchild);
+            child.reset().unwrap();
+            let snap = dir.join(format!("a{round}"));
+            child.snapshot(&snap, &SnapshotOptions::default()).unwrap();
+            let restored = Snapshot::open(&snap)
+                .unwrap()
+                .restore(SerialSink::Discard)
+                .unwrap();
+            plant(&restored);
+            assert!(
+                !traces(&restored).is_empty(),
+                "the scan finds a planted secret"
+            );
+        }
+        // Family B: everything it is made of must be clean.
+        let root = boot();
+        let problems = traces(&root);
+        assert!(
+            problems.is_empty(),
+            "round {round}: new VM sees {problems:?}"
+        );
+        let child = root.fork(&ForkOptions::default()).unwrap();
+        let problems = traces(&child);
+        assert!(problems.is_empty(), "round {round}: fork sees {problems:?}");
+        child.reset().unwrap();
+        let problems = traces(&child);
+        assert!(
+            problems.is_empty(),
+            "round {round}: reset fork sees {problems:?}"
+        );
+        let snap = dir.join(format!("b{round}"));
+        root.snapshot(&snap, &SnapshotOptions::default()).unwrap();
+        let restored = Snapshot::open(&snap)
+            .unwrap()
+            .restore(SerialSink::Discard)
+            .unwrap();
+        let problems = traces(&restored);
+        assert!(
+            problems.is_empty(),
+            "round {round}: restore sees {problems:?}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
