@@ -9,7 +9,7 @@ use guests::Workload;
 use std::os::unix::process::ExitStatusExt;
 use std::process::Command;
 use vmfork::confine::seccomp::{install, ThreadKind};
-use vmfork::{ExitReason, ForkOptions, Snapshot};
+use vmfork::{ExitReason, ForkOptions};
 
 const CHILD: &str = "VMFORK_SECCOMP_CHILD";
 
@@ -69,13 +69,7 @@ fn confined_threads_run_fork_reset_snapshot_and_restore() {
     child.reset().unwrap();
     let dir = temp_dir("confine");
     let snap = dir.join("snap");
-    parent
-        .snapshot(&snap, &vmfork::SnapshotOptions::default())
-        .unwrap();
-    let restored = Snapshot::open(&snap)
-        .unwrap()
-        .restore(vmfork::devices::SerialSink::Discard)
-        .unwrap();
+    let restored = snapshot_and_restore(&parent, &snap);
     restored.start().unwrap();
     std::thread::sleep(std::time::Duration::from_millis(50));
     assert_eq!(restored.status(), vmfork::VmStatus::Running);

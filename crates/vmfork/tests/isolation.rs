@@ -9,8 +9,7 @@ mod common;
 
 use common::*;
 use guests::Workload;
-use vmfork::devices::SerialSink;
-use vmfork::{ForkOptions, Snapshot, SnapshotOptions, Vm, VmConfig};
+use vmfork::{ForkOptions, Vm, VmConfig};
 
 const SECRET: u64 = 0x5ec2_e7a1_1ce5_0b0b;
 /// What A's LAPIC timer initial count (APIC offset 0x380) is set to.
@@ -79,22 +78,18 @@ fn plant(vm: &Vm) {
 /// Where `vm` shows any trace of the secret.
 fn traces(vm: &Vm) -> Vec<String> {
     let mut found = Vec::new();
-    let mut buf = vec![0u8; 1 << 20];
-    for region in &vm.ram().layout().regions {
-        let mut addr = region.guest_addr;
-        while addr < region.end() {
-            let n = (region.end() - addr).min(buf.len() as u64) as usize;
-            vm.ram().read(addr, &mut buf[..n]).unwrap();
-            if let Some(at) = buf[..n]
-                .chunks_exact(8)
-                .position(|w| u64::from_le_bytes(w.try_into().unwrap()) == SECRET)
-            {
+    scan_ram(vm, |addr, bytes| {
+        match bytes
+            .chunks_exact(8)
+            .position(|w| u64::from_le_bytes(w.try_into().unwrap()) == SECRET)
+        {
+            Some(at) => {
                 found.push(format!("memory at {:#x}", addr + at as u64 * 8));
-                break;
+                std::ops::ControlFlow::Break(())
             }
-            addr += n as u64;
+            None => std::ops::ControlFlow::Continue(()),
         }
-    }
+    });
     let state = vm.vcpu_state(0).unwrap();
     if format!("{:?}", state.regs).contains(&SECRET.to_string()) {
         found.push(format!("registers {:?}", state.regs));
@@ -141,12 +136,7 @@ fn a_destroyed_familys_secrets_never_reach_the_next_family() {
             grandchild.pause().unwrap();
             plant(&grandchild);
             child.reset().unwrap();
-            let snap = dir.join(format!("a{round}"));
-            child.snapshot(&snap, &SnapshotOptions::default()).unwrap();
-            let restored = Snapshot::open(&snap)
-                .unwrap()
-                .restore(SerialSink::Discard)
-                .unwrap();
+            let restored = snapshot_and_restore(&child, &dir.join(format!("a{round}")));
             plant(&restored);
             // The scan finds what was planted, in each kind of place.
             let planted = traces(&restored);
@@ -174,12 +164,7 @@ fn a_destroyed_familys_secrets_never_reach_the_next_family() {
             problems.is_empty(),
             "round {round}: reset fork sees {problems:?}"
         );
-        let snap = dir.join(format!("b{round}"));
-        root.snapshot(&snap, &SnapshotOptions::default()).unwrap();
-        let restored = Snapshot::open(&snap)
-            .unwrap()
-            .restore(SerialSink::Discard)
-            .unwrap();
+        let restored = snapshot_and_restore(&root, &dir.join(format!("b{round}")));
         let problems = traces(&restored);
         assert!(
             problems.is_empty(),

@@ -41,19 +41,29 @@ pub fn counter_params(delay: u64) -> Vec<(u64, u64)> {
     vec![(mailbox::PARAM0, delay)]
 }
 
-/// A hash of all guest RAM.
-pub fn ram_hash(vm: &Vm) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
+/// Calls `f(guest address, bytes)` for all guest RAM, 1 MiB at a time, until it says stop.
+pub fn scan_ram(vm: &Vm, mut f: impl FnMut(u64, &[u8]) -> std::ops::ControlFlow<()>) {
     let mut buf = vec![0u8; 1 << 20];
     for region in &vm.ram().layout().regions {
         let mut addr = region.guest_addr;
         while addr < region.end() {
             let n = (region.end() - addr).min(buf.len() as u64) as usize;
             vm.ram().read(addr, &mut buf[..n]).unwrap();
-            std::hash::Hasher::write(&mut h, &buf[..n]);
+            if f(addr, &buf[..n]).is_break() {
+                return;
+            }
             addr += n as u64;
         }
     }
+}
+
+/// A hash of all guest RAM.
+pub fn ram_hash(vm: &Vm) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    scan_ram(vm, |_, bytes| {
+        std::hash::Hasher::write(&mut h, bytes);
+        std::ops::ControlFlow::Continue(())
+    });
     std::hash::Hasher::finish(&h)
 }
 
@@ -170,4 +180,14 @@ pub fn temp_dir(name: &str) -> std::path::PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// Snapshots `vm` (a full snapshot) into `path` and restores it, console discarded.
+pub fn snapshot_and_restore(vm: &Vm, path: &std::path::Path) -> Vm {
+    vm.snapshot(path, &vmfork::SnapshotOptions::default())
+        .unwrap();
+    vmfork::Snapshot::open(path)
+        .unwrap()
+        .restore(SerialSink::Discard)
+        .unwrap()
 }
