@@ -501,34 +501,34 @@ fn fuzz_a_restored_snapshot_of_the_harness_finds_its_crash() {
     std::fs::remove_dir_all(&base).unwrap();
 }
 
+/// `vmfork fuzz --target parser ARGS`.
+fn fuzz_parser(args: &[&str]) -> Output {
+    let mut all = vec!["fuzz", "--target", "parser"];
+    all.extend(args);
+    vmfork(&all)
+}
+
 #[test]
 fn fuzz_the_parser_with_coverage_keeps_a_corpus_and_refuses_bad_flags() {
     let base = fresh_dir("fuzz-parser");
     let corpus = base.join("corpus");
-    let args = |execs: &'static str| {
-        vec![
-            "fuzz".to_string(),
-            "--target".into(),
-            "parser".into(),
-            "--keep-going".into(),
-            "--execs".into(),
-            execs.into(),
-            "--corpus".into(),
-            corpus.to_str().unwrap().into(),
-        ]
-    };
-    let first = args("20000");
-    let o = vmfork(&first.iter().map(String::as_str).collect::<Vec<_>>());
+    let o = fuzz_parser(&[
+        "--keep-going",
+        "--execs",
+        "20000",
+        "--corpus",
+        corpus.to_str().unwrap(),
+    ]);
     let out = stdout(&o);
     assert!(matches!(o.status.code(), Some(0 | 1)), "{}", stderr(&o));
     assert!(out.contains("20000 execs"), "{out}");
     let kept = std::fs::read_dir(&corpus).unwrap().count();
     assert!(kept > 3, "{kept} inputs kept: {out}");
     // A bad flag value: a clear error, exit 2.
-    let o = vmfork(&["fuzz", "--target", "parser", "--cores", "0"]);
+    let o = fuzz_parser(&["--cores", "0"]);
     assert_ne!(o.status.code(), Some(0));
     assert!(stderr(&o).contains("--cores"), "{}", stderr(&o));
-    let o = vmfork(&["fuzz", "--target", "parser", "--replay", "/nonexistent"]);
+    let o = fuzz_parser(&["--replay", "/nonexistent"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("/nonexistent"), "{}", stderr(&o));
     std::fs::remove_dir_all(&base).unwrap();
@@ -538,23 +538,11 @@ fn fuzz_the_parser_with_coverage_keeps_a_corpus_and_refuses_bad_flags() {
 fn fuzz_with_libafl_on_one_and_two_cores() {
     let base = fresh_dir("fuzz-libafl");
     let crashes = base.join("crashes");
-    let o = vmfork(&[
-        "fuzz",
-        "--target",
-        "parser",
-        "--engine",
-        "libafl",
-        "--execs",
-        "20000",
-        "--keep-going",
-    ]);
+    let o = fuzz_parser(&["--engine", "libafl", "--execs", "20000", "--keep-going"]);
     assert!(matches!(o.status.code(), Some(0 | 1)), "{}", stderr(&o));
     assert!(stdout(&o).contains("(LibAFL)"), "{}", stdout(&o));
     // LibAFL's launcher: a broker and two client processes, each with its own target fork.
-    let o = vmfork(&[
-        "fuzz",
-        "--target",
-        "parser",
+    let o = fuzz_parser(&[
         "--engine",
         "libafl",
         "--cores",
@@ -570,9 +558,7 @@ fn fuzz_with_libafl_on_one_and_two_cores() {
     assert!(out.contains("clients: 2"), "{out}");
     assert!(out.contains("LibAFL on 2 cores"), "{out}");
     // Without a crashes directory the launcher is refused before anything starts.
-    let o = vmfork(&[
-        "fuzz", "--target", "parser", "--engine", "libafl", "--cores", "2",
-    ]);
+    let o = fuzz_parser(&["--engine", "libafl", "--cores", "2"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("--crashes"), "{}", stderr(&o));
     let _ = std::fs::remove_dir_all(&base);
