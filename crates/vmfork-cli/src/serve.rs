@@ -11,7 +11,10 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 use vmfork::api::{ApiServer, Limits, Registry};
+use vmfork::confine::data_dir::{default_data_dir, DataDir};
+use vmfork::confine::privileges;
 use vmfork::devices::SerialSink;
+use vmfork::vm::KvmSystem;
 use vmfork::Vm;
 
 #[derive(Args)]
@@ -28,6 +31,25 @@ pub struct ServeArgs {
     /// Most snapshots written at once; more are refused with 429.
     #[arg(long, default_value_t = Limits::default().max_snapshots_in_flight)]
     pub max_snapshots: usize,
+    /// The only directory API requests may name files in (kernels, initrds, snapshots);
+    /// paths resolve relative to it, and none may leave it (default: /var/lib/vmfork for root,
+    /// else $XDG_STATE_HOME/vmfork). Created 0700 if missing.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Run as this user (name or number) once /dev/kvm, the socket and the data directory
+    /// are open; the data directory is given to it.
+    #[arg(long)]
+    pub uid: Option<String>,
+    /// Run as this group (name or number; default: the --uid user's primary group).
+    #[arg(long, requires = "uid")]
+    pub gid: Option<String>,
+    /// Let this group (name or number) use the socket too (mode 0660 instead of 0600).
+    #[arg(long)]
+    pub socket_group: Option<String>,
+    /// Keep the capabilities the server started with (by default it gives up all of them
+    /// once /dev/kvm, the socket and the data directory are open).
+    #[arg(long, conflicts_with = "uid")]
+    pub keep_capabilities: bool,
 }
 
 /// The body of `POST /vms`: the same choices as `vmfork run`.
@@ -52,9 +74,25 @@ struct BootRequest {
 }
 
 /// Boots a VM for `POST /vms`; its console goes to an in-memory buffer (`GET /vms/ID/console`).
-pub fn boot_from_json(body: &serde_json::Value) -> Result<Vm, String> {
-    let r: BootRequest =
-        serde_json::from_value(body.clone()).map_err(|e| format!("invalid boot request: {e}"))?;
+/// With `data_dir`, the files it names resolve inside it.
+pub fn boot_from_json(
+    body: &serde_json::Value,
+    data_dir: Option<&DataDir>,
+) -> Result<Vm, vmfork::Error> {
+    let mut r: BootRequest = serde_json::from_value(body.clone())
+        .map_err(|e| vmfork::Error::Invalid(format!("invalid boot request: {e}")))?;
+    if let Some(dir) = data_dir {
+        for path in [&mut r.kernel, &mut r.flat, &mut r.initrd]
+            .into_iter()
+            .flatten()
+        {
+            *path = dir.resolve(path)?;
+        }
+    }
+    boot_request(r).map_err(vmfork::Error::Invalid)
+}
+
+fn boot_request(r: BootRequest) -> CliResult<Vm> {
     let params = r
         .params
         .iter()
@@ -87,8 +125,46 @@ pub fn serve(args: ServeArgs) -> CliResult<u8> {
         max_guest_ram: args.max_guest_ram,
         max_snapshots_in_flight: args.max_snapshots,
     };
-    let registry = Registry::with_limits(Some(Box::new(boot_from_json)), limits);
-    let server = ApiServer::start(&args.sock.path, registry.clone()).map_err(|e| e.to_string())?;
+    let identity = match &args.uid {
+        Some(user) => {
+            let mut who = privileges::lookup_user(user).map_err(|e| e.to_string())?;
+            if let Some(group) = &args.gid {
+                who.gid = privileges::lookup_group(group).map_err(|e| e.to_string())?;
+            }
+            Some(who)
+        }
+        None => None,
+    };
+    let socket_group = args
+        .socket_group
+        .as_deref()
+        .map(privileges::lookup_group)
+        .transpose()
+        .map_err(|e| e.to_string())?;
+    // Everything that needs privileges first: /dev/kvm, the data directory, the socket.
+    KvmSystem::get().map_err(|e| e.to_string())?;
+    let data_dir = DataDir::open(&args.data_dir.unwrap_or_else(default_data_dir))
+        .map_err(|e| e.to_string())?;
+    if let Some(who) = identity {
+        std::os::unix::fs::chown(data_dir.root(), Some(who.uid), Some(who.gid)).map_err(|e| {
+            format!(
+                "cannot give {} to uid {}: {e}",
+                data_dir.root().display(),
+                who.uid
+            )
+        })?;
+    }
+    let socket = ApiServer::bind(&args.sock.path, socket_group).map_err(|e| e.to_string())?;
+    if !args.keep_capabilities {
+        privileges::drop_privileges(identity).map_err(|e| e.to_string())?;
+    }
+    let boot_dir = data_dir.clone();
+    let registry = Registry::confined(
+        Some(Box::new(move |body| boot_from_json(body, Some(&boot_dir)))),
+        limits,
+        Some(data_dir),
+    );
+    let server = socket.serve(registry.clone()).map_err(|e| e.to_string())?;
     eprintln!(
         "vmfork: serving the control API on {}",
         server.path().display()

@@ -164,8 +164,15 @@ fn stdout(o: &Output) -> String {
 
 #[test]
 fn serve_and_the_control_verbs() {
-    let sock = std::env::temp_dir().join(format!("vmfork-cli-{}.sock", std::process::id()));
-    let mut daemon = ApiProcess::start(&["serve"], sock.clone(), std::process::Stdio::null());
+    let dir = fresh_dir("verbs");
+    let mut daemon = ApiProcess::serve_in(&dir, &[]);
+    let sock = daemon.sock.clone();
+    // Running as root, it gave up every capability once its socket was open.
+    let status = proc_status(daemon.child.id(), |s| {
+        s.contains("CapEff:\t0000000000000000")
+    });
+    assert!(status.contains("CapBnd:\t0000000000000000"), "{status}");
+    assert!(status.contains("NoNewPrivs:\t1"), "{status}");
     let ctl = |args: &[&str]| daemon.ctl(args);
     // Boot a memtouch through the API (POST /vms), let it finish, fork it, read the fork.
     let body = r#"{"guest":"memtouch","mem":"32M","params":{"0":8}}"#;
@@ -204,7 +211,7 @@ fn serve_and_the_control_verbs() {
     assert!(stderr(&o).contains("HTTP 404"), "{}", stderr(&o));
     daemon.child.kill().unwrap();
     daemon.child.wait().unwrap();
-    let _ = std::fs::remove_file(&sock);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -262,6 +269,19 @@ const RUN_COUNTER: [&str; 9] = [
 ];
 
 /// A fresh, empty directory for one test.
+/// `/proc/PID/status` once `ready` holds for it (a server drops its privileges just after its
+/// socket appears).
+fn proc_status(pid: u32, ready: impl Fn(&str) -> bool) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        if ready(&status) || std::time::Instant::now() > deadline {
+            return status;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 fn fresh_dir(name: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("vmfork-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -294,9 +314,13 @@ impl ApiProcess {
         Self { child, sock }
     }
 
-    /// `vmfork serve ARGS` with its socket in `dir`.
+    /// `vmfork serve ARGS` with its socket in `dir`, and `dir` its data directory unless
+    /// ARGS names one.
     fn serve_in(dir: &std::path::Path, args: &[&str]) -> Self {
         let mut all = vec!["serve"];
+        if !args.contains(&"--data-dir") {
+            all.extend(["--data-dir", dir.to_str().unwrap()]);
+        }
         all.extend(args);
         Self::start(&all, dir.join("api.sock"), std::process::Stdio::null())
     }
@@ -589,9 +613,10 @@ fn the_api_socket_and_its_clients_cannot_be_abused() {
     let mut child = Command::new("sh")
         .arg("-c")
         .arg(format!(
-            "umask 000; exec {} serve --api-sock {}",
+            "umask 000; exec {} serve --api-sock {} --data-dir {}",
             env!("CARGO_BIN_EXE_vmfork"),
-            sock.display()
+            sock.display(),
+            dir.display()
         ))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -699,12 +724,21 @@ fn boot_files_stream_targets_and_register_values_are_checked() {
     let reply = post(
         &daemon.sock,
         "/vms",
-        r#"{"guest":"hello","flat":"/etc/hostname"}"#,
+        r#"{"guest":"hello","flat":"image.bin"}"#,
     );
     assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
     assert!(reply.contains("not several"), "{reply}");
+    // Devices are outside the data directory (403); a FIFO inside it is not a regular file.
     let reply = post(&daemon.sock, "/vms", r#"{"kernel":"/dev/zero"}"#);
-    assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+    assert!(reply.starts_with("HTTP/1.1 403"), "{reply}");
+    let fifo = std::ffi::CString::new(dir.join("api-fifo").to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo on a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    let reply = post(&daemon.sock, "/vms", r#"{"kernel":"api-fifo"}"#);
+    assert!(
+        reply.starts_with("HTTP/1.1 400") && reply.contains("not a regular file"),
+        "{reply}"
+    );
     // A VM to snapshot: its stream never overwrites an existing file.
     let reply = post(&daemon.sock, "/vms", r#"{"guest":"counter","paused":true}"#);
     assert!(reply.starts_with("HTTP/1.1 201"), "{reply}");
@@ -837,6 +871,93 @@ fn a_run_whose_console_reader_goes_away_ends() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     };
     assert_eq!(status.code(), Some(141));
+}
+
+#[test]
+fn serve_keeps_to_its_data_directory_and_runs_unprivileged() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = fresh_dir("confined");
+    // The unprivileged server must reach its data directory (and leaves its socket behind:
+    // it can no longer write the directory the socket is in).
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let data = dir.join("data");
+    let mut daemon = ApiProcess::serve_in(
+        &dir,
+        &[
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--uid",
+            "65534",
+            "--gid",
+            "65534",
+        ],
+    );
+    let status = proc_status(daemon.child.id(), |s| s.contains("Uid:\t65534"));
+    for line in ["Uid:\t65534\t65534\t65534", "Gid:\t65534\t65534\t65534"] {
+        assert!(status.contains(line), "{status}");
+    }
+    for set in ["CapEff", "CapPrm", "CapBnd", "CapAmb"] {
+        assert!(
+            status.contains(&format!("{set}:\t0000000000000000")),
+            "{status}"
+        );
+    }
+    assert_eq!(std::fs::metadata(&data).unwrap().uid(), 65534);
+    // Files outside the data directory are refused before they are opened.
+    let post_vm = |body: &str| post(&daemon.sock, "/vms", body);
+    for body in [
+        r#"{"kernel":"/etc/shadow"}"#,
+        r#"{"kernel":"../../etc/shadow"}"#,
+        r#"{"flat":"/etc/hostname"}"#,
+    ] {
+        let reply = post_vm(body);
+        assert!(
+            reply.starts_with("HTTP/1.1 403") && reply.contains("data directory"),
+            "{body}: {reply}"
+        );
+    }
+    // It runs, forks, snapshots and restores as nobody, inside the data directory.
+    let reply = post_vm(r#"{"guest":"counter","paused":true}"#);
+    assert!(reply.starts_with("HTTP/1.1 201"), "{reply}");
+    let vm = daemon.first_vm();
+    let o = daemon.ctl(&["fork", &vm]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let snapshot = |path: &str| {
+        post(
+            &daemon.sock,
+            &format!("/vms/{vm}/snapshot"),
+            &format!(r#"{{"path":"{path}"}}"#),
+        )
+    };
+    let reply = snapshot("snap1");
+    assert!(reply.starts_with("HTTP/1.1 201"), "{reply}");
+    assert_eq!(
+        std::fs::metadata(data.join("snap1/memory.bin"))
+            .unwrap()
+            .uid(),
+        65534
+    );
+    let reply = post(
+        &daemon.sock,
+        "/snapshots/restore",
+        r#"{"path":"snap1","paused":true}"#,
+    );
+    assert!(reply.starts_with("HTTP/1.1 201"), "{reply}");
+    // No snapshot lands outside: not by an absolute path, '..', nor a planted symlink.
+    std::os::unix::fs::symlink(&dir, data.join("out")).unwrap();
+    for path in ["/tmp/vmfork-escape", "../escape", "out/escape"] {
+        let reply = snapshot(path);
+        assert!(reply.starts_with("HTTP/1.1 403"), "{path}: {reply}");
+    }
+    assert!(!dir.join("escape").exists() && !std::path::Path::new("/tmp/vmfork-escape").exists());
+    std::fs::write(dir.join("secret"), b"root only").unwrap();
+    for route in ["/snapshots/info", "/snapshots/restore", "/snapshots/verify"] {
+        let reply = post(&daemon.sock, route, r#"{"path":"out/secret"}"#);
+        assert!(reply.starts_with("HTTP/1.1 403"), "{route}: {reply}");
+    }
+    daemon.child.kill().unwrap();
+    daemon.child.wait().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

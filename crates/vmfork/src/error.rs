@@ -41,6 +41,9 @@ pub enum Error {
     /// The server's total guest RAM limit would be exceeded.
     #[error("{0}")]
     NoRoom(String),
+    /// A path outside what this server may touch (its data directory).
+    #[error("{0}")]
+    Forbidden(String),
 }
 
 /// Result with the library's [`Error`].

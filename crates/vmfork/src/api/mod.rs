@@ -11,8 +11,9 @@ mod routes;
 pub mod server;
 
 pub use routes::{from_hex, parse_number, to_hex};
-pub use server::ApiServer;
+pub use server::{ApiServer, BoundSocket};
 
+use crate::confine::data_dir::DataDir;
 use crate::snapshot::SnapshotCache;
 use crate::vm::{Vm, VmStatus};
 use crate::Error;
@@ -21,8 +22,9 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Boots a new VM from a JSON request (`POST /vms`); the CLI supplies it, so the library does
-/// not need to know the built-in guests. Errors are messages for a 400 response.
-pub type BootFn = dyn Fn(&serde_json::Value) -> Result<Vm, String> + Send + Sync;
+/// not need to know the built-in guests. Its errors answer the request like any other
+/// ([`Error::Invalid`] for a bad request: 400).
+pub type BootFn = dyn Fn(&serde_json::Value) -> Result<Vm, Error> + Send + Sync;
 
 /// What one server may host at once; each limit hit is a clear error (429, or 507 for RAM).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,6 +56,8 @@ pub struct Registry {
     pub(crate) snapshots: SnapshotCache,
     limits: Limits,
     snapshots_in_flight: std::sync::atomic::AtomicUsize,
+    /// Where request paths resolve; `None`: anywhere the process can reach (`vmfork run`).
+    data_dir: Option<DataDir>,
 }
 
 /// A snapshot being written, counted against [`Limits::max_snapshots_in_flight`] while alive.
@@ -76,13 +80,41 @@ impl Registry {
 
     /// A registry that refuses to grow past `limits`.
     pub fn with_limits(boot: Option<Box<BootFn>>, limits: Limits) -> Arc<Self> {
+        Self::confined(boot, limits, None)
+    }
+
+    /// A registry within `limits` whose requests name files only inside `data_dir`.
+    pub fn confined(
+        boot: Option<Box<BootFn>>,
+        limits: Limits,
+        data_dir: Option<DataDir>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             vms: Mutex::new(BTreeMap::new()),
             boot,
             snapshots: SnapshotCache::new(SNAPSHOTS_KEPT_OPEN),
             limits,
             snapshots_in_flight: Default::default(),
+            data_dir,
         })
+    }
+
+    /// Where a path named in a request is: inside the data directory (if the server has
+    /// one), or [`Error::Forbidden`].
+    pub fn path(&self, requested: &str) -> Result<std::path::PathBuf, Error> {
+        let requested = std::path::Path::new(requested);
+        match &self.data_dir {
+            Some(dir) => dir.resolve(requested),
+            None if requested.as_os_str().is_empty() => {
+                Err(Error::Invalid("an empty path names no file".into()))
+            }
+            None => Ok(requested.to_path_buf()),
+        }
+    }
+
+    /// The data directory request paths resolve in, if any.
+    pub fn data_dir(&self) -> Option<&DataDir> {
+        self.data_dir.as_ref()
     }
 
     pub fn limits(&self) -> Limits {
@@ -191,6 +223,7 @@ pub(crate) fn error_response(e: &Error) -> Response {
         Error::State { .. } | Error::NotAFork(_) | Error::Busy(_) => 409,
         Error::Limit(_) => 429,
         Error::NoRoom(_) => 507,
+        Error::Forbidden(_) => 403,
         Error::Invalid(_)
         | Error::Config(_)
         | Error::Memory(_)

@@ -79,15 +79,15 @@ fn route(registry: &Registry, req: &Request) -> Reply {
             _ => Err(not_allowed(method, "POST")),
         },
         ["snapshots", "info"] => match method {
-            "POST" => snapshot_info(req),
+            "POST" => snapshot_info(registry, req),
             _ => Err(not_allowed(method, "POST")),
         },
         ["snapshots", "verify"] => match method {
-            "POST" => snapshot_verify(req),
+            "POST" => snapshot_verify(registry, req),
             _ => Err(not_allowed(method, "POST")),
         },
         ["snapshots", "merge"] => match method {
-            "POST" => snapshot_merge(req),
+            "POST" => snapshot_merge(registry, req),
             _ => Err(not_allowed(method, "POST")),
         },
         ["vms", id, rest @ ..] => {
@@ -127,7 +127,7 @@ fn vm_route(
         (["fork"], "POST") => fork(registry, vm, req),
         (["snapshot"], "POST") => {
             let _ticket = lib(registry.snapshot_ticket())?;
-            snapshot(vm, req)
+            snapshot(registry, vm, req)
         }
         (["snapshot"], "GET") => Ok(Response::json(
             200,
@@ -232,7 +232,7 @@ fn boot(registry: &Registry, req: &Request) -> Reply {
     };
     let spec: Value = body(req)?;
     lib(registry.room_for(1, 0))?;
-    let vm = boot(&spec).map_err(bad)?;
+    let vm = lib(boot(&spec))?;
     let vm = lib(registry.admit(vm))?;
     Ok(Response::json(201, describe(&vm)))
 }
@@ -297,9 +297,9 @@ struct SnapshotRequest {
     stream: bool,
 }
 
-fn snapshot(vm: &Vm, req: &Request) -> Reply {
+fn snapshot(registry: &Registry, vm: &Vm, req: &Request) -> Reply {
     let r: SnapshotRequest = body(req)?;
-    let path = std::path::Path::new(&r.path);
+    let path = &lib(registry.path(&r.path))?;
     let report = if r.stream {
         if r.diff {
             return Err(bad("a stream snapshot is always full (no diff)"));
@@ -334,7 +334,8 @@ fn restore(registry: &Registry, req: &Request) -> Reply {
             r.count
         )));
     }
-    let snapshot = lib(registry.snapshots.open(std::path::Path::new(&r.path)))?;
+    let snapshot = lib(registry.snapshots.open(&lib(registry.path(&r.path))?))?;
+    within_data_dir(registry, &snapshot)?;
     if r.verify {
         lib(snapshot.verify())?;
     }
@@ -353,22 +354,40 @@ fn restore(registry: &Registry, req: &Request) -> Reply {
     ))
 }
 
+/// Opens the snapshot a request names, inside the server's data directory (its diff bases too).
+fn open_snapshot(registry: &Registry, path: &str) -> Result<Snapshot, Response> {
+    let snapshot = lib(Snapshot::open(&lib(registry.path(path))?))?;
+    within_data_dir(registry, &snapshot)?;
+    Ok(snapshot)
+}
+
+/// A diff names its bases by path: a planted snapshot must not lead the server out of its
+/// data directory through them.
+fn within_data_dir(registry: &Registry, snapshot: &Snapshot) -> Result<(), Response> {
+    if registry.data_dir().is_some() {
+        for base in snapshot.chain() {
+            lib(registry.path(&base.to_string_lossy()))?;
+        }
+    }
+    Ok(())
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SnapshotInfoRequest {
     path: String,
 }
 
-fn snapshot_info(req: &Request) -> Reply {
+fn snapshot_info(registry: &Registry, req: &Request) -> Reply {
     let r: SnapshotInfoRequest = body(req)?;
-    let snapshot = lib(Snapshot::open(std::path::Path::new(&r.path)))?;
+    let snapshot = open_snapshot(registry, &r.path)?;
     Ok(Response::json(200, snapshot.summary()))
 }
 
 /// Reads and checks all of a snapshot and its chain (memory included); a problem is a 400.
-fn snapshot_verify(req: &Request) -> Reply {
+fn snapshot_verify(registry: &Registry, req: &Request) -> Reply {
     let r: SnapshotInfoRequest = body(req)?;
-    let snapshot = lib(Snapshot::open(std::path::Path::new(&r.path)))?;
+    let snapshot = open_snapshot(registry, &r.path)?;
     lib(snapshot.verify())?;
     Ok(Response::json(
         200,
@@ -384,10 +403,10 @@ struct MergeRequest {
 }
 
 /// Folds a diff chain into a new full snapshot at `out`.
-fn snapshot_merge(req: &Request) -> Reply {
+fn snapshot_merge(registry: &Registry, req: &Request) -> Reply {
     let r: MergeRequest = body(req)?;
-    let snapshot = lib(Snapshot::open(std::path::Path::new(&r.path)))?;
-    let report = lib(snapshot.merge_into(std::path::Path::new(&r.out)))?;
+    let snapshot = open_snapshot(registry, &r.path)?;
+    let report = lib(snapshot.merge_into(&lib(registry.path(&r.out))?))?;
     Ok(Response::json(201, json!(report)))
 }
 

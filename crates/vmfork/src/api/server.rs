@@ -27,6 +27,8 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const LINGER: Duration = Duration::from_millis(200);
 /// The socket's mode whatever the umask: owner only.
 const SOCKET_MODE: u32 = 0o600;
+/// The socket's mode when the operator names a group for its clients.
+const GROUP_SOCKET_MODE: u32 = 0o660;
 
 /// How long dropping a server waits for requests in flight (a snapshot being written) to
 /// finish and answer their clients.
@@ -45,6 +47,13 @@ impl ApiServer {
     /// Serves `registry` on a new Unix socket at `path`, mode 0600 whatever the umask. A stale
     /// socket file (nobody listening) is replaced; a live one is an error.
     pub fn start(path: &Path, registry: Arc<Registry>) -> Result<ApiServer> {
+        Self::bind(path, None)?.serve(registry)
+    }
+
+    /// Creates the socket at `path` (mode 0600, or 0660 with `group` as its group) without
+    /// serving it yet: a server binds while it may still write the socket's directory, then
+    /// drops its privileges, then serves.
+    pub fn bind(path: &Path, group: Option<u32>) -> Result<BoundSocket> {
         if path.exists() {
             if UnixStream::connect(path).is_ok() {
                 return Err(Error::Invalid(format!(
@@ -55,7 +64,27 @@ impl ApiServer {
             std::fs::remove_file(path)
                 .map_err(|e| Error::Invalid(format!("cannot replace {}: {e}", path.display())))?;
         }
-        let listener = bind_private(path)?;
+        Ok(BoundSocket {
+            listener: bind_private(path, group)?,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// A socket bound by [`ApiServer::bind`], not served yet.
+pub struct BoundSocket {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl BoundSocket {
+    /// Serves `registry` on this socket, one thread per connection.
+    pub fn serve(self, registry: Arc<Registry>) -> Result<ApiServer> {
+        let listener = self.listener;
         let stop = Arc::new(AtomicBool::new(false));
         let slots = Arc::new(Mutex::new(Slots::default()));
         let thread = {
@@ -70,21 +99,17 @@ impl ApiServer {
                 .map_err(Error::Io)?
         };
         Ok(ApiServer {
-            path: path.to_path_buf(),
+            path: self.path,
             stop,
             thread: Some(thread),
             slots,
         })
     }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
 }
 
-/// Binds the socket in a fresh owner-only directory beside `path`, sets its mode, and renames
-/// it into place: it is never reachable under a looser mode, whatever the umask.
-fn bind_private(path: &Path) -> Result<UnixListener> {
+/// Binds the socket in a fresh owner-only directory beside `path`, sets its mode (and group),
+/// and renames it into place: it is never reachable under a looser mode, whatever the umask.
+fn bind_private(path: &Path, group: Option<u32>) -> Result<UnixListener> {
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -109,7 +134,15 @@ fn bind_private(path: &Path) -> Result<UnixListener> {
     let bound = UnixListener::bind(&staged)
         .map_err(|e| fail("bind", e))
         .and_then(|l| {
-            std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(SOCKET_MODE))
+            let mode = match group {
+                Some(gid) => {
+                    std::os::unix::fs::chown(&staged, None, Some(gid))
+                        .map_err(|e| fail("chown", e))?;
+                    GROUP_SOCKET_MODE
+                }
+                None => SOCKET_MODE,
+            };
+            std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode))
                 .map_err(|e| fail("chmod", e))?;
             std::fs::rename(&staged, path).map_err(|e| fail("rename", e))?;
             Ok(l)
