@@ -943,6 +943,28 @@ fn serve_keeps_to_its_data_directory_and_runs_unprivileged() {
         r#"{"path":"snap1","paused":true}"#,
     );
     assert!(reply.starts_with("HTTP/1.1 201"), "{reply}");
+    // Its memory file truncated under it, the restored VM fails; the server does not.
+    let restored = reply
+        .split("\"vms\"")
+        .nth(1)
+        .and_then(|r| r.split("\"id\": ").nth(1))
+        .and_then(|r| r.split(',').next())
+        .unwrap_or_else(|| panic!("no VM id in {reply}"))
+        .to_string();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(data.join("snap1/memory.bin"))
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    let o = daemon.ctl(&["mem", "read", &restored, "0x1000", "16"]);
+    assert!(
+        stderr(&o).contains("truncated") && stderr(&o).contains("409"),
+        "{}",
+        stderr(&o)
+    );
+    let o = daemon.ctl(&["ls"]);
+    assert_eq!(o.status.code(), Some(0), "the server lives: {}", stderr(&o));
     // No snapshot lands outside: not by an absolute path, '..', nor a planted symlink.
     std::os::unix::fs::symlink(&dir, data.join("out")).unwrap();
     for path in ["/tmp/vmfork-escape", "../escape", "out/escape"] {

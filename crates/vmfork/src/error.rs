@@ -41,6 +41,10 @@ pub enum Error {
     /// The server's total guest RAM limit would be exceeded.
     #[error("{0}")]
     NoRoom(String),
+    /// The VM's memory can no longer be trusted: a snapshot file its image maps was truncated
+    /// or written under it.
+    #[error("{0}")]
+    Damaged(String),
     /// A path outside what this server may touch (its data directory).
     #[error("{0}")]
     Forbidden(String),

@@ -220,7 +220,7 @@ impl Registry {
 /// the host's (500).
 pub(crate) fn error_response(e: &Error) -> Response {
     let status = match e {
-        Error::State { .. } | Error::NotAFork(_) | Error::Busy(_) => 409,
+        Error::State { .. } | Error::NotAFork(_) | Error::Busy(_) | Error::Damaged(_) => 409,
         Error::Limit(_) => 429,
         Error::NoRoom(_) => 507,
         Error::Forbidden(_) => 403,

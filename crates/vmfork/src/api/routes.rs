@@ -481,6 +481,7 @@ fn read_memory(vm: &Vm, req: &Request) -> Reply {
         None => lib(vm.ram().read(addr, &mut buf))?,
         Some(v) => lib(vm.read_virtual(v, addr, &mut buf))?,
     }
+    lib(vm.check_memory_intact())?;
     Ok(Response::json(
         200,
         json!({ "addr": addr, "len": len, "data": to_hex(&buf) }),

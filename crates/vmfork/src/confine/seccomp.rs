@@ -126,6 +126,8 @@ const VMM: &[i64] = &[
     libc::SYS_faccessat2,
     libc::SYS_memfd_create,
     libc::SYS_eventfd2,
+    libc::SYS_inotify_init1,
+    libc::SYS_inotify_add_watch,
     libc::SYS_userfaultfd,
     libc::SYS_mincore,
     libc::SYS_msync,

@@ -58,7 +58,13 @@ impl Vm {
         if running {
             self.pause()?;
         }
-        let result = self.freeze_memory(pre).and_then(at_instant);
+        let result = self.freeze_memory(pre).and_then(at_instant).and_then(|r| {
+            // A page read past a truncated snapshot file came in as zeroes: not this instant.
+            match self.shared().memory_damage() {
+                Some(why) => Err(Error::Damaged(format!("VM {}: {why}", self.id()))),
+                None => Ok(r),
+            }
+        });
         // The pause ends when the vCPUs may run again: the vCPU thread woken by the resume
         // often takes this thread's core at once, which is no longer the VM's pause.
         self.shared().record_pause(paused_at.elapsed());

@@ -96,6 +96,7 @@ impl Vm {
         opts: &ForkOptions,
     ) -> Result<Vm> {
         let image = Arc::clone(&origin.image);
+        let image_base = &Arc::clone(image.base());
         let mut shell = take_shell(config, opts.fresh_shell, Some(image.base()))?;
         let irq = if opts.block_interrupts {
             None
@@ -125,6 +126,10 @@ impl Vm {
         if let Some(origin) = &vm.shared().origin {
             vm.load_saved_state(&origin.state, true)?;
         }
+        // Stopped if the snapshot file its image maps is truncated or written under it.
+        let listener: std::sync::Weak<dyn crate::memory::file_guard::DamageListener> =
+            vm.shared_weak();
+        crate::memory::file_guard::listen(image_base, listener);
         Ok(vm)
     }
 

@@ -47,6 +47,8 @@ pub struct HostMapping {
     range: Option<std::sync::Arc<AddressRange>>,
     /// The range has been handed back already (see [`HostMapping::release_range`]).
     released: std::sync::atomic::AtomicBool,
+    /// A file's pages outside a reserved range: guest memory for the SIGBUS guard.
+    _guard: Option<super::file_guard::GuardedRange>,
 }
 
 /// A reserved, inaccessible stretch of host address space that guest RAM mappings are placed
@@ -56,6 +58,8 @@ pub struct HostMapping {
 pub struct AddressRange {
     addr: *mut u8,
     len: usize,
+    /// Guest memory for the SIGBUS guard (whatever file is mapped here later).
+    _guard: super::file_guard::GuardedRange,
 }
 
 // SAFETY: a reservation is only an address; nothing reads or writes through it.
@@ -70,7 +74,11 @@ impl AddressRange {
         // SAFETY: a fresh inaccessible mapping at a kernel-chosen address.
         let addr = unsafe { mmap(None, len, libc::PROT_NONE, flags, None) }
             .map_err(|e| mmap_error(&format!("reserve {} MiB of address space", len >> 20), e))?;
-        Ok(Self { addr, len })
+        Ok(Self {
+            addr,
+            len,
+            _guard: super::file_guard::register_range(addr, len),
+        })
     }
 
     pub fn as_ptr(&self) -> *mut u8 {
@@ -146,7 +154,9 @@ impl HostMapping {
         // SAFETY: a fresh mapping at a kernel-chosen address; no existing memory is affected.
         let addr = unsafe { mmap(None, len, prot, flags, Some((file, 0))) }
             .map_err(|e| mmap_error(&format!("map {} MiB of guest RAM", len >> 20), e))?;
-        Ok(Self::at(addr, len, None))
+        let mut mapping = Self::at(addr, len, None);
+        mapping._guard = Some(super::file_guard::register_range(addr, len));
+        Ok(mapping)
     }
 
     /// Anonymous zeroed memory of `len` bytes (at least one page), faulted in up front: for
@@ -166,6 +176,7 @@ impl HostMapping {
             len,
             range,
             released: std::sync::atomic::AtomicBool::new(false),
+            _guard: None,
         }
     }
 

@@ -4,6 +4,7 @@
 //! a snapshot's memory file is such an image on disk, and a restore maps it the same way.
 
 mod dirty;
+pub(crate) mod file_guard;
 mod image;
 mod layer;
 mod mapping;

@@ -669,9 +669,13 @@ impl Snapshot {
                 ),
             ));
         }
+        // The file may be changed under the VMs that will map it: guard it (a truncation or a
+        // write then fails those VMs, never the process).
+        let memory = Arc::new(memory);
+        crate::memory::file_guard::guard(&memory, &memory_path)?;
         let (image, chain) = match &loaded.base {
             None => (
-                FrozenImage::from_file(loaded.state.memory.clone(), Arc::new(memory))?,
+                FrozenImage::from_file(loaded.state.memory.clone(), Arc::clone(&memory))?,
                 Vec::new(),
             ),
             Some(base_ref) => {
@@ -702,6 +706,10 @@ impl Snapshot {
                     .iter()
                     .flat_map(|&(first, n)| (0..n).map(move |i| first + i * PAGE_SIZE));
                 let image = base.image.with_pages_from(&view, pages)?;
+                // Copied: a page read past a truncation would have come in as zeroes.
+                if let Some(why) = crate::memory::file_guard::damage(&memory) {
+                    return Err(problem(path, why));
+                }
                 let mut chain = vec![base_path];
                 chain.extend(base.chain);
                 (image, chain)

@@ -368,6 +368,15 @@ impl Vm {
     }
 
     /// The shared part, for a background worker to hold weakly.
+    /// Errors ([`Error::Damaged`]) if a snapshot file this VM's image maps was truncated or
+    /// written under it: what was just read from its memory may be zeroes, not the guest's.
+    pub fn check_memory_intact(&self) -> Result<()> {
+        match self.shared().memory_damage() {
+            Some(why) => Err(Error::Damaged(format!("VM {}: {why}", self.id()))),
+            None => Ok(()),
+        }
+    }
+
     pub(crate) fn shared_weak(&self) -> std::sync::Weak<VmShared> {
         Arc::downgrade(&self.shared)
     }
@@ -427,7 +436,28 @@ impl Drop for VmShared {
     }
 }
 
+impl crate::memory::file_guard::DamageListener for VmShared {
+    /// The snapshot file this VM's image maps was truncated or written: its memory is no
+    /// longer what it was, so it stops (its vCPUs are kicked out of the guest).
+    fn file_damaged(&self, why: &str) {
+        self.control.finish(ExitReason::InternalError {
+            detail: format!("{why}; the VM was stopped"),
+            dump: None,
+        });
+        self.kicks.kick_all();
+    }
+}
+
 impl VmShared {
+    /// Why this VM's memory can no longer be trusted, if a snapshot file its image maps was
+    /// truncated or written under it.
+    pub(crate) fn memory_damage(&self) -> Option<String> {
+        let tracking = self.tracking.lock().unwrap_or_else(|p| p.into_inner());
+        let base = tracking.image.as_ref().map(|i| Arc::clone(i.base()));
+        drop(tracking);
+        crate::memory::file_guard::damage(base.as_ref()?)
+    }
+
     /// Hands the pages written since the last call (guest writes from KVM's dirty log, VMM
     /// writes from vm-memory's bitmap) to every consumer in `tracking`, and clears the dirty
     /// log. Works while the VM runs (a pre-copy round).
