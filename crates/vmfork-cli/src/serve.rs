@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 use vmfork::api::{ApiServer, Limits, Registry};
 use vmfork::confine::data_dir::{default_data_dir, DataDir};
-use vmfork::confine::privileges;
+use vmfork::confine::{jail, privileges};
 use vmfork::devices::SerialSink;
 use vmfork::vm::KvmSystem;
 use vmfork::Vm;
@@ -50,6 +50,10 @@ pub struct ServeArgs {
     /// once /dev/kvm, the socket and the data directory are open).
     #[arg(long, conflicts_with = "uid")]
     pub keep_capabilities: bool,
+    /// Jail the server: new mount, network, IPC, UTS and PID namespaces, chrooted into the data
+    /// directory (entered after /dev/kvm and the socket are open, before privileges drop).
+    #[arg(long, conflicts_with = "keep_capabilities")]
+    pub jail: bool,
 }
 
 /// The body of `POST /vms`: the same choices as `vmfork run`.
@@ -155,6 +159,22 @@ pub fn serve(args: ServeArgs) -> CliResult<u8> {
         })?;
     }
     let socket = ApiServer::bind(&args.sock.path, socket_group).map_err(|e| e.to_string())?;
+    let data_dir = if args.jail {
+        match jail::enter(data_dir.root()).map_err(|e| e.to_string())? {
+            jail::Side::Jailed => data_dir.jailed(),
+            jail::Side::Outside(child) => {
+                // The parent only waits: it needs no privileges either.
+                drop(socket);
+                privileges::drop_privileges(None).map_err(|e| e.to_string())?;
+                let status = jail::wait_for(child, interrupt::interrupted);
+                // The jailed server cannot reach its socket's path to remove it.
+                let _ = std::fs::remove_file(&args.sock.path);
+                return Ok(u8::try_from(status).unwrap_or(1));
+            }
+        }
+    } else {
+        data_dir
+    };
     if !args.keep_capabilities {
         privileges::drop_privileges(identity).map_err(|e| e.to_string())?;
     }

@@ -217,7 +217,7 @@ fn serve_and_the_control_verbs() {
 #[test]
 fn run_with_api_sock_forks_resets_and_destroys() {
     let sock = std::env::temp_dir().join(format!("vmfork-run-{}.sock", std::process::id()));
-    let run = ApiProcess::start(&RUN_COUNTER, sock.clone(), std::process::Stdio::piped());
+    let mut run = ApiProcess::start(&RUN_COUNTER, sock.clone(), std::process::Stdio::piped());
     let ctl = |args: &[&str]| run.ctl(args);
     let root = run.first_vm();
     let o = ctl(&["fork", &root, "-n", "2", "--paused"]);
@@ -250,7 +250,7 @@ fn run_with_api_sock_forks_resets_and_destroys() {
         assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     }
     // With every VM gone, the process ends and removes its socket.
-    let out = run.child.wait_with_output().unwrap();
+    let out = run.output();
     assert!(!sock.exists());
     assert!(String::from_utf8_lossy(&out.stdout).contains("counter"));
 }
@@ -295,7 +295,36 @@ struct ApiProcess {
     sock: std::path::PathBuf,
 }
 
+impl Drop for ApiProcess {
+    /// A test that failed midway leaves no server running (and spinning its guests).
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 impl ApiProcess {
+    /// Waits for the process to end, with what it printed (as `Child::wait_with_output`).
+    fn output(&mut self) -> Output {
+        use std::io::Read;
+        let mut stdout = Vec::new();
+        let mut stderr = Vec::new();
+        if let Some(mut out) = self.child.stdout.take() {
+            out.read_to_end(&mut stdout).unwrap();
+        }
+        if let Some(mut err) = self.child.stderr.take() {
+            err.read_to_end(&mut stderr).unwrap();
+        }
+        let status = self.child.wait().unwrap();
+        Output {
+            status,
+            stdout,
+            stderr,
+        }
+    }
+
     /// Starts `vmfork ARGS --api-sock SOCK` and waits until it listens.
     fn start(args: &[&str], sock: std::path::PathBuf, stdout: std::process::Stdio) -> Self {
         let child = Command::new(env!("CARGO_BIN_EXE_vmfork"))
@@ -376,7 +405,7 @@ fn snapshot_info_verify_and_restore_a_running_counter() {
     let base = std::env::temp_dir().join(format!("vmfork-snap-cli-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&base);
     std::fs::create_dir_all(&base).unwrap();
-    let run = ApiProcess::start(
+    let mut run = ApiProcess::start(
         &RUN_COUNTER,
         base.join("run.sock"),
         std::process::Stdio::null(),
@@ -405,7 +434,7 @@ fn snapshot_info_verify_and_restore_a_running_counter() {
     );
     let o = ctl(&["destroy", &root]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    run.child.wait_with_output().unwrap();
+    run.output();
 
     let o = vmfork(&["snapshot", "info", snap_arg]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
@@ -423,7 +452,7 @@ fn snapshot_info_verify_and_restore_a_running_counter() {
     assert!(stdout(&o).contains("intact"));
 
     // Restore it, paused behind a socket; let it count three more numbers and exit.
-    let restore = ApiProcess::start(
+    let mut restore = ApiProcess::start(
         &["restore", snap_arg, "--paused"],
         base.join("restore.sock"),
         std::process::Stdio::piped(),
@@ -436,7 +465,7 @@ fn snapshot_info_verify_and_restore_a_running_counter() {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let o = restore.ctl(&["resume", &vm]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    let out = restore.child.wait_with_output().unwrap();
+    let out = restore.output();
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -979,6 +1008,49 @@ fn serve_keeps_to_its_data_directory_and_runs_unprivileged() {
     }
     daemon.child.kill().unwrap();
     daemon.child.wait().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_jailed_server_sees_only_its_data_directory() {
+    let dir = fresh_dir("jail");
+    let data = dir.join("data");
+    let mut daemon = ApiProcess::serve_in(&dir, &["--data-dir", data.to_str().unwrap(), "--jail"]);
+    // The server is the child of the process started (which waits outside, unprivileged).
+    let outside = daemon.child.id();
+    let status = proc_status(outside, |s| s.contains("CapEff:\t0000000000000000"));
+    assert!(status.contains("CapEff:\t0000000000000000"), "{status}");
+    let children = std::fs::read_to_string(format!("/proc/{outside}/task/{outside}/children"));
+    let jailed: u32 = children.unwrap().trim().parse().expect("one jailed child");
+    let link = |pid: u32, what: &str| std::fs::read_link(format!("/proc/{pid}/{what}")).unwrap();
+    assert_eq!(link(jailed, "root"), data.canonicalize().unwrap());
+    for ns in ["ns/net", "ns/mnt", "ns/pid"] {
+        assert_ne!(link(jailed, ns), link(std::process::id(), ns), "{ns}");
+    }
+    let status = proc_status(jailed, |s| s.contains("CapEff:\t0000000000000000"));
+    assert!(status.contains("CapBnd:\t0000000000000000"), "{status}");
+    // PID 1 of its own PID namespace.
+    let nspid = status.lines().find(|l| l.starts_with("NSpid:")).unwrap();
+    assert_eq!(nspid.split_whitespace().last(), Some("1"), "{nspid}");
+    // It boots, snapshots and restores inside; paths name the directory by its outside path.
+    let reply = post(&daemon.sock, "/vms", r#"{"guest":"counter","paused":true}"#);
+    assert!(reply.starts_with("HTTP/1.1 201"), "{reply}");
+    let vm = daemon.first_vm();
+    daemon.snapshot(&vm, &data.join("snap"));
+    assert!(data.join("snap/memory.bin").exists());
+    let body = format!(
+        r#"{{"path":"{}","paused":true}}"#,
+        data.join("snap").display()
+    );
+    let reply = post(&daemon.sock, "/snapshots/restore", &body);
+    assert!(reply.starts_with("HTTP/1.1 201"), "{reply}");
+    let reply = post(&daemon.sock, "/vms", r#"{"kernel":"/etc/shadow"}"#);
+    assert!(reply.starts_with("HTTP/1.1 403"), "{reply}");
+    // SIGTERM to the process started reaches the jailed server; the socket is removed.
+    // SAFETY: kill on a child process of this test.
+    unsafe { libc::kill(outside as i32, libc::SIGTERM) };
+    assert_eq!(daemon.child.wait().unwrap().code(), Some(0));
+    assert!(!daemon.sock.exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
 

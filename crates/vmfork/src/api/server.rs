@@ -38,6 +38,9 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(60);
 /// to [`SHUTDOWN_GRACE`]) for the requests in flight to finish and be answered.
 pub struct ApiServer {
     path: PathBuf,
+    /// The listening socket, for waking the accepting thread when the path does not lead to
+    /// it any more (a jailed server, chrooted away from it).
+    listener: Option<UnixListener>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     slots: Arc<Mutex<Slots>>,
@@ -85,6 +88,7 @@ impl BoundSocket {
     /// Serves `registry` on this socket, one thread per connection.
     pub fn serve(self, registry: Arc<Registry>) -> Result<ApiServer> {
         let listener = self.listener;
+        let waker = listener.try_clone().ok();
         let stop = Arc::new(AtomicBool::new(false));
         let slots = Arc::new(Mutex::new(Slots::default()));
         let thread = {
@@ -100,6 +104,7 @@ impl BoundSocket {
         };
         Ok(ApiServer {
             path: self.path,
+            listener: waker,
             stop,
             thread: Some(thread),
             slots,
@@ -154,7 +159,12 @@ fn bind_private(path: &Path, group: Option<u32>) -> Result<UnixListener> {
 impl Drop for ApiServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        // Wake the blocking accept.
+        // Wake the blocking accept: shutting the listening socket down fails it at once.
+        if let Some(listener) = &self.listener {
+            use std::os::fd::AsRawFd;
+            // SAFETY: shutdown on a socket descriptor this value owns; no memory is passed.
+            unsafe { libc::shutdown(listener.as_raw_fd(), libc::SHUT_RDWR) };
+        }
         let _ = UnixStream::connect(&self.path);
         if let Some(t) = self.thread.take() {
             let _ = t.join();

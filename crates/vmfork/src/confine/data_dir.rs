@@ -15,6 +15,9 @@ use std::path::{Component, Path, PathBuf};
 #[derive(Clone, Debug)]
 pub struct DataDir {
     root: PathBuf,
+    /// In a jail (chrooted into the directory, so `root` is `/`): the directory's path outside,
+    /// which clients still name it by.
+    outside: Option<PathBuf>,
 }
 
 impl DataDir {
@@ -40,7 +43,24 @@ impl DataDir {
                 root.display()
             )));
         }
-        Ok(Self { root })
+        Ok(Self {
+            root,
+            outside: None,
+        })
+    }
+
+    /// This directory as seen from inside a jail chrooted into it: `/`, still named by its
+    /// outside path in requests and messages.
+    pub fn jailed(&self) -> Self {
+        Self {
+            root: PathBuf::from("/"),
+            outside: Some(self.shown().to_path_buf()),
+        }
+    }
+
+    /// The directory's path as clients know it.
+    fn shown(&self) -> &Path {
+        self.outside.as_deref().unwrap_or(&self.root)
     }
 
     /// The directory itself (canonical).
@@ -56,7 +76,7 @@ impl DataDir {
                 "{} {why}: this server reads and writes files only inside its data directory {} \
                  (--data-dir); give a path relative to it",
                 requested.display(),
-                self.root.display()
+                self.shown().display()
             ))
         };
         if requested.as_os_str().is_empty() {
@@ -65,6 +85,18 @@ impl DataDir {
         if requested.components().any(|c| c == Component::ParentDir) {
             return Err(outside("has a '..' component"));
         }
+        let requested_here;
+        let requested = match &self.outside {
+            // Jailed: an absolute path must name the directory by its outside path.
+            Some(outside_path) if requested.is_absolute() => {
+                let inner = requested
+                    .strip_prefix(outside_path)
+                    .map_err(|_| outside("is not inside it"))?;
+                requested_here = self.root.join(inner);
+                requested_here.as_path()
+            }
+            _ => requested,
+        };
         let joined = if requested.is_absolute() {
             // Compared lexically first (the caller may name the directory by a symlink to it:
             // then the canonical form of its existing part decides).
@@ -176,6 +208,23 @@ mod tests {
             data.resolve(Path::new("")),
             Err(Error::Invalid(_))
         ));
+        let _ = std::fs::remove_dir_all(&top);
+    }
+
+    #[test]
+    fn a_jailed_directory_is_the_root_named_by_its_outside_path() {
+        let top = scratch("jailed");
+        let data = DataDir::open(&top).unwrap();
+        let jailed = data.jailed();
+        let outside = data.root().join("snaps/one");
+        assert_eq!(jailed.resolve(&outside).unwrap(), Path::new("/snaps/one"));
+        assert_eq!(
+            jailed.resolve(Path::new("snaps/one")).unwrap(),
+            Path::new("/snaps/one")
+        );
+        let err = jailed.resolve(Path::new("/etc/shadow")).unwrap_err();
+        assert!(matches!(err, Error::Forbidden(_)), "{err}");
+        assert!(err.to_string().contains(&data.root().display().to_string()));
         let _ = std::fs::remove_dir_all(&top);
     }
 
