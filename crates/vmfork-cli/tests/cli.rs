@@ -996,7 +996,13 @@ fn serve_keeps_to_its_data_directory_and_runs_unprivileged() {
     assert_eq!(o.status.code(), Some(0), "the server lives: {}", stderr(&o));
     // No snapshot lands outside: not by an absolute path, '..', nor a planted symlink.
     std::os::unix::fs::symlink(&dir, data.join("out")).unwrap();
-    for path in ["/tmp/vmfork-escape", "../escape", "out/escape"] {
+    for path in [
+        "/tmp/vmfork-escape",
+        "../escape",
+        "out/escape",
+        ".",
+        "out/..",
+    ] {
         let reply = snapshot(path);
         assert!(reply.starts_with("HTTP/1.1 403"), "{path}: {reply}");
     }

@@ -136,6 +136,13 @@ impl DataDir {
         for name in rest.into_iter().rev() {
             resolved.push(name);
         }
+        // The directory itself is no file to read, and a snapshot written "into" it would be
+        // staged beside it, outside.
+        if resolved == self.root {
+            return Err(outside(
+                "is the data directory itself, not a file inside it",
+            ));
+        }
         Ok(resolved)
     }
 }
@@ -208,6 +215,8 @@ mod tests {
             data.resolve(Path::new("")),
             Err(Error::Invalid(_))
         ));
+        assert!(forbidden(Path::new(".")));
+        assert!(forbidden(&root));
         let _ = std::fs::remove_dir_all(&top);
     }
 
