@@ -1,6 +1,6 @@
 //! No state crosses VM families: family A writes a secret into every page of its RAM, every
-//! general register, the MSRs a guest kernel owns, its LAPIC timer count (and its TSC), forks,
-//! resets, snapshots and restores,
+//! general register, the MSRs a guest kernel owns, LAPIC registers (and its TSC), the XMM and
+//! debug registers and pending events (exception, NMI), forks, resets, snapshots and restores,
 //! and is destroyed; family B, built right after in the same process (from the shells A's VMs
 //! gave back), is scanned for the secret in its memory, registers and MSRs. Many rounds.
 //! Its own test binary: no other test's VMs take the recycled shells meanwhile.
@@ -15,6 +15,12 @@ const SECRET: u64 = 0x5ec2_e7a1_1ce5_0b0b;
 /// What A's LAPIC timer initial count (APIC offset 0x380) is set to.
 const LAPIC_SECRET: u32 = 0x5ec2_e7a1;
 const APIC_TMICT: usize = 0x380;
+/// Other LAPIC registers A sets, with values a fresh VM never has: task priority, the timer's
+/// LVT entry (masked, vector 0xa1) and its divide configuration.
+const LAPIC_PLANTED: [(usize, u32); 3] = [(0x80, 0xa0), (0x320, 0x1_00a1), (0x3e0, 0xb)];
+/// Where the XMM registers sit in the legacy XSAVE area, in 32-bit words.
+const XMM_WORDS: std::ops::Range<usize> = 40..104;
+const XSTATE_BV_WORD: usize = 512 / 4;
 /// A's TSC, far ahead of any real one: B's must not be near it.
 const TSC_SECRET: u64 = 0x5ec2_0000_0000_0000;
 const MSR_TSC: u32 = 0x10;
@@ -75,6 +81,43 @@ fn plant(vm: &Vm) {
     vm.set_vcpu_state(0, &state).unwrap();
 }
 
+/// Plants the secret where only a VM that will not run again may keep it: the XMM registers,
+/// the debug address registers, other LAPIC registers, and a pending exception's error code
+/// and a pending NMI (which would fault a running guest).
+fn plant_more(vm: &Vm) {
+    let mut state = vm.vcpu_state(0).unwrap();
+    for pair in state.xsave[XMM_WORDS].chunks_exact_mut(2) {
+        pair[0] = SECRET as u32;
+        pair[1] = (SECRET >> 32) as u32;
+    }
+    // XSTATE_BV (the header at byte 512): the SSE state is in the area, not in its init state.
+    state.xsave[XSTATE_BV_WORD] |= 0b10;
+    state.debugregs.db = [SECRET & 0x0000_7fff_ffff_f000; 4];
+    if let Some(lapic) = &mut state.lapic {
+        for (offset, value) in LAPIC_PLANTED {
+            for (i, b) in value.to_le_bytes().iter().enumerate() {
+                lapic.regs[offset + i] = *b as _;
+            }
+        }
+    }
+    let e = &mut state.events;
+    e.exception.injected = 1;
+    e.exception.nr = 13;
+    e.exception.has_error_code = 1;
+    e.exception.error_code = SECRET as u32;
+    e.nmi.pending = 1;
+    e.flags |= kvm_bindings::KVM_VCPUEVENT_VALID_NMI_PENDING;
+    vm.set_vcpu_state(0, &state).unwrap();
+}
+
+fn lapic_u32(lapic: &kvm_bindings::kvm_lapic_state, offset: usize) -> u32 {
+    let bytes: Vec<u8> = lapic.regs[offset..offset + 4]
+        .iter()
+        .map(|&b| b as u8)
+        .collect();
+    u32::from_le_bytes(bytes.try_into().unwrap())
+}
+
 /// Where `vm` shows any trace of the secret.
 fn traces(vm: &Vm) -> Vec<String> {
     let mut found = Vec::new();
@@ -95,13 +138,35 @@ fn traces(vm: &Vm) -> Vec<String> {
         found.push(format!("registers {:?}", state.regs));
     }
     if let Some(lapic) = &state.lapic {
-        let tmict: Vec<u8> = lapic.regs[APIC_TMICT..APIC_TMICT + 4]
-            .iter()
-            .map(|&b| b as u8)
-            .collect();
-        if tmict == LAPIC_SECRET.to_le_bytes() {
+        if lapic_u32(lapic, APIC_TMICT) == LAPIC_SECRET {
             found.push("LAPIC timer initial count".into());
         }
+        for (offset, value) in LAPIC_PLANTED {
+            if lapic_u32(lapic, offset) == value {
+                found.push(format!("LAPIC register {offset:#x} = {value:#x}"));
+            }
+        }
+    }
+    let xmm = &state.xsave[XMM_WORDS];
+    if xmm
+        .chunks_exact(2)
+        .any(|w| (w[0] as u64 | (w[1] as u64) << 32) == SECRET)
+    {
+        found.push("XMM registers".into());
+    }
+    if state
+        .debugregs
+        .db
+        .contains(&(SECRET & 0x0000_7fff_ffff_f000))
+    {
+        found.push(format!("debug registers {:x?}", state.debugregs.db));
+    }
+    let e = &state.events;
+    if e.exception.error_code == SECRET as u32 {
+        found.push("pending event: exception error code".into());
+    }
+    if e.nmi.pending != 0 {
+        found.push("pending event: NMI".into());
     }
     for msr in &state.msrs {
         if msr.index == MSR_TSC && msr.data >= TSC_SECRET - (1 << 40) {
@@ -138,10 +203,21 @@ fn a_destroyed_familys_secrets_never_reach_the_next_family() {
             child.reset().unwrap();
             let restored = snapshot_and_restore(&child, &dir.join(format!("a{round}")));
             plant(&restored);
+            plant_more(&restored);
             // The scan finds what was planted, in each kind of place.
             let planted = traces(&restored);
             // (The TSC is planted only where the saved MSRs include it; scanned all the same.)
-            for kind in ["memory", "registers", "MSR", "LAPIC"] {
+            for kind in [
+                "memory",
+                "registers",
+                "MSR",
+                "LAPIC timer",
+                "LAPIC register",
+                "XMM",
+                "debug",
+                "pending event: exception",
+                "pending event: NMI",
+            ] {
                 assert!(
                     planted.iter().any(|t| t.starts_with(kind)),
                     "{kind}: {planted:?}"
