@@ -209,8 +209,7 @@ fn serve_and_the_control_verbs() {
     assert!(stderr(&o).contains("no VM 99999"), "{}", stderr(&o));
     let o = ctl(&["regs", "99999"]);
     assert!(stderr(&o).contains("HTTP 404"), "{}", stderr(&o));
-    daemon.child.kill().unwrap();
-    daemon.child.wait().unwrap();
+    drop(daemon); // kills the server
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -797,8 +796,7 @@ fn boot_files_stream_targets_and_register_values_are_checked() {
     .unwrap();
     let reply = read_reply(&mut s);
     assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
-    daemon.child.kill().unwrap();
-    daemon.child.wait().unwrap();
+    drop(daemon); // kills the server
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -834,8 +832,7 @@ fn server_limits_are_clear_errors() {
     assert!(reply.starts_with("HTTP/1.1 429"), "{reply}");
     // Nothing was left behind by the refusals.
     assert_eq!(stdout(&daemon.ctl(&["ls"])).lines().count(), 1 + 3);
-    daemon.child.kill().unwrap();
-    daemon.child.wait().unwrap();
+    drop(daemon); // kills the server
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -869,8 +866,7 @@ fn restore_verify_refuses_a_tampered_memory_file() {
     assert!(stdout(&o).is_empty(), "nothing ran: {}", stdout(&o));
     let reply = post(&daemon.sock, "/snapshots/restore", &body);
     assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
-    daemon.child.kill().unwrap();
-    daemon.child.wait().unwrap();
+    drop(daemon); // kills the server
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -1012,8 +1008,7 @@ fn serve_keeps_to_its_data_directory_and_runs_unprivileged() {
         let reply = post(&daemon.sock, route, r#"{"path":"out/secret"}"#);
         assert!(reply.starts_with("HTTP/1.1 403"), "{route}: {reply}");
     }
-    daemon.child.kill().unwrap();
-    daemon.child.wait().unwrap();
+    drop(daemon); // kills the server
     let _ = std::fs::remove_dir_all(&dir);
 }
 
