@@ -165,7 +165,7 @@ fn stdout(o: &Output) -> String {
 #[test]
 fn serve_and_the_control_verbs() {
     let dir = fresh_dir("verbs");
-    let mut daemon = ApiProcess::serve_in(&dir, &[]);
+    let daemon = ApiProcess::serve_in(&dir, &[]);
     let sock = daemon.sock.clone();
     // Running as root, it gave up every capability once its socket was open.
     let status = proc_status(daemon.child.id(), |s| {
@@ -747,7 +747,7 @@ fn boot_files_stream_targets_and_register_values_are_checked() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("limit"), "{}", stderr(&o));
 
-    let mut daemon = ApiProcess::serve_in(&dir, &[]);
+    let daemon = ApiProcess::serve_in(&dir, &[]);
     // Contradictory boot specs are refused, not half-used.
     let reply = post(
         &daemon.sock,
@@ -803,7 +803,7 @@ fn boot_files_stream_targets_and_register_values_are_checked() {
 #[test]
 fn server_limits_are_clear_errors() {
     let dir = fresh_dir("limits");
-    let mut daemon = ApiProcess::serve_in(&dir, &["--max-vms", "3", "--max-guest-ram", "200M"]);
+    let daemon = ApiProcess::serve_in(&dir, &["--max-vms", "3", "--max-guest-ram", "200M"]);
     let boot = |mem: &str| {
         post(
             &daemon.sock,
@@ -840,7 +840,7 @@ fn server_limits_are_clear_errors() {
 fn restore_verify_refuses_a_tampered_memory_file() {
     use std::io::{Seek, SeekFrom, Write};
     let dir = fresh_dir("verify");
-    let mut daemon = ApiProcess::serve_in(&dir, &[]);
+    let daemon = ApiProcess::serve_in(&dir, &[]);
     let vm = daemon.boot_paused(r#"{"guest":"hello","mem":"32M","paused":true}"#);
     let snap = dir.join("snap");
     daemon.snapshot(&vm, &snap);
@@ -906,7 +906,7 @@ fn serve_keeps_to_its_data_directory_and_runs_unprivileged() {
     // it can no longer write the directory the socket is in).
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     let data = dir.join("data");
-    let mut daemon = ApiProcess::serve_in(
+    let daemon = ApiProcess::serve_in(
         &dir,
         &[
             "--data-dir",

@@ -1,4 +1,5 @@
-//! Forks and snapshots of a guest that keeps writing: each one is exactly one instant, and
+//! Forks and snapshots of a guest that keeps writing: each one is exactly one instant (also when
+//! the guest writes faster than pre-copy converges), and
 //! several threads acting on one VM at once never tear a child, hang, or undo each other.
 
 mod common;
@@ -230,4 +231,27 @@ fn several_threads_on_one_vm_never_tear_hang_or_undo_each_other() {
     parent.stop();
     fork.stop();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_guest_writing_faster_than_pre_copy_converges_still_forks_at_one_instant() {
+    // 40,000 pages rewritten at full speed: every pre-copy round finds more than enough new
+    // pages written during its copy, so the rounds run out before they converge, and what the
+    // last round found is copied in the pause.
+    const MANY: u64 = 40_000;
+    let (parent, _) = guest_vm(
+        Workload::Dirty,
+        config(256),
+        &[(mailbox::PARAM0, MANY), (mailbox::PARAM1, 0)],
+    );
+    parent.start().unwrap();
+    wait_generations(&parent, 1);
+    for round in 0..8 {
+        wait_generations(&parent, 1);
+        let child = parent.fork(&ForkOptions::default()).unwrap();
+        if let Some(p) = instant_problem(&child, MANY) {
+            panic!("fork {round} is torn: {p}");
+        }
+    }
+    parent.stop();
 }

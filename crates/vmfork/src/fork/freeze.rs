@@ -169,12 +169,14 @@ impl Vm {
                     |r| std::mem::replace(r, DirtyPages::new(size)),
                 );
                 if pending.count() < PRECOPY_ENOUGH_PAGES {
-                    // Left for the pause, with whatever is written until then.
-                    if let Some(r) = tracking.since_round.as_mut() {
-                        r.union(&pending);
-                    }
                     break;
                 }
+            }
+            // What the last round found written during its copy is left for the pause, with
+            // whatever is written until then — also when the rounds ran out before converging
+            // (a guest writing faster than pages are copied): those pages must not be lost.
+            if let Some(r) = self.tracking().since_round.as_mut() {
+                r.union(&pending);
             }
             Ok(())
         })();
