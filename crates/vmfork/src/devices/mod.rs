@@ -1,32 +1,31 @@
-//! Legacy PC devices on the port-I/O bus: the 8250 serial console (vm-superio), the i8042
-//! controller (its reset line stops the VM) and the exit port (QEMU's isa-debug-exit idea).
+//! The device layer: a port-I/O bus and an MMIO bus (rust-vmm `vm-device`) with devices
+//! registered by address range, and one [`Persist`] trait each stateful device implements next
+//! to its code. Today's devices: the legacy PC ones (`legacy/`: 8250 serial, i8042) and
+//! vmfork's own ports (`vmm_ports.rs`: exit and ready).
 //!
-//! Every device saves and loads its state, so forks, snapshots and migrations carry it.
+//! A device that needs the VMM to act (the exit port's code, the i8042's reset line, the ready
+//! port) raises a [`Signals`] flag on the thread that made the access: the vCPU that wrote
+//! gets the outcome of its own write, whatever the others do meanwhile.
 
+pub mod legacy;
 mod serial_sink;
+pub mod vmm_ports;
 
+pub use legacy::i8042::I8042_BASE;
+pub use legacy::serial::{SerialRegisters, SERIAL_BASE, SERIAL_IRQ};
 pub use serial_sink::{stdout_closed, SerialBuffer, SerialSink, SERIAL_BUFFER_CAP};
+pub use vmm_ports::{EXIT_PORT, READY_PORT};
 
+use legacy::i8042::{I8042, I8042_LEN};
+use legacy::serial::{SerialPort, SERIAL_LEN};
 use serde::{Deserialize, Serialize};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::cell::Cell;
 use std::sync::{Arc, Mutex, MutexGuard};
-use vm_superio::{I8042Device, Serial, SerialState, Trigger};
+use vm_device::bus::{MmioAddress, PioAddress, PioRange};
+use vm_device::device_manager::{IoManager, MmioManager, PioManager};
+use vm_device::DevicePio;
+use vmm_ports::{ExitPort, ReadyPort, EXIT_PORT_LEN};
 use vmm_sys_util::eventfd::EventFd;
-
-/// COM1.
-pub const SERIAL_BASE: u16 = 0x3f8;
-const SERIAL_LEN: u16 = 8;
-/// The i8042 data port; its command/status port is 4 above.
-pub const I8042_BASE: u16 = 0x60;
-const I8042_LEN: u16 = 5;
-/// A write here ends the run with the written byte as the exit code.
-pub const EXIT_PORT: u16 = 0x501;
-const EXIT_PORT_LEN: u16 = 2;
-/// Ready port: a write here says "ready for input" (a fuzzing harness about to read its input:
-/// where `Vm::run_to_ready` stops and fuzzing forks). Other runs go straight on.
-pub const READY_PORT: u16 = 0x503;
-/// The serial console's legacy interrupt line.
-pub const SERIAL_IRQ: u32 = 4;
 
 /// What a port write asks of the VMM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,77 +39,46 @@ pub enum PioOutcome {
     Ready,
 }
 
-/// Raises the serial interrupt through an irqfd when the VM has an in-kernel irqchip.
-pub struct IrqLine(Option<EventFd>);
+/// A stateful part that saves and loads itself: what forks, snapshots, resets and migrations
+/// carry of it. `load` keeps what is not state (output sinks, interrupt lines).
+pub trait Persist {
+    type State;
+    fn save(&self) -> Self::State;
+    fn load(&self, state: &Self::State) -> crate::Result<()>;
+}
 
-impl Trigger for IrqLine {
-    type E = std::io::Error;
-    fn trigger(&self) -> std::io::Result<()> {
-        match &self.0 {
-            Some(fd) => fd.write(1),
-            None => Ok(()),
-        }
+thread_local! {
+    // The outcome of the access this thread is making (set by a device, taken by the bus).
+    static OUTCOME: Cell<PioOutcome> = const { Cell::new(PioOutcome::Continue) };
+}
+
+/// How devices ask the VMM to act on the access being made (see the module docs).
+#[derive(Default)]
+pub struct Signals(());
+
+impl Signals {
+    fn raise(&self, outcome: PioOutcome) {
+        OUTCOME.with(|o| {
+            if o.get() == PioOutcome::Continue {
+                o.set(outcome);
+            }
+        });
     }
-}
 
-/// Records a reset request from the i8042.
-#[derive(Clone, Default)]
-pub struct ResetLine(Arc<AtomicBool>);
-
-impl Trigger for ResetLine {
-    type E = std::convert::Infallible;
-    fn trigger(&self) -> Result<(), Self::E> {
-        self.0.store(true, Ordering::SeqCst);
-        Ok(())
+    pub fn raise_exit(&self, code: u8) {
+        self.raise(PioOutcome::Exit(code));
     }
-}
 
-/// Serial registers, as saved in forks and snapshots.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SerialRegisters {
-    pub baud_divisor_low: u8,
-    pub baud_divisor_high: u8,
-    pub interrupt_enable: u8,
-    pub interrupt_identification: u8,
-    pub line_control: u8,
-    pub line_status: u8,
-    pub modem_control: u8,
-    pub modem_status: u8,
-    pub scratch: u8,
-    pub in_buffer: Vec<u8>,
-}
-
-impl From<SerialState> for SerialRegisters {
-    fn from(s: SerialState) -> Self {
-        Self {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer,
-        }
+    pub fn raise_reset(&self) {
+        self.raise(PioOutcome::Reset);
     }
-}
 
-impl From<&SerialRegisters> for SerialState {
-    fn from(s: &SerialRegisters) -> Self {
-        Self {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer.clone(),
-        }
+    pub fn raise_ready(&self) {
+        self.raise(PioOutcome::Ready);
+    }
+
+    fn take() -> PioOutcome {
+        OUTCOME.with(|o| o.replace(PioOutcome::Continue))
     }
 }
 
@@ -120,55 +88,22 @@ pub struct DeviceState {
     pub serial: SerialRegisters,
 }
 
-type SerialDevice = Serial<IrqLine, vm_superio::serial::NoEvents, SerialSink>;
-
-/// The port-I/O devices of one VM. The exit port is always there (it is vmfork's own channel);
-/// the device models can be left out of a fork and attached later.
-pub struct Devices {
-    serial: Mutex<Option<SerialDevice>>,
-    /// State the models load from when attached later (a `no_devices` fork).
-    detached: Mutex<Option<DeviceState>>,
-    serial_irq: Mutex<Option<EventFd>>,
-    i8042: Mutex<I8042Device<ResetLine>>,
-    reset: ResetLine,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Device models keep no invariants a panic could break halfway; carry on after poisoning.
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The one way saved serial state can be invalid: more received bytes than the FIFO holds.
-fn check_serial_state(state: &DeviceState) -> crate::Result<()> {
-    if state.serial.in_buffer.len() > 64 {
-        return Err(crate::Error::Invalid(format!(
-            "serial state holds {} received bytes, more than the 64-byte FIFO",
-            state.serial.in_buffer.len()
-        )));
-    }
-    Ok(())
-}
-
-fn build_serial(
-    state: &DeviceState,
-    sink: SerialSink,
-    irq: Option<EventFd>,
-) -> crate::Result<SerialDevice> {
-    check_serial_state(state)?;
-    Serial::from_state(
-        &(&state.serial).into(),
-        IrqLine(irq),
-        vm_superio::serial::NoEvents,
-        sink,
-    )
-    .map_err(|e| crate::Error::Invalid(format!("serial state: {e:?}")))
+/// The devices of one VM on their buses. The exit and ready ports are always there (vmfork's
+/// own channel); the serial model can be left out of a fork and attached later.
+pub struct Devices {
+    io: IoManager,
+    serial: Arc<SerialPort>,
 }
 
 impl Devices {
     /// Devices in their power-on state. `serial_irq` is the irqfd of the serial's IRQ line.
     pub fn new(sink: SerialSink, serial_irq: Option<EventFd>) -> Self {
-        let serial = Serial::new(IrqLine(serial_irq), sink);
-        Self::assemble(Some(serial), None, None)
+        Self::on_buses(SerialPort::new(sink, serial_irq))
     }
 
     /// Devices loaded from saved state (a fork's or a snapshot's).
@@ -177,131 +112,182 @@ impl Devices {
         sink: SerialSink,
         serial_irq: Option<EventFd>,
     ) -> crate::Result<Self> {
-        Ok(Self::assemble(
-            Some(build_serial(state, sink, serial_irq)?),
-            None,
-            None,
-        ))
+        Ok(Self::on_buses(SerialPort::from_state(
+            &state.serial,
+            sink,
+            serial_irq,
+        )?))
     }
 
-    /// Only the exit port; `state` is kept for [`Self::attach`].
+    /// The serial model left out (its ports read as no device); `state` is kept for
+    /// [`Self::attach`].
     pub fn detached(state: DeviceState, serial_irq: Option<EventFd>) -> Self {
-        Self::assemble(None, Some(state), serial_irq)
+        Self::on_buses(SerialPort::detached(state.serial, serial_irq))
     }
 
-    fn assemble(
-        serial: Option<SerialDevice>,
-        detached: Option<DeviceState>,
-        serial_irq: Option<EventFd>,
-    ) -> Self {
-        let reset = ResetLine::default();
-        Self {
-            serial: Mutex::new(serial),
-            detached: Mutex::new(detached),
-            serial_irq: Mutex::new(serial_irq),
-            i8042: Mutex::new(I8042Device::new(reset.clone())),
-            reset,
+    fn on_buses(serial: SerialPort) -> Self {
+        let serial = Arc::new(serial);
+        let signals = Arc::new(Signals::default());
+        let mut io = IoManager::new();
+        let ports: [(u16, u16, Arc<dyn DevicePio + Send + Sync>); 4] = [
+            (SERIAL_BASE, SERIAL_LEN, serial.clone()),
+            (I8042_BASE, I8042_LEN, Arc::new(I8042::new(signals.clone()))),
+            (
+                EXIT_PORT,
+                EXIT_PORT_LEN,
+                Arc::new(ExitPort(signals.clone())),
+            ),
+            (READY_PORT, 1, Arc::new(ReadyPort(signals))),
+        ];
+        for (base, len, device) in ports {
+            // The ranges are fixed and disjoint: registering them cannot fail.
+            if let Ok(range) = PioRange::new(PioAddress(base), len) {
+                let _ = io.register_pio(range, device);
+            }
         }
+        Self { io, serial }
     }
 
-    /// Attaches the device models of a detached set, loading the state it was made with.
+    /// Attaches the serial model of a detached set, loading the state it was made with.
     pub fn attach(&self, sink: SerialSink) -> crate::Result<()> {
-        let mut serial = lock(&self.serial);
-        if serial.is_some() {
-            return Err(crate::Error::Invalid("devices are already attached".into()));
-        }
-        let state = lock(&self.detached).take().unwrap_or_default();
-        let irq = lock(&self.serial_irq).take();
-        *serial = Some(build_serial(&state, sink, irq)?);
-        Ok(())
+        self.serial.attach(sink)
     }
 
     pub fn attached(&self) -> bool {
-        lock(&self.serial).is_some()
+        self.serial.attached()
     }
 
     /// Loads saved state into the devices, keeping their output sinks (a fork reset).
     pub fn load_state(&self, state: &DeviceState) -> crate::Result<()> {
-        let mut slot = lock(&self.serial);
-        match slot.take() {
-            Some(serial) => {
-                let irq = serial
-                    .interrupt_evt()
-                    .0
-                    .as_ref()
-                    .and_then(|e| e.try_clone().ok());
-                let sink = serial.into_writer();
-                match build_serial(state, SerialSink::Discard, None) {
-                    Ok(_) => *slot = Some(build_serial(state, sink, irq)?),
-                    Err(e) => {
-                        *slot = Some(Serial::new(IrqLine(irq), sink));
-                        return Err(e);
-                    }
-                }
-            }
-            None => *lock(&self.detached) = Some(state.clone()),
-        }
-        Ok(())
+        self.serial.load(&state.serial)
     }
 
-    /// Saves every device's state (a detached set saves the state it would attach with).
+    /// Saves every device's state (a detached serial saves the state it would attach with).
     pub fn save(&self) -> DeviceState {
-        match lock(&self.serial).as_ref() {
-            Some(serial) => DeviceState {
-                serial: serial.state().into(),
-            },
-            None => lock(&self.detached).clone().unwrap_or_default(),
+        DeviceState {
+            serial: self.serial.save(),
         }
     }
 
-    /// Handles a port write; `data` holds every byte of the access (and of a `rep outs`).
+    /// Handles a port write; `data` holds every byte of the access (and of a `rep outs`, whose
+    /// bytes go one by one to the same port).
     pub fn pio_write(&self, port: u16, data: &[u8]) -> PioOutcome {
-        if in_range(port, SERIAL_BASE, SERIAL_LEN) {
-            if let Some(serial) = lock(&self.serial).as_mut() {
-                let offset = (port - SERIAL_BASE) as u8;
-                for &byte in data {
-                    // Errors come from the output sink (a closed terminal): the guest must not
-                    // notice, so they are dropped as a UART with nothing attached would.
-                    let _ = serial.write(offset, byte);
-                }
+        if self.io.pio_write(PioAddress(port), data).is_err() && data.len() > 1 {
+            for byte in data {
+                // Writes to ports with no device are dropped, as on a PC.
+                let _ = self
+                    .io
+                    .pio_write(PioAddress(port), std::slice::from_ref(byte));
             }
-        } else if in_range(port, I8042_BASE, I8042_LEN) {
-            if let Some(&byte) = data.first() {
-                let _ = lock(&self.i8042).write((port - I8042_BASE) as u8, byte);
-            }
-            if self.reset.0.swap(false, Ordering::SeqCst) {
-                return PioOutcome::Reset;
-            }
-        } else if in_range(port, EXIT_PORT, EXIT_PORT_LEN) {
-            return PioOutcome::Exit(data.first().copied().unwrap_or(0));
-        } else if port == READY_PORT {
-            return PioOutcome::Ready;
         }
-        // Writes to ports with no device are dropped, as on a PC.
-        PioOutcome::Continue
+        Signals::take()
     }
 
     /// Handles a port read; ports with no device read as all ones, as on a PC.
     pub fn pio_read(&self, port: u16, data: &mut [u8]) {
-        if in_range(port, SERIAL_BASE, SERIAL_LEN) {
-            match lock(&self.serial).as_mut() {
-                Some(serial) => {
-                    let offset = (port - SERIAL_BASE) as u8;
-                    for b in data.iter_mut() {
-                        *b = serial.read(offset);
-                    }
-                }
-                None => data.fill(0xff),
-            }
-        } else if in_range(port, I8042_BASE, I8042_LEN) {
-            let value = lock(&self.i8042).read((port - I8042_BASE) as u8);
-            data.fill(value);
-        } else {
+        if self.io.pio_read(PioAddress(port), data).is_err() {
             data.fill(0xff);
         }
     }
+
+    /// Handles an MMIO read; `false` when no device is there.
+    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) -> bool {
+        self.io.mmio_read(MmioAddress(addr), data).is_ok()
+    }
+
+    /// Handles an MMIO write; `false` when no device is there.
+    pub fn mmio_write(&self, addr: u64, data: &[u8]) -> bool {
+        self.io.mmio_write(MmioAddress(addr), data).is_ok()
+    }
 }
 
-fn in_range(port: u16, base: u16, len: u16) -> bool {
-    port >= base && port - base < len
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_dispatch_by_range_and_state_persists() {
+        let devices = Devices::new(SerialSink::Discard, None);
+        // The serial's scratch register (offset 7) holds what is written, and is saved.
+        assert_eq!(
+            devices.pio_write(SERIAL_BASE + 7, &[0x5a]),
+            PioOutcome::Continue
+        );
+        let mut byte = [0u8];
+        devices.pio_read(SERIAL_BASE + 7, &mut byte);
+        assert_eq!(byte, [0x5a]);
+        let saved = devices.save();
+        assert_eq!(saved.serial.scratch, 0x5a);
+        let other = Devices::from_state(&saved, SerialSink::Discard, None).unwrap();
+        other.pio_read(SERIAL_BASE + 7, &mut byte);
+        assert_eq!(byte, [0x5a]);
+        // A rep string longer than the device's range goes byte by byte to the port.
+        assert_eq!(
+            devices.pio_write(SERIAL_BASE + 7, &[1; 32]),
+            PioOutcome::Continue
+        );
+        devices.pio_read(SERIAL_BASE + 7, &mut byte);
+        assert_eq!(byte, [1]);
+        // vmfork's ports and the i8042 reset line; ports with no device.
+        assert_eq!(devices.pio_write(EXIT_PORT, &[3]), PioOutcome::Exit(3));
+        assert_eq!(devices.pio_write(READY_PORT, &[0]), PioOutcome::Ready);
+        assert_eq!(
+            devices.pio_write(I8042_BASE + 4, &[0xfe]),
+            PioOutcome::Reset
+        );
+        assert_eq!(devices.pio_write(0x80, &[1, 2]), PioOutcome::Continue);
+        let mut two = [0u8; 2];
+        devices.pio_read(0x80, &mut two);
+        assert_eq!(two, [0xff, 0xff]);
+        assert!(!devices.mmio_write(0xd000_0000, &[1]));
+        // Bad saved state is refused, and a reset with it leaves the port usable.
+        let mut bad = saved.clone();
+        bad.serial.in_buffer = vec![0; 65];
+        assert!(Devices::from_state(&bad, SerialSink::Discard, None).is_err());
+        assert!(devices.load_state(&bad).is_err());
+        assert_eq!(
+            devices.pio_write(SERIAL_BASE + 7, &[9]),
+            PioOutcome::Continue
+        );
+        devices.pio_read(SERIAL_BASE + 7, &mut byte);
+        assert_eq!(byte, [9]);
+    }
+
+    #[test]
+    fn each_vcpu_thread_gets_the_outcome_of_its_own_write() {
+        let devices = Arc::new(Devices::new(SerialSink::Discard, None));
+        let writer = |port: u16, expect: PioOutcome| {
+            let devices = Arc::clone(&devices);
+            std::thread::spawn(move || {
+                for _ in 0..20_000 {
+                    assert_eq!(devices.pio_write(port, &[7]), expect);
+                    assert_eq!(
+                        devices.pio_write(SERIAL_BASE + 7, &[7]),
+                        PioOutcome::Continue
+                    );
+                }
+            })
+        };
+        let exits = writer(EXIT_PORT, PioOutcome::Exit(7));
+        let readies = writer(READY_PORT, PioOutcome::Ready);
+        exits.join().unwrap();
+        readies.join().unwrap();
+    }
+
+    #[test]
+    fn a_detached_serial_reads_as_no_device_until_attached() {
+        let mut state = DeviceState::default();
+        state.serial.scratch = 0x42;
+        let devices = Devices::detached(state.clone(), None);
+        assert!(!devices.attached());
+        let mut byte = [0u8];
+        devices.pio_read(SERIAL_BASE + 7, &mut byte);
+        assert_eq!(byte, [0xff]);
+        assert_eq!(devices.save(), state);
+        devices.attach(SerialSink::Discard).unwrap();
+        assert!(devices.attached());
+        devices.pio_read(SERIAL_BASE + 7, &mut byte);
+        assert_eq!(byte, [0x42]);
+        assert!(devices.attach(SerialSink::Discard).is_err());
+    }
 }

@@ -78,8 +78,14 @@ pub fn run_vcpu(
                 PioOutcome::Ready => {}
             },
             VcpuExit::IoIn(port, data) => devices.pio_read(port, data),
-            // No MMIO devices yet: unmapped reads see all ones, as on a PC bus.
-            VcpuExit::MmioRead(_, data) => data.fill(0xff),
+            // Unmapped reads see all ones, as on a PC bus.
+            VcpuExit::MmioRead(addr, data) => {
+                if !devices.mmio_read(addr, data) {
+                    data.fill(0xff)
+                }
+            }
+            VcpuExit::MmioWrite(addr, data) if devices.mmio_write(addr, data) => {}
+            // A write where no device is stops the VM: a guest bug worth seeing.
             VcpuExit::MmioWrite(addr, data) => {
                 let len = data.len();
                 let Some(dump) = dump(index, vcpu) else {
