@@ -12,13 +12,11 @@ mod fold;
 mod freeze;
 mod quick_reset;
 
-pub(crate) use quick_reset::ring0_unreachable;
-
 use crate::devices::{Devices, SerialSink};
 use crate::error::{Error, KvmContext, Result};
-use crate::memory::{GuestRam, PAGE_SIZE};
+use crate::memory::{FrozenImage, GuestRam, MemoryTracking, PAGE_SIZE};
 use crate::state::VmState;
-use crate::vm::{pool::take_shell, ForkOrigin, ForkSource, MemoryTracking, Vm, VmParts, VmStatus};
+use crate::vm::{pool::take_shell, ForkOrigin, ForkSource, Vm, VmParts, VmStatus};
 use std::sync::{Arc, MutexGuard};
 
 /// How to fork.
@@ -307,5 +305,28 @@ impl Vm {
             self.shared().collect_dirty(&mut tracking)?;
         }
         Ok(tracking.since_image.count() as u64 * PAGE_SIZE)
+    }
+}
+
+impl ForkOrigin {
+    /// `state` and `image` as a fork made with `opts` starts from (and resets to): with every
+    /// interrupt line masked when it blocks interrupts.
+    pub(crate) fn new(
+        state: &VmState,
+        image: &Arc<FrozenImage>,
+        source: ForkSource,
+        opts: &ForkOptions,
+    ) -> Self {
+        Self {
+            state: if opts.block_interrupts {
+                state.with_interrupts_masked()
+            } else {
+                state.clone()
+            },
+            image: Arc::clone(image),
+            source,
+            ring0_unreachable: quick_reset::ring0_unreachable(state, opts.block_interrupts),
+            gdt_page: std::sync::OnceLock::new(),
+        }
     }
 }

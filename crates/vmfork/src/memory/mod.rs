@@ -9,12 +9,14 @@ mod image;
 mod layer;
 mod mapping;
 mod resident;
+mod tracking;
 
 pub use dirty::DirtyPages;
 pub use image::{FrozenImage, LayerRun, MAX_MAPPED_RUNS};
 pub use layer::{Layer, LayerBuilder};
 pub use mapping::{create_memfd, data_ranges, AddressRange, DetachedPages, HostMapping, Sharing};
 pub use resident::{FileId, ResidentRam};
+pub(crate) use tracking::{MemoryTracking, SnapshotMark};
 
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};

@@ -22,7 +22,9 @@ pub use records::{BaseRecord, LoadedState, MemoryFileRecord, SnapshotIdRecord, S
 use crate::devices::SerialSink;
 use crate::error::{Error, Result};
 use crate::fork::ForkOptions;
-use crate::memory::{create_memfd, page_runs, DirtyPages, FrozenImage, HostMapping, PAGE_SIZE};
+use crate::memory::{
+    create_memfd, page_runs, DirtyPages, FrozenImage, HostMapping, SnapshotMark, PAGE_SIZE,
+};
 use crate::vm::{ForkOrigin, ForkSource, Vm};
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -51,15 +53,6 @@ fn problem(path: &Path, problem: impl std::fmt::Display) -> Error {
     }
 }
 
-/// A VM's last snapshot and the pages written since: what its next diff snapshot holds.
-#[derive(Debug)]
-pub(crate) struct SnapshotMark {
-    pub(crate) id: [u8; 16],
-    pub(crate) memory_crc32: u32,
-    pub(crate) dir: PathBuf,
-    pub(crate) dirty: DirtyPages,
-}
-
 /// How to take a snapshot.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SnapshotOptions {
@@ -68,14 +61,7 @@ pub struct SnapshotOptions {
     pub diff: bool,
 }
 
-/// How far the snapshot a VM is writing has got ([`Vm::snapshot_progress`]).
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct SnapshotProgress {
-    /// The directory being written, or `-` for a stream.
-    pub path: PathBuf,
-    pub pages_done: u64,
-    pub pages_total: u64,
-}
+pub use crate::vm::SnapshotProgress;
 
 /// Marks a VM as writing a snapshot until dropped; refuses a second one at the same time
 /// (both would hand the same diff base over).

@@ -19,7 +19,8 @@ use crate::devices::SerialBuffer;
 use crate::devices::{Devices, SerialSink, SERIAL_IRQ};
 use crate::error::{Error, KvmContext, Result};
 use crate::memory::{
-    AddressRange, DirtyPages, FrozenImage, GuestRam, MemoryLayout, ResidentRam, PAGE_SIZE,
+    AddressRange, DirtyPages, FrozenImage, GuestRam, MemoryLayout, MemoryTracking, ResidentRam,
+    PAGE_SIZE,
 };
 use crate::state::{CpuRegisters, IrqchipState, VcpuState, VmState};
 use control::RunControl;
@@ -124,7 +125,7 @@ pub(crate) struct VmShared {
     pub(crate) kicks: kick::KickRegistry,
     pub(crate) tracking: Mutex<MemoryTracking>,
     /// The snapshot being written, if one is: one at a time per VM.
-    pub(crate) snapshot_progress: Mutex<Option<crate::snapshot::SnapshotProgress>>,
+    pub(crate) snapshot_progress: Mutex<Option<SnapshotProgress>>,
     pub(crate) origin: Option<ForkOrigin>,
     pub(crate) ram: GuestRam,
     pub(crate) config: VmConfig,
@@ -135,36 +136,13 @@ pub(crate) struct VmShared {
     ram_range: Option<Arc<AddressRange>>,
 }
 
-/// How a VM's RAM relates to a frozen image, and which pages it has written since what. The
-/// dirty log is read once and handed to every consumer, each with its own "since".
-pub(crate) struct MemoryTracking {
-    /// The image of this VM's last generation (its last fork or snapshot; for a fork never
-    /// forked, the image it was forked from); `None` while the RAM file is still written in
-    /// place (a VM that was never forked).
-    pub(crate) image: Option<Arc<FrozenImage>>,
-    /// Pages written since `image`: the next generation's layer.
-    pub(crate) since_image: DirtyPages,
-    /// Pages written since the fork instant (or the last reset): what a reset copies back.
-    pub(crate) since_origin: DirtyPages,
-    /// The last snapshot of this VM (or the one it was restored from) and the pages written
-    /// since: what a diff snapshot writes.
-    pub(crate) since_snapshot: Option<crate::snapshot::SnapshotMark>,
-    /// Pages written since the last pre-copy round of a freeze in progress.
-    pub(crate) since_round: Option<DirtyPages>,
-}
-
-impl MemoryTracking {
-    /// Hands freshly collected dirty pages to every consumer.
-    fn add(&mut self, fresh: &DirtyPages) {
-        self.since_image.union(fresh);
-        self.since_origin.union(fresh);
-        if let Some(mark) = &mut self.since_snapshot {
-            mark.dirty.union(fresh);
-        }
-        if let Some(round) = &mut self.since_round {
-            round.union(fresh);
-        }
-    }
+/// How far the snapshot a VM is writing has got ([`Vm::snapshot_progress`]).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct SnapshotProgress {
+    /// The directory being written, or `-` for a stream.
+    pub path: std::path::PathBuf,
+    pub pages_done: u64,
+    pub pages_total: u64,
 }
 
 /// Where a fork (or a restored VM, a fork of a snapshot) came from: what
@@ -178,29 +156,6 @@ pub(crate) struct ForkOrigin {
     pub(crate) ring0_unreachable: bool,
     /// RAM file offset of the page holding this state's GDT, once looked up.
     pub(crate) gdt_page: std::sync::OnceLock<u64>,
-}
-
-impl ForkOrigin {
-    /// `state` and `image` as a fork made with `opts` starts from (and resets to): with every
-    /// interrupt line masked when it blocks interrupts.
-    pub(crate) fn new(
-        state: &VmState,
-        image: &Arc<FrozenImage>,
-        source: ForkSource,
-        opts: &crate::fork::ForkOptions,
-    ) -> Self {
-        Self {
-            state: if opts.block_interrupts {
-                state.with_interrupts_masked()
-            } else {
-                state.clone()
-            },
-            image: Arc::clone(image),
-            source,
-            ring0_unreachable: crate::fork::ring0_unreachable(state, opts.block_interrupts),
-            gdt_page: std::sync::OnceLock::new(),
-        }
-    }
 }
 
 pub(crate) enum ForkSource {
