@@ -14,7 +14,7 @@ pub struct GuestArgs {
     /// A built-in guest (see `vmfork guests`).
     #[arg(long, conflicts_with_all = ["kernel", "flat"])]
     pub guest: Option<String>,
-    /// An ELF kernel (PVH note or 64-bit entry).
+    /// A kernel: an ELF (PVH note or 64-bit entry) or a Linux bzImage (its 64-bit entry).
     #[arg(long)]
     pub kernel: Option<PathBuf>,
     /// A flat binary, loaded at --load-addr and entered there in 64-bit mode.
@@ -102,13 +102,16 @@ impl GuestArgs {
             (Some(name), _, _) => Kernel::Elf(workload(name)?.elf()),
             (None, Some(path), _) => {
                 let bytes = read(path, "kernel", self.mem)?;
-                if !bytes.starts_with(b"\x7fELF") {
-                    return Err(format!(
-                        "{} is not an ELF file (use --flat for a flat binary)",
-                        path.display()
-                    ));
+                match Kernel::from_file(bytes) {
+                    Kernel::Elf(bytes) if !bytes.starts_with(b"\x7fELF") => {
+                        return Err(format!(
+                            "{} is neither an ELF file nor a bzImage (use --flat for a flat \
+                             binary)",
+                            path.display()
+                        ));
+                    }
+                    kernel => kernel,
                 }
-                Kernel::Elf(bytes)
             }
             (None, None, Some(path)) => Kernel::Flat {
                 image: read(path, "flat binary", self.mem)?,

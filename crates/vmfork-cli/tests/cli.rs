@@ -64,7 +64,10 @@ fn bad_input_gets_one_clear_line_and_a_nonzero_exit() {
             vec!["run", "--guest", "hello", "--mem", "lots"],
             "not a size",
         ),
-        (vec!["run", "--kernel", not_elf], "not an ELF file"),
+        (
+            vec!["run", "--kernel", not_elf],
+            "neither an ELF file nor a bzImage",
+        ),
         (
             vec!["run", "--kernel", "/does/not/exist"],
             "cannot read kernel",

@@ -141,3 +141,87 @@ fn many_vcpus_and_large_ram_boot() {
     assert_eq!(run_to_exit(&vm), ExitReason::GuestExit(0));
     assert!(serial.text().starts_with("Hello"));
 }
+
+/// A bzImage of boot protocol `version` with `xloadflags`: one setup sector, then a
+/// protected-mode part whose 64-bit entry (0x200 into it) writes the zero page's e820 entry
+/// count to the exit port.
+fn bzimage(version: u16, xloadflags: u16) -> Vec<u8> {
+    let mut image = vec![0u8; 2 * 512];
+    image[0x1f1] = 1; // setup_sects
+    image[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+    image[0x202..0x206].copy_from_slice(b"HdrS");
+    image[0x206..0x208].copy_from_slice(&version.to_le_bytes());
+    image[0x211] = 1; // loadflags: LOADED_HIGH
+    image[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes()); // code32_start
+    image[0x236..0x238].copy_from_slice(&xloadflags.to_le_bytes());
+    image[0x238..0x23c].copy_from_slice(&64u32.to_le_bytes()); // cmdline_size
+    let mut payload = vec![0x90u8; 0x200]; // the 32-bit entry, never used here
+    payload.extend_from_slice(&[
+        0x8a, 0x86, 0xe8, 0x01, 0x00, 0x00, // mov al, [rsi + 0x1e8]  (e820_entries)
+        0x66, 0xba, 0x01, 0x05, // mov dx, 0x501
+        0xee, // out dx, al
+        0xf4, // hlt
+    ]);
+    image.extend_from_slice(&payload);
+    image
+}
+
+#[test]
+fn a_bzimage_boots_through_its_64_bit_entry_with_its_setup_header_in_the_zero_page() {
+    let image = bzimage(0x020f, 1);
+    assert!(matches!(
+        Kernel::from_file(image.clone()),
+        Kernel::BzImage(_)
+    ));
+    let mut spec = BootSpec::new(Kernel::from_file(image));
+    spec.cmdline = Some("console=ttyS0 quiet".into());
+    let vm = Vm::boot(config(256), SerialSink::Discard, &spec).unwrap();
+    let ExitReason::GuestExit(entries) = run_to_exit(&vm) else {
+        panic!("the bzImage's entry did not reach the exit port");
+    };
+    // The zero page the guest found in RSI: the kernel's header kept, the loader's fields set.
+    let zero_page = vmfork::boot::layout::ZERO_PAGE;
+    let mut params = vec![0u8; 4096];
+    vm.ram().read(zero_page, &mut params).unwrap();
+    assert_eq!(
+        params[0x1e8], entries,
+        "e820 entries as the guest read them"
+    );
+    assert!(
+        entries >= 3,
+        "low RAM, the reserved EBDA..1 MiB, RAM above 1 MiB"
+    );
+    let u16_at = |o: usize| u16::from_le_bytes(params[o..o + 2].try_into().unwrap());
+    let u32_at = |o: usize| u32::from_le_bytes(params[o..o + 4].try_into().unwrap());
+    assert_eq!(&params[0x202..0x206], b"HdrS");
+    assert_eq!(u16_at(0x206), 0x020f, "the kernel's protocol version");
+    assert_eq!(
+        u32_at(0x238),
+        64,
+        "the kernel's command line limit, untouched"
+    );
+    assert_eq!(params[0x210], 0xff, "type_of_loader");
+    let cmdline = u32_at(0x228) as u64;
+    let mut text = vec![0u8; 19];
+    vm.ram().read(cmdline, &mut text).unwrap();
+    assert_eq!(text, b"console=ttyS0 quiet");
+    // What this loader cannot boot is a clear error.
+    for (image, cmdline, why) in [
+        (bzimage(0x020a, 1), None, "no 64-bit entry"),
+        (bzimage(0x020f, 0), None, "no 64-bit entry"),
+        (
+            bzimage(0x020f, 1),
+            Some("x".repeat(65)),
+            "longer than this kernel takes",
+        ),
+        (bzimage(0x020f, 1)[..0x300].to_vec(), None, "bad bzImage"),
+    ] {
+        let mut spec = BootSpec::new(Kernel::BzImage(image));
+        spec.cmdline = cmdline;
+        let err = Vm::boot(config(64), SerialSink::Discard, &spec)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(err.contains(why), "{why}: {err}");
+    }
+}

@@ -1,8 +1,9 @@
 //! Loading a guest into RAM and putting the boot vCPU at its entry point.
 //!
-//! Three ways in: an ELF with a Xen PVH note (entered in 32-bit protected mode with a
+//! Four ways in: an ELF with a Xen PVH note (entered in 32-bit protected mode with a
 //! `hvm_start_info` in RBX), an ELF with a 64-bit entry (entered in long mode, Linux-style, with
-//! a `boot_params` zero page in RSI) and a flat binary (entered in long mode at its load address).
+//! a `boot_params` zero page in RSI), a Linux bzImage (its 64-bit entry, the zero page built on
+//! its setup header) and a flat binary (entered in long mode at its load address).
 
 mod cpu_setup;
 mod cpuid;
@@ -17,6 +18,7 @@ use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
+use linux_loader::loader::bzimage::BzImage;
 use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_start_info};
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::KernelLoader;
@@ -56,6 +58,21 @@ pub enum Kernel {
     ElfLongMode(Vec<u8>),
     /// A flat binary loaded at `load_addr` and entered in long mode there.
     Flat { image: Vec<u8>, load_addr: u64 },
+    /// A Linux bzImage (boot protocol 2.12+ with a 64-bit entry): its protected-mode part is
+    /// loaded at 1 MiB and entered through the 64-bit boot protocol (`startup_64`, 0x200 into
+    /// it) with its setup header in the zero page.
+    BzImage(Vec<u8>),
+}
+
+impl Kernel {
+    /// A kernel file as what it is: a bzImage (its setup header's "HdrS" magic), else an ELF.
+    pub fn from_file(bytes: Vec<u8>) -> Self {
+        if bytes.get(0x202..0x206) == Some(b"HdrS") {
+            Kernel::BzImage(bytes)
+        } else {
+            Kernel::Elf(bytes)
+        }
+    }
 }
 
 /// What to boot: the kernel plus an optional command line and initrd.
@@ -89,6 +106,7 @@ pub enum EntryPoint {
 pub fn load(ram: &GuestRam, spec: &BootSpec) -> Result<EntryPoint> {
     let mem = ram.memory();
     let cmdline_addr = write_cmdline(ram, spec.cmdline.as_deref())?;
+    let mut setup_header = None;
     let (entry, kernel_end) = match &spec.kernel {
         Kernel::Flat { image, load_addr } => {
             ram.write(*load_addr, image).map_err(|_| {
@@ -117,6 +135,24 @@ pub fn load(ram: &GuestRam, spec: &BootSpec) -> Result<EntryPoint> {
             };
             ((entry, res.kernel_load.0), res.kernel_end)
         }
+        Kernel::BzImage(bytes) => {
+            let res = BzImage::load(
+                mem,
+                None,
+                &mut Cursor::new(bytes.as_slice()),
+                Some(GuestAddress(layout::HIGHMEM_START)),
+            )
+            .map_err(|e| bzimage_error(e, bytes.len(), ram.size()))?;
+            let header = res
+                .setup_header
+                .ok_or_else(|| Error::Load("the bzImage has no setup header".into()))?;
+            check_bzimage_header(&header, spec.cmdline.as_deref())?;
+            setup_header = Some(header);
+            (
+                (None, res.kernel_load.0 + STARTUP_64_OFFSET),
+                res.kernel_end,
+            )
+        }
     };
     let initrd = match &spec.initrd {
         Some(data) => Some(write_initrd(ram, data, kernel_end)?),
@@ -132,7 +168,14 @@ pub fn load(ram: &GuestRam, spec: &BootSpec) -> Result<EntryPoint> {
             })
         }
         (None, elf_entry) => {
-            write_zero_page(ram, &e820, cmdline_addr, spec.cmdline.as_deref(), initrd)?;
+            write_zero_page(
+                ram,
+                &e820,
+                cmdline_addr,
+                spec.cmdline.as_deref(),
+                initrd,
+                setup_header,
+            )?;
             Ok(EntryPoint::LongMode {
                 entry: elf_entry,
                 zero_page: layout::ZERO_PAGE,
@@ -158,6 +201,55 @@ fn elf_error(e: linux_loader::loader::Error, file_len: usize, ram: u64) -> Error
         other => format!("bad ELF: {other}"),
     };
     Error::Load(why)
+}
+
+/// Where `startup_64` is in a bzImage's protected-mode part (boot protocol, 64-bit entry).
+const STARTUP_64_OFFSET: u64 = 0x200;
+/// `xloadflags` bit: the kernel has the 64-bit entry at `STARTUP_64_OFFSET`.
+const XLF_KERNEL_64: u16 = 1;
+
+fn bzimage_error(e: linux_loader::loader::Error, file_len: usize, ram: u64) -> Error {
+    use linux_loader::loader::bzimage::Error as B;
+    use linux_loader::loader::Error as L;
+    let why = match e {
+        L::Bzimage(B::InvalidBzImage) => format!(
+            "not a bzImage this loader takes ({file_len} bytes: no \"HdrS\" setup header of \
+             boot protocol 2.00+, or not loaded high)"
+        ),
+        L::Bzimage(B::ReadBzImageCompressedKernel) => format!(
+            "the {file_len}-byte bzImage does not fit in guest RAM ({} MiB)",
+            ram >> 20
+        ),
+        L::InvalidKernelStartAddress => "the bzImage wants to load below 1 MiB".to_string(),
+        other => format!("bad bzImage: {other}"),
+    };
+    Error::Load(why)
+}
+
+/// What this loader needs of a bzImage's header: the 64-bit entry, and room for the command
+/// line in the kernel's own limit.
+fn check_bzimage_header(
+    header: &linux_loader::loader::bootparam::setup_header,
+    cmdline: Option<&str>,
+) -> Result<()> {
+    let (version, xloadflags, limit) = (header.version, header.xloadflags, header.cmdline_size);
+    if version < 0x020c || xloadflags & XLF_KERNEL_64 == 0 {
+        return Err(Error::Load(format!(
+            "the bzImage (boot protocol {}.{:02}) has no 64-bit entry point (protocol 2.12+ with \
+             XLF_KERNEL_64), which vmfork boots it through",
+            version >> 8,
+            version & 0xff
+        )));
+    }
+    if let Some(c) = cmdline {
+        if limit != 0 && c.len() as u64 > u64::from(limit) {
+            return Err(Error::Load(format!(
+                "the {}-byte command line is longer than this kernel takes ({limit} bytes)",
+                c.len()
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn write_cmdline(ram: &GuestRam, cmdline: Option<&str>) -> Result<Option<u64>> {
@@ -259,19 +351,29 @@ fn write_zero_page(
     cmdline_addr: Option<u64>,
     cmdline: Option<&str>,
     initrd: Option<(u64, u64)>,
+    setup_header: Option<linux_loader::loader::bootparam::setup_header>,
 ) -> Result<()> {
     const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
     const KERNEL_HDR_MAGIC: u32 = 0x5372_6448; // "HdrS"
     const KERNEL_LOADER_OTHER: u8 = 0xff;
     const KERNEL_MIN_ALIGNMENT_BYTES: u32 = 0x100_0000;
     let mut params = boot_params::default();
+    // A bzImage's own header goes in as read (the kernel finds its fields there); the
+    // loader's fields are set on top.
+    let from_bzimage = setup_header.is_some();
+    if let Some(header) = setup_header {
+        params.hdr = header;
+    }
     params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
     params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
     params.hdr.header = KERNEL_HDR_MAGIC;
     params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT_BYTES;
     if let Some(addr) = cmdline_addr {
         params.hdr.cmd_line_ptr = addr as u32;
-        params.hdr.cmdline_size = cmdline.map_or(0, |c| c.len() as u32 + 1);
+        if !from_bzimage {
+            // (A bzImage's cmdline_size is the kernel's limit, an input to the loader.)
+            params.hdr.cmdline_size = cmdline.map_or(0, |c| c.len() as u32 + 1);
+        }
     }
     if let Some((addr, size)) = initrd {
         params.hdr.ramdisk_image = addr as u32;
