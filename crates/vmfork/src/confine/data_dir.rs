@@ -74,7 +74,8 @@ impl DataDir {
         let outside = |why: &str| {
             Error::Forbidden(format!(
                 "{} {why}: this server reads and writes files only inside its data directory {} \
-                 (--data-dir); give a path relative to it",
+                 (--data-dir); name a path inside it (a relative path in a request is taken from \
+                 it)",
                 requested.display(),
                 self.shown().display()
             ))
