@@ -689,3 +689,34 @@ fn restores_from_new_opens_of_one_snapshot_start_clean_in_recycled_shells() {
     }
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn the_cmos_nvram_is_a_device_record_and_older_snapshots_load_its_power_on_state() {
+    let dir = temp_dir("cmos-record");
+    let (vm, _) = guest_vm(Workload::Hello, config(32), &[]);
+    let path = dir.join("snap");
+    vm.snapshot(&path, &vmfork::SnapshotOptions::default())
+        .unwrap();
+    let summary = Snapshot::open(&path).unwrap().summary();
+    let devices: Vec<u64> = summary["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["name"] == "DEVICE")
+        .map(|r| r["instance"].as_u64().unwrap())
+        .collect();
+    assert_eq!(devices, [0, 1], "serial and CMOS: {summary}");
+    let devices = vm.save_state().unwrap().devices;
+    assert_eq!(devices.cmos, vmfork::devices::CmosRegisters::default());
+    // The version 1 golden snapshot has no CMOS record: it restores with the power-on CMOS.
+    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/v1.vmfs");
+    let restored = Snapshot::open(&golden)
+        .unwrap()
+        .restore(SerialSink::Discard)
+        .unwrap();
+    assert_eq!(
+        restored.save_state().unwrap().devices.cmos,
+        vmfork::devices::CmosRegisters::default()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,7 +1,7 @@
 //! The device layer: a port-I/O bus and an MMIO bus (rust-vmm `vm-device`) with devices
 //! registered by address range, and one [`Persist`] trait each stateful device implements next
-//! to its code. Today's devices: the legacy PC ones (`legacy/`: 8250 serial, i8042) and
-//! vmfork's own ports (`vmm_ports.rs`: exit and ready).
+//! to its code. Today's devices: the legacy PC ones (`legacy/`: 8250 serial, i8042, CMOS clock)
+//! and vmfork's own ports (`vmm_ports.rs`: exit and ready).
 //!
 //! A device that needs the VMM to act (the exit port's code, the i8042's reset line, the ready
 //! port) raises a [`Signals`] flag on the thread that made the access: the vCPU that wrote
@@ -11,11 +11,13 @@ pub mod legacy;
 mod serial_sink;
 pub mod vmm_ports;
 
+pub use legacy::cmos::{CmosRegisters, CMOS_BASE};
 pub use legacy::i8042::I8042_BASE;
 pub use legacy::serial::{SerialRegisters, SERIAL_BASE, SERIAL_IRQ};
 pub use serial_sink::{stdout_closed, SerialBuffer, SerialSink, SERIAL_BUFFER_CAP};
 pub use vmm_ports::{EXIT_PORT, READY_PORT};
 
+use legacy::cmos::{Cmos, CMOS_LEN};
 use legacy::i8042::{I8042, I8042_LEN};
 use legacy::serial::{SerialPort, SERIAL_LEN};
 use serde::{Deserialize, Serialize};
@@ -86,6 +88,7 @@ impl Signals {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceState {
     pub serial: SerialRegisters,
+    pub cmos: CmosRegisters,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -98,12 +101,14 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct Devices {
     io: IoManager,
     serial: Arc<SerialPort>,
+    cmos: Arc<Cmos>,
 }
 
 impl Devices {
     /// Devices in their power-on state. `serial_irq` is the irqfd of the serial's IRQ line.
     pub fn new(sink: SerialSink, serial_irq: Option<EventFd>) -> Self {
-        Self::on_buses(SerialPort::new(sink, serial_irq))
+        let cmos = CmosRegisters::default();
+        Self::on_buses(SerialPort::new(sink, serial_irq), Cmos::power_on(cmos))
     }
 
     /// Devices loaded from saved state (a fork's or a snapshot's).
@@ -112,25 +117,29 @@ impl Devices {
         sink: SerialSink,
         serial_irq: Option<EventFd>,
     ) -> crate::Result<Self> {
-        Ok(Self::on_buses(SerialPort::from_state(
-            &state.serial,
-            sink,
-            serial_irq,
-        )?))
+        Ok(Self::on_buses(
+            SerialPort::from_state(&state.serial, sink, serial_irq)?,
+            Cmos::new(state.cmos.clone())?,
+        ))
     }
 
     /// The serial model left out (its ports read as no device); `state` is kept for
     /// [`Self::attach`].
-    pub fn detached(state: DeviceState, serial_irq: Option<EventFd>) -> Self {
-        Self::on_buses(SerialPort::detached(state.serial, serial_irq))
+    pub fn detached(state: DeviceState, serial_irq: Option<EventFd>) -> crate::Result<Self> {
+        Ok(Self::on_buses(
+            SerialPort::detached(state.serial, serial_irq),
+            Cmos::new(state.cmos)?,
+        ))
     }
 
-    fn on_buses(serial: SerialPort) -> Self {
+    fn on_buses(serial: SerialPort, cmos: Cmos) -> Self {
         let serial = Arc::new(serial);
+        let cmos = Arc::new(cmos);
         let signals = Arc::new(Signals::default());
         let mut io = IoManager::new();
-        let ports: [(u16, u16, Arc<dyn DevicePio + Send + Sync>); 4] = [
+        let ports: [(u16, u16, Arc<dyn DevicePio + Send + Sync>); 5] = [
             (SERIAL_BASE, SERIAL_LEN, serial.clone()),
+            (CMOS_BASE, CMOS_LEN, cmos.clone()),
             (I8042_BASE, I8042_LEN, Arc::new(I8042::new(signals.clone()))),
             (
                 EXIT_PORT,
@@ -145,7 +154,7 @@ impl Devices {
                 let _ = io.register_pio(range, device);
             }
         }
-        Self { io, serial }
+        Self { io, serial, cmos }
     }
 
     /// Attaches the serial model of a detached set, loading the state it was made with.
@@ -159,6 +168,7 @@ impl Devices {
 
     /// Loads saved state into the devices, keeping their output sinks (a fork reset).
     pub fn load_state(&self, state: &DeviceState) -> crate::Result<()> {
+        self.cmos.load(&state.cmos)?;
         self.serial.load(&state.serial)
     }
 
@@ -166,6 +176,7 @@ impl Devices {
     pub fn save(&self) -> DeviceState {
         DeviceState {
             serial: self.serial.save(),
+            cmos: self.cmos.save(),
         }
     }
 
@@ -278,7 +289,7 @@ mod tests {
     fn a_detached_serial_reads_as_no_device_until_attached() {
         let mut state = DeviceState::default();
         state.serial.scratch = 0x42;
-        let devices = Devices::detached(state.clone(), None);
+        let devices = Devices::detached(state.clone(), None).unwrap();
         assert!(!devices.attached());
         let mut byte = [0u8];
         devices.pio_read(SERIAL_BASE + 7, &mut byte);

@@ -107,7 +107,7 @@ impl Vm {
         };
         let saved = &origin.state.devices;
         let devices = if opts.no_devices {
-            Devices::detached(saved.clone(), irq)
+            Devices::detached(saved.clone(), irq)?
         } else {
             Devices::from_state(saved, sink, irq)?
         };

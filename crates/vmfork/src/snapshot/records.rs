@@ -4,7 +4,7 @@
 //! matters (Xen's migration v2 once applied records in stream order and restored page tables
 //! before the vCPU flags they depended on).
 
-use crate::devices::{DeviceState, SerialRegisters};
+use crate::devices::{CmosRegisters, DeviceState, SerialRegisters};
 use crate::memory::{MemoryLayout, PAGE_SIZE};
 use crate::state::{IrqchipState, VcpuState, VmState};
 use crate::vm::VmConfig;
@@ -15,6 +15,8 @@ use vmfork_format::{Record, RecordType};
 
 /// The device ids used as DEVICE record instances.
 pub const DEVICE_SERIAL: u32 = 0;
+/// The CMOS clock's NVRAM; optional on load (snapshots from before it load its power-on state).
+pub const DEVICE_CMOS: u32 = 1;
 
 /// A component's state as a record: its type and how its body is encoded.
 pub trait StateRecord: Serialize + DeserializeOwned {
@@ -79,6 +81,10 @@ impl StateRecord for ClockRecord {
 }
 
 impl StateRecord for SerialRegisters {
+    const KIND: RecordType = RecordType::Device;
+}
+
+impl StateRecord for CmosRegisters {
     const KIND: RecordType = RecordType::Device;
 }
 
@@ -168,6 +174,11 @@ pub fn save_records(
         RecordType::Device,
         DEVICE_SERIAL,
         state.devices.serial.encode()?,
+    ));
+    out.push((
+        RecordType::Device,
+        DEVICE_CMOS,
+        state.devices.cmos.encode()?,
     ));
     Ok(out)
 }
@@ -304,7 +315,10 @@ pub fn load_records(records: &[Record]) -> Result<LoadedState, String> {
             ..Default::default()
         });
 
-    if let Some(&unknown) = devices.keys().find(|&&d| d != DEVICE_SERIAL) {
+    if let Some(&unknown) = devices
+        .keys()
+        .find(|&&d| d != DEVICE_SERIAL && d != DEVICE_CMOS)
+    {
         return Err(format!(
             "DEVICE record for device {unknown}, which this VM does not have"
         ));
@@ -314,6 +328,19 @@ pub fn load_records(records: &[Record]) -> Result<LoadedState, String> {
         .map(|r| SerialRegisters::decode(r))
         .transpose()?
         .ok_or("no DEVICE record for the serial port (device 0)")?;
+    let cmos = devices
+        .get(&DEVICE_CMOS)
+        .map(|r| CmosRegisters::decode(r))
+        .transpose()?
+        .unwrap_or_default();
+    if cmos.nvram.len() != 128 || cmos.index >= 128 {
+        return Err(format!(
+            "DEVICE record for the CMOS (device 1): {} NVRAM bytes and register {:#x} selected \
+             (128 bytes, 0-0x7f)",
+            cmos.nvram.len(),
+            cmos.index
+        ));
+    }
 
     Ok(LoadedState {
         id,
@@ -322,7 +349,7 @@ pub fn load_records(records: &[Record]) -> Result<LoadedState, String> {
             vcpus: vcpu_states,
             irqchip,
             clock,
-            devices: DeviceState { serial },
+            devices: DeviceState { serial, cmos },
             memory: layout,
         },
         memory,
