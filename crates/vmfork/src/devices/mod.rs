@@ -55,7 +55,8 @@ thread_local! {
 }
 
 /// How devices ask the VMM to act on the access being made (see the module docs).
-#[derive(Default)]
+/// Holds nothing: the outcome lives in a thread-local, so a device keeps its own copy.
+#[derive(Clone, Copy, Default)]
 pub struct Signals(());
 
 impl Signals {
@@ -135,17 +136,13 @@ impl Devices {
     fn on_buses(serial: SerialPort, cmos: Cmos) -> Self {
         let serial = Arc::new(serial);
         let cmos = Arc::new(cmos);
-        let signals = Arc::new(Signals::default());
+        let signals = Signals::default();
         let mut io = IoManager::new();
         let ports: [(u16, u16, Arc<dyn DevicePio + Send + Sync>); 5] = [
             (SERIAL_BASE, SERIAL_LEN, serial.clone()),
             (CMOS_BASE, CMOS_LEN, cmos.clone()),
-            (I8042_BASE, I8042_LEN, Arc::new(I8042::new(signals.clone()))),
-            (
-                EXIT_PORT,
-                EXIT_PORT_LEN,
-                Arc::new(ExitPort(signals.clone())),
-            ),
+            (I8042_BASE, I8042_LEN, Arc::new(I8042::new(signals))),
+            (EXIT_PORT, EXIT_PORT_LEN, Arc::new(ExitPort(signals))),
             (READY_PORT, 1, Arc::new(ReadyPort(signals))),
         ];
         for (base, len, device) in ports {

@@ -3,7 +3,6 @@
 //! `Vm::run_to_ready` stops and fuzzing forks; other runs go straight on).
 
 use super::Signals;
-use std::sync::Arc;
 use vm_device::bus::{PioAddress, PioAddressOffset};
 use vm_device::DevicePio;
 
@@ -14,7 +13,7 @@ pub(crate) const EXIT_PORT_LEN: u16 = 2;
 pub const READY_PORT: u16 = 0x503;
 
 /// The exit port.
-pub struct ExitPort(pub(crate) Arc<Signals>);
+pub struct ExitPort(pub(crate) Signals);
 
 impl DevicePio for ExitPort {
     fn pio_read(&self, _base: PioAddress, _offset: PioAddressOffset, data: &mut [u8]) {
@@ -27,7 +26,7 @@ impl DevicePio for ExitPort {
 }
 
 /// The ready port.
-pub struct ReadyPort(pub(crate) Arc<Signals>);
+pub struct ReadyPort(pub(crate) Signals);
 
 impl DevicePio for ReadyPort {
     fn pio_read(&self, _base: PioAddress, _offset: PioAddressOffset, data: &mut [u8]) {

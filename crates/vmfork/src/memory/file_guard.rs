@@ -275,6 +275,12 @@ pub(crate) fn listen(file: &Arc<File>, listener: Weak<dyn DamageListener>) {
     }
 }
 
+/// Whether any file is guarded in this process (a snapshot's memory file was opened): until
+/// then nothing can be damaged, and callers skip the look.
+pub(crate) fn active() -> bool {
+    INSTALLED.load(Ordering::Acquire)
+}
+
 /// Why `file` may no longer be used as guest memory, if it is guarded and damaged. Checks the
 /// file itself (not only what the watcher saw so far).
 pub(crate) fn damage(file: &Arc<File>) -> Option<String> {

@@ -407,6 +407,10 @@ impl VmShared {
     /// Why this VM's memory can no longer be trusted, if a snapshot file its image maps was
     /// truncated or written under it.
     pub(crate) fn memory_damage(&self) -> Option<String> {
+        // Every fork and snapshot asks: without a guarded file, skip the tracking lock.
+        if !crate::memory::file_guard::active() {
+            return None;
+        }
         let tracking = self.tracking.lock().unwrap_or_else(|p| p.into_inner());
         let base = tracking.image.as_ref().map(|i| Arc::clone(i.base()));
         drop(tracking);

@@ -2,7 +2,7 @@
 //! its reset line, which stops the VM with [`crate::ExitReason::Reset`].
 
 use super::super::{lock, Signals};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use vm_device::bus::{PioAddress, PioAddressOffset};
 use vm_device::DevicePio;
 use vm_superio::{I8042Device, Trigger};
@@ -12,7 +12,7 @@ pub const I8042_BASE: u16 = 0x60;
 pub(crate) const I8042_LEN: u16 = 5;
 
 /// Raises the VM's reset signal.
-struct ResetLine(Arc<Signals>);
+struct ResetLine(Signals);
 
 impl Trigger for ResetLine {
     type E = std::convert::Infallible;
@@ -26,7 +26,7 @@ impl Trigger for ResetLine {
 pub struct I8042(Mutex<I8042Device<ResetLine>>);
 
 impl I8042 {
-    pub fn new(signals: Arc<Signals>) -> Self {
+    pub fn new(signals: Signals) -> Self {
         Self(Mutex::new(I8042Device::new(ResetLine(signals))))
     }
 }
