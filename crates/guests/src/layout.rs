@@ -27,6 +27,15 @@ pub const INPUT_MAX: u64 = 0x1000;
 pub const STACK_TOP: u64 = 0x30_0000;
 /// First page `memtouch` writes.
 pub const MEMTOUCH_BASE: u64 = 0x40_0000;
+/// The test drivers' virtqueue: descriptor table, available ring and used ring in one page.
+pub const VIRTQ_DESC: u64 = 0x38_0000;
+pub const VIRTQ_AVAIL: u64 = VIRTQ_DESC + 0x100;
+pub const VIRTQ_USED: u64 = VIRTQ_DESC + 0x200;
+/// Entries in the test drivers' virtqueue.
+pub const VIRTQ_SIZE: u32 = 8;
+/// Buffers the test drivers hand to devices (up to [`DMA_MAX`] bytes from here).
+pub const DMA_BUFFER: u64 = 0x39_0000;
+pub const DMA_MAX: u64 = 0x6_0000;
 /// Smallest guest RAM the built-in guests need (stack, mailbox, code and a few memtouch pages).
 pub const MIN_RAM: u64 = 8 << 20;
 
@@ -37,6 +46,12 @@ pub const EXIT_PORT: u16 = 0x501;
 /// Ready port: fuzzing targets write here just before they read their input (vmfork forks the
 /// fuzzing targets there; elsewhere the write is ignored).
 pub const READY_PORT: u16 = 0x503;
+
+/// The generation id page (vmfork's VMGenID) and the first virtio-mmio slot.
+pub const VMGENID_MMIO: u64 = 0xd000_0000;
+pub const VIRTIO_MMIO: u64 = 0xd000_1000;
+/// Bytes between virtio-mmio slots.
+pub const VIRTIO_MMIO_STRIDE: u64 = 0x1000;
 
 /// Offsets of the mailbox fields (each a little-endian u64).
 pub mod mailbox {
@@ -51,4 +66,10 @@ pub mod mailbox {
     pub const PROGRESS: u64 = 0x20;
     /// Harness input length in bytes.
     pub const INPUT_LEN: u64 = 0x28;
+    /// `entropy`: the generation id read first (16 bytes) and after the ready port (16 bytes).
+    pub const GENERATION_BEFORE: u64 = 0x30;
+    pub const GENERATION_AFTER: u64 = 0x40;
+    /// `entropy`: bytes the device wrote in the first and second request.
+    pub const USED_LEN_BEFORE: u64 = 0x50;
+    pub const USED_LEN_AFTER: u64 = 0x58;
 }

@@ -5,6 +5,7 @@
 //! ELF with both a Xen PVH note (32-bit entry) and a 64-bit `e_entry`, so it boots in vmfork,
 //! in QEMU (`qemu-system-x86_64 -M microvm -kernel guest.elf`) and in other PVH loaders.
 
+pub mod drivers;
 mod elf;
 pub mod layout;
 mod runtime;
@@ -27,11 +28,12 @@ pub enum Workload {
     Dirty,
     Idle,
     Parser,
+    Entropy,
 }
 
 impl Workload {
     /// Every workload, in the order `vmfork guests` lists them.
-    pub const ALL: [Workload; 9] = [
+    pub const ALL: [Workload; 10] = [
         Workload::Hello,
         Workload::Counter,
         Workload::Memtouch,
@@ -41,6 +43,7 @@ impl Workload {
         Workload::Dirty,
         Workload::Idle,
         Workload::Parser,
+        Workload::Entropy,
     ];
 
     pub fn name(self) -> &'static str {
@@ -54,6 +57,7 @@ impl Workload {
             Workload::Dirty => "dirty",
             Workload::Idle => "idle",
             Workload::Parser => "parser",
+            Workload::Entropy => "entropy",
         }
     }
 
@@ -68,6 +72,7 @@ impl Workload {
             Workload::Dirty => "rewrites PARAM0 pages from 4 MiB forever, stamping a generation number (PARAM1: delay per page)",
             Workload::Idle => "halts at ring 0, counting interrupts in PROGRESS (PARAM0: LAPIC timer period, 0 = none)",
             Workload::Parser => "fuzzing target: a TLV parser with three planted bugs at different depths; exits 0 (valid) or 1 (malformed)",
+            Workload::Entropy => "virtio-rng and generation-id driver: reads the generation id and PARAM0 random bytes, writes the ready port, reads both again, exits 0",
         }
     }
 
@@ -81,7 +86,7 @@ impl Workload {
     pub fn announces_ready(self) -> bool {
         matches!(
             self,
-            Workload::Harness | Workload::Parser | Workload::Memtouch
+            Workload::Harness | Workload::Parser | Workload::Memtouch | Workload::Entropy
         )
     }
 
@@ -104,6 +109,7 @@ impl Workload {
             Workload::Dirty => (workloads::dirty(), Ring::User),
             Workload::Idle => (workloads::idle(), Ring::Kernel),
             Workload::Parser => (workloads::parser(), Ring::User),
+            Workload::Entropy => (drivers::entropy(), Ring::User),
         };
         // The assembler input is fixed at compile time, so failure here is a bug in this crate.
         (code.expect("built-in workload assembles"), ring)

@@ -22,15 +22,15 @@ pub fn memtouch_pattern(seed: u64, index: u64) -> u64 {
 }
 
 /// Shared helpers every workload is assembled with: `print`, `print_dec`, `exit`.
-struct Asm {
-    a: CodeAssembler,
+pub(crate) struct Asm {
+    pub(crate) a: CodeAssembler,
     print: CodeLabel,
-    print_dec: CodeLabel,
-    exit: CodeLabel,
+    pub(crate) print_dec: CodeLabel,
+    pub(crate) exit: CodeLabel,
 }
 
 impl Asm {
-    fn new() -> Result<Self, IcedError> {
+    pub(crate) fn new() -> Result<Self, IcedError> {
         let mut a = CodeAssembler::new(64)?;
         let print = a.create_label();
         let print_dec = a.create_label();
@@ -46,25 +46,25 @@ impl Asm {
     }
 
     /// Prints a string placed after the code.
-    fn print_str(&mut self, label: CodeLabel, len: usize) -> Result<(), IcedError> {
+    pub(crate) fn print_str(&mut self, label: CodeLabel, len: usize) -> Result<(), IcedError> {
         self.a.lea(rsi, ptr(label))?;
         self.a.mov(ecx, len as u32)?;
         self.a.call(self.print)
     }
 
     /// Says "ready for input" on the ready port (where fuzzing forks the target).
-    fn announce_ready(&mut self) -> Result<(), IcedError> {
+    pub(crate) fn announce_ready(&mut self) -> Result<(), IcedError> {
         self.a.mov(dx, READY_PORT as u32)?;
         self.a.out(dx, al)
     }
 
-    fn exit_with(&mut self, code: u8) -> Result<(), IcedError> {
+    pub(crate) fn exit_with(&mut self, code: u8) -> Result<(), IcedError> {
         self.a.mov(eax, code as u32)?;
         self.a.jmp(self.exit)
     }
 
     /// Emits the helper bodies and assembles everything at [`USER_CODE`].
-    fn finish(mut self) -> Result<Vec<u8>, IcedError> {
+    pub(crate) fn finish(mut self) -> Result<Vec<u8>, IcedError> {
         let a = &mut self.a;
         // print(rsi = bytes, rcx = length): one `rep outsb`, which KVM turns into one exit.
         a.set_label(&mut self.print)?;
@@ -541,7 +541,7 @@ pub fn spin() -> Result<Vec<u8>, IcedError> {
 }
 
 /// Places `text` in a skipped-over block at the current position and returns its label.
-fn string_after(g: &mut Asm, text: &[u8]) -> Result<CodeLabel, IcedError> {
+pub(crate) fn string_after(g: &mut Asm, text: &[u8]) -> Result<CodeLabel, IcedError> {
     let mut after = g.a.create_label();
     g.a.jmp(after)?;
     let label = string(&mut g.a, text)?;

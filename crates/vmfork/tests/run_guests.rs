@@ -202,9 +202,11 @@ fn a_bzimage_boots_through_its_64_bit_entry_with_its_setup_header_in_the_zero_pa
     );
     assert_eq!(params[0x210], 0xff, "type_of_loader");
     let cmdline = u32_at(0x228) as u64;
-    let mut text = vec![0u8; 19];
+    // The command line, with the virtio-mmio devices announced as Linux reads them.
+    const ANNOUNCED: &[u8] = b"console=ttyS0 quiet virtio_mmio.device=4K@0xd0001000:6\0";
+    let mut text = vec![0u8; ANNOUNCED.len()];
     vm.ram().read(cmdline, &mut text).unwrap();
-    assert_eq!(text, b"console=ttyS0 quiet");
+    assert_eq!(text, ANNOUNCED);
     // What this loader cannot boot is a clear error.
     for (image, cmdline, why) in [
         (bzimage(0x020a, 1), None, "no 64-bit entry"),

@@ -691,7 +691,7 @@ fn restores_from_new_opens_of_one_snapshot_start_clean_in_recycled_shells() {
 }
 
 #[test]
-fn the_cmos_nvram_is_a_device_record_and_older_snapshots_load_its_power_on_state() {
+fn every_device_is_a_record_and_older_snapshots_load_the_power_on_state_of_the_rest() {
     let dir = temp_dir("cmos-record");
     let (vm, _) = guest_vm(Workload::Hello, config(32), &[]);
     let path = dir.join("snap");
@@ -705,18 +705,24 @@ fn the_cmos_nvram_is_a_device_record_and_older_snapshots_load_its_power_on_state
         .filter(|r| r["name"] == "DEVICE")
         .map(|r| r["instance"].as_u64().unwrap())
         .collect();
-    assert_eq!(devices, [0, 1], "serial and CMOS: {summary}");
+    assert_eq!(
+        devices,
+        [0, 1, 2, 16],
+        "serial, CMOS, generation id, virtio slot 0: {summary}"
+    );
     let devices = vm.save_state().unwrap().devices;
     assert_eq!(devices.cmos, vmfork::devices::CmosRegisters::default());
-    // The version 1 golden snapshot has no CMOS record: it restores with the power-on CMOS.
+    // The version 1 golden snapshot has only the serial's record: it restores with the
+    // power-on CMOS and virtio-rng, and (as every restore) a new generation id.
     let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/v1.vmfs");
     let restored = Snapshot::open(&golden)
         .unwrap()
         .restore(SerialSink::Discard)
         .unwrap();
-    assert_eq!(
-        restored.save_state().unwrap().devices.cmos,
-        vmfork::devices::CmosRegisters::default()
-    );
+    let state = restored.save_state().unwrap().devices;
+    assert_eq!(state.cmos, vmfork::devices::CmosRegisters::default());
+    assert_eq!(state.virtio.len(), 1);
+    assert_eq!(state.virtio[0].status, 0);
+    assert_ne!(state.generation.id, [0; 16]);
     let _ = std::fs::remove_dir_all(&dir);
 }

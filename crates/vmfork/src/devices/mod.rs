@@ -1,33 +1,46 @@
 //! The device layer: a port-I/O bus and an MMIO bus (rust-vmm `vm-device`) with devices
 //! registered by address range, and one [`Persist`] trait each stateful device implements next
-//! to its code. Today's devices: the legacy PC ones (`legacy/`: 8250 serial, i8042, CMOS clock)
-//! and vmfork's own ports (`vmm_ports.rs`: exit and ready).
+//! to its code (`persist.rs` turns the whole set into snapshot record bodies). The devices: the
+//! legacy PC ones (`legacy/`: 8250 serial, i8042, CMOS clock), vmfork's own ports
+//! (`vmm_ports.rs`: exit and ready), the generation id page (`vmgenid.rs`) and virtio devices
+//! on virtio-mmio (`virtio/`: entropy). Interrupt lines are irqfds, one per device
+//! (`irq.rs`).
 //!
 //! A device that needs the VMM to act (the exit port's code, the i8042's reset line, the ready
 //! port) raises a [`Signals`] flag on the thread that made the access: the vCPU that wrote
 //! gets the outcome of its own write, whatever the others do meanwhile.
 
+pub mod irq;
 pub mod legacy;
+pub mod persist;
 mod serial_sink;
+pub mod virtio;
+pub mod vmgenid;
 pub mod vmm_ports;
 
+pub use irq::IrqLines;
 pub use legacy::cmos::{CmosRegisters, CMOS_BASE};
 pub use legacy::i8042::I8042_BASE;
 pub use legacy::serial::{SerialRegisters, SERIAL_BASE, SERIAL_IRQ};
 pub use serial_sink::{stdout_closed, SerialBuffer, SerialSink, SERIAL_BUFFER_CAP};
+pub use virtio::mmio::VirtioState;
+pub use vmgenid::{GenerationId, VMGENID_BASE};
 pub use vmm_ports::{EXIT_PORT, READY_PORT};
 
+use crate::memory::GuestRam;
 use legacy::cmos::{Cmos, CMOS_LEN};
 use legacy::i8042::{I8042, I8042_LEN};
 use legacy::serial::{SerialPort, SERIAL_LEN};
 use serde::{Deserialize, Serialize};
 use std::cell::Cell;
 use std::sync::{Arc, Mutex, MutexGuard};
-use vm_device::bus::{MmioAddress, PioAddress, PioRange};
+use virtio::mmio::MmioTransport;
+use virtio::{VirtioDevice, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
+use vm_device::bus::{MmioAddress, MmioRange, PioAddress, PioRange};
 use vm_device::device_manager::{IoManager, MmioManager, PioManager};
-use vm_device::DevicePio;
+use vm_device::{DeviceMmio, DevicePio};
+use vmgenid::{VmGenId, VMGENID_SIZE};
 use vmm_ports::{ExitPort, ReadyPort, EXIT_PORT_LEN};
-use vmm_sys_util::eventfd::EventFd;
 
 /// What a port write asks of the VMM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,6 +65,8 @@ pub trait Persist {
 thread_local! {
     // The outcome of the access this thread is making (set by a device, taken by the bus).
     static OUTCOME: Cell<PioOutcome> = const { Cell::new(PioOutcome::Continue) };
+    // A virtio queue this thread's MMIO write asked to have served: (slot, queue).
+    static NOTIFY: Cell<Option<(u8, u16)>> = const { Cell::new(None) };
 }
 
 /// How devices ask the VMM to act on the access being made (see the module docs).
@@ -80,8 +95,17 @@ impl Signals {
         self.raise(PioOutcome::Ready);
     }
 
+    /// Asks for queue `queue` of virtio slot `slot` to be served once the write returns.
+    pub fn raise_notify(&self, slot: u8, queue: u16) {
+        NOTIFY.with(|n| n.set(Some((slot, queue))));
+    }
+
     fn take() -> PioOutcome {
         OUTCOME.with(|o| o.replace(PioOutcome::Continue))
+    }
+
+    fn take_notify() -> Option<(u8, u16)> {
+        NOTIFY.with(|n| n.take())
     }
 }
 
@@ -90,11 +114,19 @@ impl Signals {
 pub struct DeviceState {
     pub serial: SerialRegisters,
     pub cmos: CmosRegisters,
+    pub generation: GenerationId,
+    /// The virtio-mmio slots in use, from slot 0 (unused slots are not saved).
+    pub virtio: Vec<VirtioState>,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Device models keep no invariants a panic could break halfway; carry on after poisoning.
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The virtio devices every VM has, by slot: the entropy device in slot 0.
+fn virtio_devices() -> Vec<Box<dyn VirtioDevice>> {
+    vec![Box::new(virtio::rng::Rng)]
 }
 
 /// The devices of one VM on their buses. The exit and ready ports are always there (vmfork's
@@ -103,39 +135,62 @@ pub struct Devices {
     io: IoManager,
     serial: Arc<SerialPort>,
     cmos: Arc<Cmos>,
+    generation: Arc<VmGenId>,
+    virtio: Vec<Arc<MmioTransport>>,
 }
 
 impl Devices {
-    /// Devices in their power-on state. `serial_irq` is the irqfd of the serial's IRQ line.
-    pub fn new(sink: SerialSink, serial_irq: Option<EventFd>) -> Self {
-        let cmos = CmosRegisters::default();
-        Self::on_buses(SerialPort::new(sink, serial_irq), Cmos::power_on(cmos))
+    /// Devices in their power-on state (a new generation id), raising `irqs`.
+    pub fn new(sink: SerialSink, irqs: &IrqLines) -> crate::Result<Self> {
+        let mut generation = GenerationId::default();
+        generation.new_generation()?;
+        let devices = Self::on_buses(
+            SerialPort::new(sink, irqs.line(SERIAL_IRQ)?),
+            Cmos::power_on(CmosRegisters::default()),
+            generation,
+            irqs,
+        )?;
+        Ok(devices)
     }
 
     /// Devices loaded from saved state (a fork's or a snapshot's).
     pub fn from_state(
         state: &DeviceState,
         sink: SerialSink,
-        serial_irq: Option<EventFd>,
+        irqs: &IrqLines,
     ) -> crate::Result<Self> {
-        Ok(Self::on_buses(
-            SerialPort::from_state(&state.serial, sink, serial_irq)?,
+        let devices = Self::on_buses(
+            SerialPort::from_state(&state.serial, sink, irqs.line(SERIAL_IRQ)?)?,
             Cmos::new(state.cmos.clone())?,
-        ))
+            state.generation.clone(),
+            irqs,
+        )?;
+        devices.load_virtio(&state.virtio)?;
+        Ok(devices)
     }
 
     /// The serial model left out (its ports read as no device); `state` is kept for
     /// [`Self::attach`].
-    pub fn detached(state: DeviceState, serial_irq: Option<EventFd>) -> crate::Result<Self> {
-        Ok(Self::on_buses(
-            SerialPort::detached(state.serial, serial_irq),
+    pub fn detached(state: DeviceState, irqs: &IrqLines) -> crate::Result<Self> {
+        let devices = Self::on_buses(
+            SerialPort::detached(state.serial, irqs.line(SERIAL_IRQ)?),
             Cmos::new(state.cmos)?,
-        ))
+            state.generation,
+            irqs,
+        )?;
+        devices.load_virtio(&state.virtio)?;
+        Ok(devices)
     }
 
-    fn on_buses(serial: SerialPort, cmos: Cmos) -> Self {
+    fn on_buses(
+        serial: SerialPort,
+        cmos: Cmos,
+        generation: GenerationId,
+        irqs: &IrqLines,
+    ) -> crate::Result<Self> {
         let serial = Arc::new(serial);
         let cmos = Arc::new(cmos);
+        let generation = Arc::new(VmGenId::new(generation, irqs.line(irq::VMGENID_IRQ)?));
         let signals = Signals::default();
         let mut io = IoManager::new();
         let ports: [(u16, u16, Arc<dyn DevicePio + Send + Sync>); 5] = [
@@ -151,7 +206,52 @@ impl Devices {
                 let _ = io.register_pio(range, device);
             }
         }
-        Self { io, serial, cmos }
+        let mut virtio = Vec::new();
+        for (slot, device) in virtio_devices().into_iter().enumerate() {
+            let gsi = irq::VIRTIO_IRQ_BASE + slot as u32;
+            virtio.push(Arc::new(MmioTransport::new(
+                slot as u8,
+                device,
+                irqs.line(gsi)?,
+                signals,
+            )?));
+        }
+        let mut pages: Vec<(u64, u64, Arc<dyn DeviceMmio + Send + Sync>)> =
+            vec![(VMGENID_BASE, VMGENID_SIZE, generation.clone())];
+        for (slot, transport) in virtio.iter().enumerate() {
+            let base = VIRTIO_MMIO_BASE + slot as u64 * VIRTIO_MMIO_SIZE;
+            pages.push((base, VIRTIO_MMIO_SIZE, transport.clone()));
+        }
+        for (base, len, device) in pages {
+            if let Ok(range) = MmioRange::new(MmioAddress(base), len) {
+                let _ = io.register_mmio(range, device);
+            }
+        }
+        Ok(Self {
+            io,
+            serial,
+            cmos,
+            generation,
+            virtio,
+        })
+    }
+
+    fn load_virtio(&self, saved: &[VirtioState]) -> crate::Result<()> {
+        if saved.len() > self.virtio.len() {
+            return Err(crate::Error::Invalid(format!(
+                "saved state has {} virtio devices; this VM has {}",
+                saved.len(),
+                self.virtio.len()
+            )));
+        }
+        for (slot, transport) in self.virtio.iter().enumerate() {
+            match saved.get(slot) {
+                Some(state) => transport.load(state)?,
+                // Saved before the slot existed (an older snapshot): its power-on state.
+                None => transport.power_on(),
+            }
+        }
+        Ok(())
     }
 
     /// Attaches the serial model of a detached set, loading the state it was made with.
@@ -163,9 +263,31 @@ impl Devices {
         self.serial.attached()
     }
 
+    /// The kernel command line words that announce the virtio-mmio devices to Linux:
+    /// `virtio_mmio.device=<size>@<base>:<irq>` per slot in use.
+    pub fn kernel_cmdline(&self) -> String {
+        (0..self.virtio.len())
+            .map(|slot| {
+                format!(
+                    "virtio_mmio.device=4K@{:#x}:{}",
+                    VIRTIO_MMIO_BASE + slot as u64 * VIRTIO_MMIO_SIZE,
+                    irq::VIRTIO_IRQ_BASE + slot as u32
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// Raises the interrupts of changes the devices were built with (a new generation id).
+    pub fn announce(&self) {
+        self.generation.announce();
+    }
+
     /// Loads saved state into the devices, keeping their output sinks (a fork reset).
     pub fn load_state(&self, state: &DeviceState) -> crate::Result<()> {
         self.cmos.load(&state.cmos)?;
+        self.generation.load(&state.generation)?;
+        self.load_virtio(&state.virtio)?;
         self.serial.load(&state.serial)
     }
 
@@ -174,6 +296,8 @@ impl Devices {
         DeviceState {
             serial: self.serial.save(),
             cmos: self.cmos.save(),
+            generation: self.generation.save(),
+            virtio: self.virtio.iter().map(|t| t.save()).collect(),
         }
     }
 
@@ -203,9 +327,16 @@ impl Devices {
         self.io.mmio_read(MmioAddress(addr), data).is_ok()
     }
 
-    /// Handles an MMIO write; `false` when no device is there.
-    pub fn mmio_write(&self, addr: u64, data: &[u8]) -> bool {
-        self.io.mmio_write(MmioAddress(addr), data).is_ok()
+    /// Handles an MMIO write; `false` when no device is there. A virtio queue notify is
+    /// served here, on the writing vCPU's thread, with `ram` as the guest's memory.
+    pub fn mmio_write(&self, addr: u64, data: &[u8], ram: &GuestRam) -> bool {
+        let found = self.io.mmio_write(MmioAddress(addr), data).is_ok();
+        if let Some((slot, queue)) = Signals::take_notify() {
+            if let Some(transport) = self.virtio.get(usize::from(slot)) {
+                ram.with_memory(|memory| transport.serve(usize::from(queue), memory));
+            }
+        }
+        found
     }
 }
 
@@ -215,7 +346,7 @@ mod tests {
 
     #[test]
     fn ports_dispatch_by_range_and_state_persists() {
-        let devices = Devices::new(SerialSink::Discard, None);
+        let devices = Devices::new(SerialSink::Discard, &IrqLines::none()).unwrap();
         // The serial's scratch register (offset 7) holds what is written, and is saved.
         assert_eq!(
             devices.pio_write(SERIAL_BASE + 7, &[0x5a]),
@@ -226,7 +357,7 @@ mod tests {
         assert_eq!(byte, [0x5a]);
         let saved = devices.save();
         assert_eq!(saved.serial.scratch, 0x5a);
-        let other = Devices::from_state(&saved, SerialSink::Discard, None).unwrap();
+        let other = Devices::from_state(&saved, SerialSink::Discard, &IrqLines::none()).unwrap();
         other.pio_read(SERIAL_BASE + 7, &mut byte);
         assert_eq!(byte, [0x5a]);
         // A rep string longer than the device's range goes byte by byte to the port.
@@ -247,11 +378,12 @@ mod tests {
         let mut two = [0u8; 2];
         devices.pio_read(0x80, &mut two);
         assert_eq!(two, [0xff, 0xff]);
-        assert!(!devices.mmio_write(0xd000_0000, &[1]));
+        let ram = GuestRam::new(8 << 20).unwrap();
+        assert!(!devices.mmio_write(0xd800_0000, &[1], &ram));
         // Bad saved state is refused, and a reset with it leaves the port usable.
         let mut bad = saved.clone();
         bad.serial.in_buffer = vec![0; 65];
-        assert!(Devices::from_state(&bad, SerialSink::Discard, None).is_err());
+        assert!(Devices::from_state(&bad, SerialSink::Discard, &IrqLines::none()).is_err());
         assert!(devices.load_state(&bad).is_err());
         assert_eq!(
             devices.pio_write(SERIAL_BASE + 7, &[9]),
@@ -263,7 +395,7 @@ mod tests {
 
     #[test]
     fn each_vcpu_thread_gets_the_outcome_of_its_own_write() {
-        let devices = Arc::new(Devices::new(SerialSink::Discard, None));
+        let devices = Arc::new(Devices::new(SerialSink::Discard, &IrqLines::none()).unwrap());
         let writer = |port: u16, expect: PioOutcome| {
             let devices = Arc::clone(&devices);
             std::thread::spawn(move || {
@@ -286,12 +418,12 @@ mod tests {
     fn a_detached_serial_reads_as_no_device_until_attached() {
         let mut state = DeviceState::default();
         state.serial.scratch = 0x42;
-        let devices = Devices::detached(state.clone(), None).unwrap();
+        let devices = Devices::detached(state.clone(), &IrqLines::none()).unwrap();
         assert!(!devices.attached());
         let mut byte = [0u8];
         devices.pio_read(SERIAL_BASE + 7, &mut byte);
         assert_eq!(byte, [0xff]);
-        assert_eq!(devices.save(), state);
+        assert_eq!(devices.save().serial, state.serial);
         devices.attach(SerialSink::Discard).unwrap();
         assert!(devices.attached());
         devices.pio_read(SERIAL_BASE + 7, &mut byte);

@@ -12,7 +12,7 @@ mod fold;
 mod freeze;
 mod quick_reset;
 
-use crate::devices::{Devices, SerialSink};
+use crate::devices::{Devices, IrqLines, SerialSink};
 use crate::error::{Error, KvmContext, Result};
 use crate::memory::{FrozenImage, GuestRam, MemoryTracking, PAGE_SIZE};
 use crate::state::VmState;
@@ -96,20 +96,23 @@ impl Vm {
         let image = Arc::clone(&origin.image);
         let image_base = &Arc::clone(image.base());
         let mut shell = take_shell(config, opts.fresh_shell, Some(image.base()))?;
-        let irq = if opts.block_interrupts {
-            None
+        let irqs = if opts.block_interrupts {
+            IrqLines::none()
         } else {
-            shell.serial_irq()?
+            shell.irq_lines()?
         };
         let serial = match &sink {
             SerialSink::Buffer(b) => Some(b.clone()),
             _ => None,
         };
+        // A new instance of the VM: a new generation id, kept by its resets.
+        let mut origin = origin;
+        origin.state.devices.generation.new_generation()?;
         let saved = &origin.state.devices;
         let devices = if opts.no_devices {
-            Devices::detached(saved.clone(), irq)?
+            Devices::detached(saved.clone(), &irqs)?
         } else {
-            Devices::from_state(saved, sink, irq)?
+            Devices::from_state(saved, sink, &irqs)?
         };
         let ram = GuestRam::from_image(&image, shell.ram_range.as_ref(), shell.resident.take())?;
         let vm = Vm::assemble(VmParts {
@@ -124,6 +127,8 @@ impl Vm {
         if let Some(origin) = &vm.shared().origin {
             vm.load_saved_state(&origin.state, true)?;
         }
+        // After the irqchip's state is in: the line raised now reaches the guest.
+        vm.shared().devices.announce();
         // Stopped if the snapshot file its image maps is truncated or written under it.
         let listener: std::sync::Weak<dyn crate::memory::file_guard::DamageListener> =
             vm.shared_weak();

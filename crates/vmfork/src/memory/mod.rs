@@ -403,6 +403,13 @@ impl GuestRam {
         self.swapping.read().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Runs `f` with vm-memory's view of RAM while no layer swap can happen under it (device
+    /// models serving a queue; their writes are recorded as dirty like every VMM write).
+    pub fn with_memory<T>(&self, f: impl FnOnce(&GuestMemory) -> T) -> T {
+        let _using = self.readers();
+        f(&self.memory)
+    }
+
     /// Copies guest memory at `addr` into `buf`; fails if any byte is outside RAM.
     pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<()> {
         self.check(addr, buf.len())?;

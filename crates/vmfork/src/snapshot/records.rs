@@ -4,7 +4,7 @@
 //! matters (Xen's migration v2 once applied records in stream order and restored page tables
 //! before the vCPU flags they depended on).
 
-use crate::devices::{CmosRegisters, DeviceState, SerialRegisters};
+use crate::devices::DeviceState;
 use crate::memory::{MemoryLayout, PAGE_SIZE};
 use crate::state::{IrqchipState, VcpuState, VmState};
 use crate::vm::VmConfig;
@@ -12,11 +12,6 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use vmfork_format::{Record, RecordType};
-
-/// The device ids used as DEVICE record instances.
-pub const DEVICE_SERIAL: u32 = 0;
-/// The CMOS clock's NVRAM; optional on load (snapshots from before it load its power-on state).
-pub const DEVICE_CMOS: u32 = 1;
 
 /// A component's state as a record: its type and how its body is encoded.
 pub trait StateRecord: Serialize + DeserializeOwned {
@@ -78,14 +73,6 @@ pub struct ClockRecord {
 
 impl StateRecord for ClockRecord {
     const KIND: RecordType = RecordType::Clock;
-}
-
-impl StateRecord for SerialRegisters {
-    const KIND: RecordType = RecordType::Device;
-}
-
-impl StateRecord for CmosRegisters {
-    const KIND: RecordType = RecordType::Device;
 }
 
 /// MEMORY_FILE: where guest RAM is and how to check it.
@@ -170,16 +157,9 @@ pub fn save_records(
         };
         out.push((RecordType::Clock, 0, body.encode()?));
     }
-    out.push((
-        RecordType::Device,
-        DEVICE_SERIAL,
-        state.devices.serial.encode()?,
-    ));
-    out.push((
-        RecordType::Device,
-        DEVICE_CMOS,
-        state.devices.cmos.encode()?,
-    ));
+    for (instance, body) in state.devices.encode_parts()? {
+        out.push((RecordType::Device, instance, body));
+    }
     Ok(out)
 }
 
@@ -315,32 +295,11 @@ pub fn load_records(records: &[Record]) -> Result<LoadedState, String> {
             ..Default::default()
         });
 
-    if let Some(&unknown) = devices
-        .keys()
-        .find(|&&d| d != DEVICE_SERIAL && d != DEVICE_CMOS)
-    {
-        return Err(format!(
-            "DEVICE record for device {unknown}, which this VM does not have"
-        ));
-    }
-    let serial = devices
-        .get(&DEVICE_SERIAL)
-        .map(|r| SerialRegisters::decode(r))
-        .transpose()?
-        .ok_or("no DEVICE record for the serial port (device 0)")?;
-    let cmos = devices
-        .get(&DEVICE_CMOS)
-        .map(|r| CmosRegisters::decode(r))
-        .transpose()?
-        .unwrap_or_default();
-    if cmos.nvram.len() != 128 || cmos.index >= 128 {
-        return Err(format!(
-            "DEVICE record for the CMOS (device 1): {} NVRAM bytes and register {:#x} selected \
-             (128 bytes, 0-0x7f)",
-            cmos.nvram.len(),
-            cmos.index
-        ));
-    }
+    let bodies = devices
+        .iter()
+        .map(|(&instance, record)| (instance, record.body.as_slice()))
+        .collect();
+    let devices = DeviceState::decode_parts(&bodies)?;
 
     Ok(LoadedState {
         id,
@@ -349,7 +308,7 @@ pub fn load_records(records: &[Record]) -> Result<LoadedState, String> {
             vcpus: vcpu_states,
             irqchip,
             clock,
-            devices: DeviceState { serial, cmos },
+            devices,
             memory: layout,
         },
         memory,

@@ -15,8 +15,9 @@ pub use kick::ThreadTimer;
 pub use kvm_system::KvmSystem;
 
 use crate::boot::{self, BootSpec};
+use crate::devices::irq::device_gsis;
 use crate::devices::SerialBuffer;
-use crate::devices::{Devices, SerialSink, SERIAL_IRQ};
+use crate::devices::{Devices, IrqLines, SerialSink};
 use crate::error::{Error, KvmContext, Result};
 use crate::memory::{
     AddressRange, DirtyPages, FrozenImage, GuestRam, MemoryLayout, MemoryTracking, ResidentRam,
@@ -107,11 +108,11 @@ const MAX_RESIDENT_STALE_PAGES: u64 = 1024;
 
 /// What the controller and the vCPU threads share.
 pub(crate) struct VmShared {
-    // The shell (vCPUs, VM fd, serial irqfd) is handed to the pool when this drops, after its
+    // The shell (vCPUs, VM fd, irqfds) is handed to the pool when this drops, after its
     // memslots are deleted, so it never points at the RAM freed after it.
     pub(crate) vcpus: Vec<VcpuSlot>,
     pub(crate) fd: Arc<VmFd>,
-    serial_irq: Option<EventFd>,
+    irqs: IrqLines,
     pub(crate) devices: Devices,
     pub(crate) control: RunControl,
     /// Serializes the operations that change or read the run state, vCPU state or memory.
@@ -169,7 +170,8 @@ pub(crate) enum ForkSource {
 pub(crate) struct VmShell {
     pub(crate) fd: Arc<VmFd>,
     pub(crate) vcpus: Vec<VcpuSlot>,
-    pub(crate) serial_irq: Option<EventFd>,
+    /// An irqfd on every device line (none without an in-kernel irqchip).
+    pub(crate) irqs: IrqLines,
     pub(crate) msr_indices: Vec<u32>,
     /// A reserved host range with dirty-logged memslots already registered over it for RAM of
     /// the config's size (pooled shells): a fork maps its RAM there and skips memslot creation.
@@ -201,13 +203,17 @@ pub(crate) fn create_shell(config: &VmConfig, memory: Option<ShellMemory<'_>>) -
         }
         None => None,
     };
-    let serial_irq = if config.irqchip {
+    let irqs = if config.irqchip {
         create_irqchip(&fd)?;
-        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::Io)?;
-        fd.register_irqfd(&evt, SERIAL_IRQ).kvm("KVM_IRQFD")?;
-        Some(evt)
+        let mut lines = Vec::new();
+        for gsi in device_gsis() {
+            let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::Io)?;
+            fd.register_irqfd(&evt, gsi).kvm("KVM_IRQFD")?;
+            lines.push((gsi, evt));
+        }
+        IrqLines::new(lines)
     } else {
-        None
+        IrqLines::none()
     };
     let mut vcpus = Vec::with_capacity(config.vcpus as usize);
     for i in 0..config.vcpus {
@@ -233,7 +239,7 @@ pub(crate) fn create_shell(config: &VmConfig, memory: Option<ShellMemory<'_>>) -
     Ok(VmShell {
         fd,
         vcpus,
-        serial_irq,
+        irqs,
         msr_indices,
         ram_range: None,
         resident: None,
@@ -276,7 +282,7 @@ impl Vm {
             shared: Arc::new(VmShared {
                 vcpus: parts.shell.vcpus,
                 fd: parts.shell.fd,
-                serial_irq: parts.shell.serial_irq,
+                irqs: parts.shell.irqs,
                 ram_range: parts.shell.ram_range,
                 devices: parts.devices,
                 control: RunControl::new(),
@@ -348,12 +354,9 @@ impl Vm {
 }
 
 impl VmShell {
-    /// A handle on the serial IRQ line's irqfd for a device model (the shell keeps its own).
-    pub(crate) fn serial_irq(&self) -> Result<Option<EventFd>> {
-        self.serial_irq
-            .as_ref()
-            .map(|e| e.try_clone().map_err(Error::Io))
-            .transpose()
+    /// Handles on the device lines' irqfds for a device set (the shell keeps its own).
+    pub(crate) fn irq_lines(&self) -> Result<IrqLines> {
+        self.irqs.try_clone()
     }
 }
 
@@ -373,7 +376,7 @@ impl Drop for VmShared {
         let shell = VmShell {
             fd: Arc::clone(&self.fd),
             vcpus: std::mem::take(&mut self.vcpus),
-            serial_irq: self.serial_irq.take(),
+            irqs: std::mem::take(&mut self.irqs),
             msr_indices: std::mem::take(&mut self.msr_indices),
             ram_range: if reusable_range {
                 self.ram_range.take()
@@ -567,7 +570,7 @@ impl Vm {
             SerialSink::Buffer(b) => Some(b.clone()),
             _ => None,
         };
-        let devices = Devices::new(serial, shell.serial_irq()?);
+        let devices = Devices::new(serial, &shell.irq_lines()?)?;
         Vm::assemble(VmParts {
             shell,
             ram,
@@ -594,6 +597,22 @@ impl Vm {
                 wanted: "not yet started",
             });
         }
+        // A kernel given a command line learns of the virtio-mmio devices on it (Linux's
+        // `virtio_mmio.device=`, as Firecracker announces them).
+        let announced;
+        let spec = match &spec.cmdline {
+            Some(cmdline) => {
+                announced = BootSpec {
+                    cmdline: Some(format!(
+                        "{cmdline} {}",
+                        self.shared.devices.kernel_cmdline()
+                    )),
+                    ..spec.clone()
+                };
+                &announced
+            }
+            None => spec,
+        };
         let entry = boot::load(&self.shared.ram, spec)?;
         let vcpu = self.shared.vcpu(0)?;
         boot::setup_boot_vcpu(&vcpu, &self.shared.ram, entry)
@@ -694,6 +713,7 @@ impl Vm {
             0,
             &mut vcpu,
             &self.shared.devices,
+            &self.shared.ram,
             &self.shared.control,
             limits,
         );
@@ -986,7 +1006,15 @@ fn vcpu_thread(shared: Arc<VmShared>, index: usize) {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         let limits = vcpu::RunLimits::default();
-        match vcpu::run_vcpu(index, &mut vcpu, &shared.devices, &shared.control, limits) {
+        let event = vcpu::run_vcpu(
+            index,
+            &mut vcpu,
+            &shared.devices,
+            &shared.ram,
+            &shared.control,
+            limits,
+        );
+        match event {
             vcpu::RunEvent::Interrupted => {}
             vcpu::RunEvent::Exit(reason) => {
                 shared.control.finish(*reason);

@@ -3,6 +3,7 @@
 use super::control::RunControl;
 use super::exit::{ExitReason, VcpuDump};
 use crate::devices::{Devices, PioOutcome};
+use crate::memory::GuestRam;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 /// What stopped a stretch of KVM_RUN calls.
@@ -41,6 +42,7 @@ pub fn run_vcpu(
     index: usize,
     vcpu: &mut VcpuFd,
     devices: &Devices,
+    ram: &GuestRam,
     control: &RunControl,
     limits: RunLimits,
 ) -> RunEvent {
@@ -84,7 +86,7 @@ pub fn run_vcpu(
                     data.fill(0xff)
                 }
             }
-            VcpuExit::MmioWrite(addr, data) if devices.mmio_write(addr, data) => {}
+            VcpuExit::MmioWrite(addr, data) if devices.mmio_write(addr, data, ram) => {}
             // A write where no device is stops the VM: a guest bug worth seeing.
             VcpuExit::MmioWrite(addr, data) => {
                 let len = data.len();
