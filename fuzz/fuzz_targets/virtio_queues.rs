@@ -1,5 +1,6 @@
-//! A hostile guest driving a virtio device: any sequence of register writes, guest memory
-//! writes (descriptor tables, rings) and queue notifies. The device must never panic, and must
+//! A hostile guest driving a virtio device (the entropy device, or a disk when the first byte
+//! is odd): any sequence of register writes, guest memory writes (descriptor tables, rings,
+//! request headers) and queue notifies. The device must never panic, and must
 //! never touch host memory outside guest RAM: the RAM sits between inaccessible guard pages, so
 //! a stray access is a crash the fuzzer reports.
 #![no_main]
@@ -10,7 +11,9 @@ use vm_device::DeviceMmio;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 use vmfork::devices::virtio::mmio::MmioTransport;
+use vmfork::devices::virtio::block::{Block, DiskConfig};
 use vmfork::devices::virtio::rng::Rng;
+use vmfork::devices::virtio::VirtioDevice;
 use vmfork::devices::Signals;
 
 const RAM: usize = 64 << 10;
@@ -63,9 +66,36 @@ impl Drop for GuardedRam {
     }
 }
 
+/// A 64 KiB disk image, made once per process.
+fn disk_image() -> &'static std::path::Path {
+    static IMAGE: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    IMAGE.get_or_init(|| {
+        let path = std::env::temp_dir().join(format!("vmfork-fuzz-disk-{}", std::process::id()));
+        std::fs::write(&path, vec![0x5a; 64 << 10]).unwrap();
+        path
+    })
+}
+
+fn make_device(disk: bool) -> Box<dyn VirtioDevice> {
+    if disk {
+        let config = DiskConfig {
+            path: disk_image().to_path_buf(),
+            read_only: false,
+        };
+        Box::new(Block::open(&config).unwrap())
+    } else {
+        Box::new(Rng)
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
+    let Some((&first, data)) = data.split_first() else {
+        return;
+    };
+    let disk = first & 1 == 1;
     let ram = GuardedRam::new();
-    let device = MmioTransport::new(0, Box::new(Rng), None, Signals::default()).unwrap();
+    let device_under_test = make_device(disk);
+    let device = MmioTransport::new(0, device_under_test, None, Signals::default()).unwrap();
     let mut ops = data.chunks_exact(8);
     for op in &mut ops {
         let value = u32::from_le_bytes([op[4], op[5], op[6], op[7]]);
@@ -90,6 +120,6 @@ fuzz_target!(|data: &[u8]| {
     }
     // The state saved after any of this loads back into a fresh device.
     let saved = device.save();
-    let fresh = MmioTransport::new(0, Box::new(Rng), None, Signals::default()).unwrap();
+    let fresh = MmioTransport::new(0, make_device(disk), None, Signals::default()).unwrap();
     fresh.load(&saved).unwrap();
 });

@@ -44,6 +44,8 @@ const STATUS: i32 = 0x70;
 const QUEUE_DESC: i32 = 0x80;
 const QUEUE_DRIVER: i32 = 0x90;
 const QUEUE_DEVICE: i32 = 0xa0;
+/// Where the block driver keeps a request's header (16 bytes) and status byte (at +16).
+const BLOCK_HEADER: u64 = VIRTQ_DESC + 0x400;
 /// Polls of the used ring before a driver gives up on a request.
 const POLL_LIMIT: u32 = 1 << 24;
 
@@ -127,27 +129,18 @@ impl Driver {
         a.mov(dword_ptr(r14 + STATUS), 0xf) // | DRIVER_OK
     }
 
-    /// Emits `request(rdi = buffer, ecx = length) -> eax = bytes used`: one device-writable
-    /// descriptor made available at the ring's next index, the queue notified, the used ring
-    /// polled, the interrupt acknowledged. The ring indices live in guest memory, so a
-    /// restored or forked guest carries on where its image left off.
-    fn emit_request(&mut self, label: &mut CodeLabel) -> Result<(), IcedError> {
+    /// Emits `submit() -> eax = bytes used`: makes the chain at descriptor 0 available at the
+    /// ring's next index, notifies the queue, polls the used ring, acknowledges the
+    /// interrupt. The ring indices live in guest memory, so a restored or forked guest carries
+    /// on where its image left off.
+    fn emit_submit(&mut self, label: &mut CodeLabel) -> Result<(), IcedError> {
         let a = &mut self.g.a;
         a.set_label(label)?;
         a.mov(rdx, VIRTQ_AVAIL)?;
         a.movzx(r8d, word_ptr(rdx + 2))?; // the index this request takes
         a.mov(eax, r8d)?;
         a.and(eax, (VIRTQ_SIZE - 1) as i32)?;
-        // Descriptor number = ring slot: the descriptor is free once its slot is reused.
-        a.mov(r9, VIRTQ_DESC)?;
-        a.mov(r10d, eax)?;
-        a.shl(r10d, 4)?;
-        a.add(r9, r10)?;
-        a.mov(qword_ptr(r9), rdi)?;
-        a.mov(dword_ptr(r9 + 8), ecx)?;
-        a.mov(word_ptr(r9 + 12), 2)?; // VIRTQ_DESC_F_WRITE
-        a.mov(word_ptr(r9 + 14), 0)?;
-        a.mov(word_ptr(rdx + rax * 2 + 4), ax)?;
+        a.mov(word_ptr(rdx + rax * 2 + 4), 0)?; // head: descriptor 0
         a.lea(r10d, ptr(r8 + 1))?;
         a.mov(word_ptr(rdx + 2), r10w)?; // publish (stores stay in order on x86)
         a.mov(dword_ptr(r14 + QUEUE_NOTIFY), 0)?;
@@ -168,6 +161,55 @@ impl Driver {
         a.mov(dword_ptr(r14 + INTERRUPT_ACK), ecx)?;
         a.and(r8d, (VIRTQ_SIZE - 1) as i32)?;
         a.mov(eax, dword_ptr(rdx + r8 * 8 + 8))?; // used element: id, then len
+        a.ret()
+    }
+
+    /// Emits `fill(rdi = buffer, ecx = length) -> eax = bytes used`: one device-writable
+    /// buffer (an entropy request).
+    fn emit_fill(&mut self, label: &mut CodeLabel, submit: CodeLabel) -> Result<(), IcedError> {
+        let a = &mut self.g.a;
+        a.set_label(label)?;
+        a.mov(r9, VIRTQ_DESC)?;
+        a.mov(qword_ptr(r9), rdi)?;
+        a.mov(dword_ptr(r9 + 8), ecx)?;
+        a.mov(word_ptr(r9 + 12), 2)?; // VIRTQ_DESC_F_WRITE
+        a.mov(word_ptr(r9 + 14), 0)?;
+        a.jmp(submit)
+    }
+
+    /// Emits `block(eax = type, r11 = sector, rdi = buffer, ecx = length) -> eax = status`: a
+    /// virtio-blk request of three descriptors (header, data, status byte).
+    fn emit_block(&mut self, label: &mut CodeLabel, submit: CodeLabel) -> Result<(), IcedError> {
+        let a = &mut self.g.a;
+        a.set_label(label)?;
+        a.mov(r9, BLOCK_HEADER)?;
+        a.mov(dword_ptr(r9), eax)?;
+        a.mov(dword_ptr(r9 + 4), 0)?;
+        a.mov(qword_ptr(r9 + 8), r11)?;
+        a.mov(byte_ptr(r9 + 16), 0xff)?; // the device overwrites it
+        a.mov(r10, VIRTQ_DESC)?;
+        a.mov(qword_ptr(r10), r9)?;
+        a.mov(dword_ptr(r10 + 8), 16)?;
+        a.mov(word_ptr(r10 + 12), 1)?; // NEXT
+        a.mov(word_ptr(r10 + 14), 1)?;
+        a.mov(qword_ptr(r10 + 16), rdi)?;
+        a.mov(dword_ptr(r10 + 24), ecx)?;
+        a.mov(edx, 1u32)?; // NEXT, and WRITE for a read (type 0)
+        let mut is_out = a.create_label();
+        a.test(eax, eax)?;
+        a.jnz(is_out)?;
+        a.or(edx, 2)?;
+        a.set_label(&mut is_out)?;
+        a.mov(word_ptr(r10 + 28), dx)?;
+        a.mov(word_ptr(r10 + 30), 2)?;
+        a.lea(rax, ptr(r9 + 16))?;
+        a.mov(qword_ptr(r10 + 32), rax)?;
+        a.mov(dword_ptr(r10 + 40), 1)?;
+        a.mov(word_ptr(r10 + 44), 2)?; // WRITE
+        a.mov(word_ptr(r10 + 46), 0)?;
+        a.call(submit)?;
+        a.mov(r9, BLOCK_HEADER)?;
+        a.movzx(eax, byte_ptr(r9 + 16))?;
         a.ret()
     }
 
@@ -195,6 +237,7 @@ fn read_generation(a: &mut CodeAssembler, field: u64) -> Result<(), IcedError> {
 pub fn entropy() -> Result<Vec<u8>, IcedError> {
     let mut d = Driver::new()?;
     let mut request = d.g.a.create_label();
+    let mut submit = d.g.a.create_label();
     d.g.a.mov(rbx, VMGENID_MMIO)?;
     d.g.a.cmp(dword_ptr(rbx), 0x4947_4d56)?; // "VMGI"
     d.fail_unless_equal(fail::NO_GENERATION_PAGE)?;
@@ -223,6 +266,119 @@ pub fn entropy() -> Result<Vec<u8>, IcedError> {
     a.call(request)?;
     a.mov(qword_ptr(r15 + mailbox::USED_LEN_AFTER as i32), rax)?;
     d.g.exit_with(0)?;
-    d.emit_request(&mut request)?;
+    d.emit_fill(&mut request, submit)?;
+    d.emit_submit(&mut submit)?;
+    d.finish()
+}
+
+/// Where `disk` keeps its buffers (each 4 KiB but the first, PARAM0 bytes).
+pub mod disk_buffers {
+    use crate::layout::DMA_BUFFER;
+    /// Sectors 0.. as first read (PARAM0 bytes).
+    pub const FIRST_READ: u64 = DMA_BUFFER;
+    /// What `disk` writes to sector 8 (PARAM1 repeated) and reads back.
+    pub const WRITTEN_BEFORE: u64 = DMA_BUFFER + 0x1_0000;
+    pub const READ_BACK_BEFORE: u64 = DMA_BUFFER + 0x2_0000;
+    /// Sector 16 as found after the ready port, what is written there (PARAM2 repeated) and
+    /// what is read back.
+    pub const FOUND_AFTER: u64 = DMA_BUFFER + 0x3_0000;
+    pub const WRITTEN_AFTER: u64 = DMA_BUFFER + 0x4_0000;
+    pub const READ_BACK_AFTER: u64 = DMA_BUFFER + 0x5_0000;
+    /// Sector 8 read again after the ready port (from the disk a fork or restore has).
+    pub const REREAD_BEFORE: u64 = DMA_BUFFER + 0x6_0000;
+    /// Largest first read.
+    pub const FIRST_READ_MAX: u64 = 0x1_0000;
+}
+
+/// The sectors `disk` writes before and after the ready port.
+pub const DISK_SECTOR_BEFORE: u64 = 8;
+pub const DISK_SECTOR_AFTER: u64 = 16;
+/// `disk` exits with this plus the step (1-7) whose request did not end with status 0.
+pub const DISK_FAILED_STEP: u8 = 10;
+
+/// `disk`: sets up the virtio-blk in slot 1, stores its capacity (mailbox DISK_CAPACITY),
+/// reads PARAM0 bytes (default 4096) from sector 0, writes 4 KiB of PARAM1 to sector
+/// [`DISK_SECTOR_BEFORE`] and reads it back; writes the ready port (where a test forks or
+/// snapshots it); then reads sector [`DISK_SECTOR_BEFORE`] again and sector
+/// [`DISK_SECTOR_AFTER`] as it finds it, writes 4 KiB of
+/// PARAM2 (read from the mailbox only now) there, reads it back and exits 0. A request that
+/// fails exits with [`DISK_FAILED_STEP`] + its step, its status in mailbox DISK_STATUS.
+pub fn disk() -> Result<Vec<u8>, IcedError> {
+    use disk_buffers::*;
+    let mut d = Driver::new()?;
+    let mut block = d.g.a.create_label();
+    let mut submit = d.g.a.create_label();
+    let mut fill = d.g.a.create_label();
+    d.set_up(1, 2)?;
+    let a = &mut d.g.a;
+    a.mov(rax, qword_ptr(r14 + 0x100))?;
+    a.mov(qword_ptr(r15 + mailbox::DISK_CAPACITY as i32), rax)?;
+    let mut have = a.create_label();
+    a.mov(r12, qword_ptr(r15 + mailbox::PARAM0 as i32))?;
+    a.test(r12, r12)?;
+    a.jnz(have)?;
+    a.mov(r12, 4096u64)?;
+    a.set_label(&mut have)?;
+    a.mov(rax, FIRST_READ_MAX)?;
+    a.cmp(r12, rax)?;
+    a.cmova(r12, rax)?;
+    // (type, sector, buffer, length register or 4 KiB, PARAM to fill the buffer with first)
+    let steps: [(u32, u64, u64, bool, Option<u64>); 7] = [
+        (0, 0, FIRST_READ, true, None),
+        (
+            1,
+            DISK_SECTOR_BEFORE,
+            WRITTEN_BEFORE,
+            false,
+            Some(mailbox::PARAM1),
+        ),
+        (0, DISK_SECTOR_BEFORE, READ_BACK_BEFORE, false, None),
+        (0, DISK_SECTOR_BEFORE, REREAD_BEFORE, false, None),
+        (0, DISK_SECTOR_AFTER, FOUND_AFTER, false, None),
+        (
+            1,
+            DISK_SECTOR_AFTER,
+            WRITTEN_AFTER,
+            false,
+            Some(mailbox::PARAM2),
+        ),
+        (0, DISK_SECTOR_AFTER, READ_BACK_AFTER, false, None),
+    ];
+    for (step, (kind, sector, buffer, first, pattern)) in steps.into_iter().enumerate() {
+        if step == 3 {
+            d.g.announce_ready()?;
+        }
+        let a = &mut d.g.a;
+        if let Some(param) = pattern {
+            a.mov(rax, qword_ptr(r15 + param as i32))?;
+            a.mov(rdi, buffer)?;
+            a.call(fill)?;
+        }
+        a.mov(eax, kind)?;
+        a.mov(r11, sector)?;
+        a.mov(rdi, buffer)?;
+        if first {
+            a.mov(ecx, r12d)?;
+        } else {
+            a.mov(ecx, 4096u32)?;
+        }
+        a.call(block)?;
+        a.mov(qword_ptr(r15 + mailbox::DISK_STATUS as i32), rax)?;
+        a.test(eax, eax)?;
+        let mut ok = a.create_label();
+        a.jz(ok)?;
+        a.mov(eax, (DISK_FAILED_STEP + step as u8 + 1) as u32)?;
+        a.jmp(d.fail)?;
+        a.set_label(&mut ok)?;
+    }
+    d.g.exit_with(0)?;
+    // fill(rax = pattern, rdi = buffer): 4 KiB of the pattern.
+    let a = &mut d.g.a;
+    a.set_label(&mut fill)?;
+    a.mov(ecx, 512u32)?;
+    a.rep().stosq()?;
+    a.ret()?;
+    d.emit_block(&mut block, submit)?;
+    d.emit_submit(&mut submit)?;
     d.finish()
 }

@@ -35,7 +35,7 @@ pub const VIRTQ_USED: u64 = VIRTQ_DESC + 0x200;
 pub const VIRTQ_SIZE: u32 = 8;
 /// Buffers the test drivers hand to devices (up to [`DMA_MAX`] bytes from here).
 pub const DMA_BUFFER: u64 = 0x39_0000;
-pub const DMA_MAX: u64 = 0x6_0000;
+pub const DMA_MAX: u64 = 0x7_0000;
 /// Smallest guest RAM the built-in guests need (stack, mailbox, code and a few memtouch pages).
 pub const MIN_RAM: u64 = 8 << 20;
 
@@ -72,4 +72,7 @@ pub mod mailbox {
     /// `entropy`: bytes the device wrote in the first and second request.
     pub const USED_LEN_BEFORE: u64 = 0x50;
     pub const USED_LEN_AFTER: u64 = 0x58;
+    /// `disk`: the disk's capacity in sectors, and the last request's status.
+    pub const DISK_CAPACITY: u64 = 0x60;
+    pub const DISK_STATUS: u64 = 0x68;
 }

@@ -29,11 +29,12 @@ pub enum Workload {
     Idle,
     Parser,
     Entropy,
+    Disk,
 }
 
 impl Workload {
     /// Every workload, in the order `vmfork guests` lists them.
-    pub const ALL: [Workload; 10] = [
+    pub const ALL: [Workload; 11] = [
         Workload::Hello,
         Workload::Counter,
         Workload::Memtouch,
@@ -44,6 +45,7 @@ impl Workload {
         Workload::Idle,
         Workload::Parser,
         Workload::Entropy,
+        Workload::Disk,
     ];
 
     pub fn name(self) -> &'static str {
@@ -58,6 +60,7 @@ impl Workload {
             Workload::Idle => "idle",
             Workload::Parser => "parser",
             Workload::Entropy => "entropy",
+            Workload::Disk => "disk",
         }
     }
 
@@ -72,6 +75,7 @@ impl Workload {
             Workload::Dirty => "rewrites PARAM0 pages from 4 MiB forever, stamping a generation number (PARAM1: delay per page)",
             Workload::Idle => "halts at ring 0, counting interrupts in PROGRESS (PARAM0: LAPIC timer period, 0 = none)",
             Workload::Parser => "fuzzing target: a TLV parser with three planted bugs at different depths; exits 0 (valid) or 1 (malformed)",
+            Workload::Disk => "virtio-blk driver (slot 1): reads PARAM0 bytes, writes PARAM1 to sector 8, writes the ready port, reads sector 8 again, writes PARAM2 to sector 16, reading each back; exits 0",
             Workload::Entropy => "virtio-rng and generation-id driver: reads the generation id and PARAM0 random bytes, writes the ready port, reads both again, exits 0",
         }
     }
@@ -86,7 +90,11 @@ impl Workload {
     pub fn announces_ready(self) -> bool {
         matches!(
             self,
-            Workload::Harness | Workload::Parser | Workload::Memtouch | Workload::Entropy
+            Workload::Harness
+                | Workload::Parser
+                | Workload::Memtouch
+                | Workload::Entropy
+                | Workload::Disk
         )
     }
 
@@ -110,6 +118,7 @@ impl Workload {
             Workload::Idle => (workloads::idle(), Ring::Kernel),
             Workload::Parser => (workloads::parser(), Ring::User),
             Workload::Entropy => (drivers::entropy(), Ring::User),
+            Workload::Disk => (drivers::disk(), Ring::User),
         };
         // The assembler input is fixed at compile time, so failure here is a bug in this crate.
         (code.expect("built-in workload assembles"), ring)

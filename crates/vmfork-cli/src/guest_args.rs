@@ -6,6 +6,7 @@ use clap::Args;
 use guests::Workload;
 use std::path::PathBuf;
 use vmfork::boot::{BootSpec, Kernel};
+use vmfork::devices::DiskConfig;
 use vmfork::VmConfig;
 
 /// What to boot and how big the VM is.
@@ -34,6 +35,30 @@ pub struct GuestArgs {
     /// A built-in guest's mailbox parameter, as INDEX=VALUE (0: pages/delay, 1: seed, 2: stop).
     #[arg(long = "param", value_parser = parse_param)]
     pub params: Vec<(u64, u64)>,
+    /// A virtio-blk disk, as PATH or PATH,ro (repeatable; slots 1 on). The image file is never
+    /// written: the guest's writes stay in the VM's copy-on-write layer (snapshots keep them).
+    #[arg(long = "disk", value_parser = parse_disk)]
+    pub disks: Vec<DiskConfig>,
+}
+
+pub fn parse_disk(text: &str) -> Result<DiskConfig, String> {
+    let (path, read_only) = match text.rsplit_once(',') {
+        Some((path, "ro")) => (path, true),
+        Some((path, "rw")) => (path, false),
+        Some((_, other)) => {
+            return Err(format!(
+                "'{other}' after the disk path must be 'ro' or 'rw' (PATH[,ro])"
+            ))
+        }
+        None => (text, false),
+    };
+    if path.is_empty() {
+        return Err("an empty disk path".into());
+    }
+    Ok(DiskConfig {
+        path: PathBuf::from(path),
+        read_only,
+    })
 }
 
 pub fn parse_param(text: &str) -> Result<(u64, u64), String> {
@@ -85,6 +110,7 @@ impl GuestArgs {
         Ok(VmConfig {
             vcpus,
             mem_bytes: self.mem,
+            disks: self.disks.clone(),
             ..VmConfig::default()
         })
     }

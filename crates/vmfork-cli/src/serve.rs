@@ -72,6 +72,9 @@ struct BootRequest {
     /// Mailbox parameters of the built-in guests: {"0": 16, "1": 7}.
     #[serde(default)]
     params: BTreeMap<String, u64>,
+    /// virtio-blk disks: [{"path": "disk.img", "read_only": false}].
+    #[serde(default)]
+    disks: Vec<vmfork::devices::DiskConfig>,
     /// Leave the VM stopped after loading it.
     #[serde(default)]
     paused: bool,
@@ -91,6 +94,9 @@ pub fn boot_from_json(
             .flatten()
         {
             *path = dir.resolve(path)?;
+        }
+        for disk in &mut r.disks {
+            disk.path = dir.resolve(&disk.path)?;
         }
     }
     boot_request(r).map_err(vmfork::Error::Invalid)
@@ -112,6 +118,7 @@ fn boot_request(r: BootRequest) -> CliResult<Vm> {
         mem: parse_size(r.mem.as_deref().unwrap_or("256M"))?,
         vcpus: r.vcpus.unwrap_or(1),
         params,
+        disks: r.disks,
     };
     let (sink, _) = SerialSink::buffer();
     let vm = Vm::boot(guest.config()?, sink, &guest.boot_spec()?).map_err(|e| e.to_string())?;

@@ -39,6 +39,23 @@ fn guest_exit_codes_and_faults_become_exit_statuses() {
 }
 
 #[test]
+fn run_a_disk_driver_on_a_disk_image_and_a_read_only_one() {
+    let dir = std::env::temp_dir().join(format!("vmfork-cli-disk-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let image = dir.join("disk.img");
+    std::fs::write(&image, vec![0x33u8; 1 << 20]).unwrap();
+    let image = image.to_str().unwrap();
+    let o = vmfork(&["run", "--guest", "disk", "--disk", image]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    // Read-only: the driver's first write fails (it exits 10 + step 2).
+    let ro = format!("{image},ro");
+    let o = vmfork(&["run", "--guest", "disk", "--disk", &ro]);
+    assert_eq!(o.status.code(), Some(12), "{}", stderr(&o));
+    assert_eq!(std::fs::read(image).unwrap(), vec![0x33u8; 1 << 20]);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
 fn bad_input_gets_one_clear_line_and_a_nonzero_exit() {
     let dir = std::env::temp_dir().join(format!("vmfork-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -75,6 +92,18 @@ fn bad_input_gets_one_clear_line_and_a_nonzero_exit() {
         (vec!["run"], "say what to boot"),
         (vec!["run", "--guest", "hello", "--timeout=-1"], "positive"),
         (vec!["guests", "export", "nope", "/tmp/x"], "unknown guest"),
+        (
+            vec!["run", "--guest", "disk", "--disk", "/does/not/exist.img"],
+            "disk image /does/not/exist.img",
+        ),
+        (
+            vec!["run", "--guest", "disk", "--disk", "x.img,rx"],
+            "must be 'ro' or 'rw'",
+        ),
+        (
+            vec!["run", "--guest", "disk", "--disk", "/dev/null"],
+            "not a regular file",
+        ),
     ] {
         let o = vmfork(&args);
         let err = stderr(&o);

@@ -135,6 +135,7 @@ fn many_vcpus_and_large_ram_boot() {
         vcpus: 8,
         mem_bytes: 5 << 30,
         irqchip: true,
+        disks: Vec::new(),
     };
     let (vm, serial) = guest_vm(Workload::Hello, cfg, &[]);
     assert_eq!(vm.ram().layout().regions.len(), 2);

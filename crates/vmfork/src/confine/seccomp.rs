@@ -4,8 +4,9 @@
 //!
 //! - **vCPU threads** run guest code and emulate the devices it touches: the guest-facing
 //!   attack surface. They may make KVM ioctls (type 0xAE only), read and write open files
-//!   (console, eventfds), wait on futexes, manage their own memory and signals, and exit. Any
-//!   other system call kills the process (`SIGSYS`).
+//!   (console, eventfds; disk images and layers at an offset), create a memfd (a disk's first
+//!   write makes its layer), wait on futexes, manage their own memory and signals, and exit.
+//!   Any other system call kills the process (`SIGSYS`).
 //! - **VMM threads** (API connections, snapshot writing on them, the shell pool's filler and
 //!   reapers, layer adoption and folding): what forks, snapshots, restores and teardown need —
 //!   files, memory mappings, memfds, KVM, Unix sockets already open, threads. No `execve`,
@@ -187,6 +188,14 @@ const VMM: &[i64] = &[
     libc::SYS_seccomp,
 ];
 
+/// What device models serving a guest's requests on its vCPU thread need beyond [`COMMON`].
+const VCPU_DEVICES: &[i64] = &[
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_memfd_create,
+    libc::SYS_ftruncate,
+];
+
 fn allow(syscalls: &[i64], rules: &mut BTreeMap<i64, Vec<SeccompRule>>) {
     for &s in syscalls {
         rules.insert(s, Vec::new());
@@ -208,6 +217,7 @@ fn build(kind: ThreadKind) -> Result<BpfProgram> {
             .and_then(|c| SeccompRule::new(vec![c]))
             .map_err(|e| Error::Invalid(format!("building the vCPU seccomp filter: {e}")))?;
             rules.insert(libc::SYS_ioctl, vec![kvm_only]);
+            allow(VCPU_DEVICES, &mut rules);
             SeccompAction::KillProcess
         }
         ThreadKind::Vmm => {

@@ -23,6 +23,7 @@ pub use legacy::cmos::{CmosRegisters, CMOS_BASE};
 pub use legacy::i8042::I8042_BASE;
 pub use legacy::serial::{SerialRegisters, SERIAL_BASE, SERIAL_IRQ};
 pub use serial_sink::{stdout_closed, SerialBuffer, SerialSink, SERIAL_BUFFER_CAP};
+pub use virtio::block::DiskConfig;
 pub use virtio::mmio::VirtioState;
 pub use vmgenid::{GenerationId, VMGENID_BASE};
 pub use vmm_ports::{EXIT_PORT, READY_PORT};
@@ -119,14 +120,54 @@ pub struct DeviceState {
     pub virtio: Vec<VirtioState>,
 }
 
+impl DeviceState {
+    /// The disks these devices have, by slot.
+    pub fn disks(&self) -> Vec<DiskConfig> {
+        self.virtio
+            .iter()
+            .filter_map(|v| match &v.device {
+                virtio::DeviceSpecific::Block(b) => Some(b.config.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Device models keep no invariants a panic could break halfway; carry on after poisoning.
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The virtio devices every VM has, by slot: the entropy device in slot 0.
-fn virtio_devices() -> Vec<Box<dyn VirtioDevice>> {
-    vec![Box::new(virtio::rng::Rng)]
+/// The virtio devices of a new VM, by slot: the entropy device in slot 0, then the disks.
+fn virtio_devices(disks: &[DiskConfig]) -> crate::Result<Vec<Box<dyn VirtioDevice>>> {
+    if disks.len() >= virtio::VIRTIO_SLOTS {
+        return Err(crate::Error::Config(format!(
+            "{} disks given; a VM takes at most {}",
+            disks.len(),
+            virtio::VIRTIO_SLOTS - 1
+        )));
+    }
+    let mut devices: Vec<Box<dyn VirtioDevice>> = vec![Box::new(virtio::rng::Rng)];
+    for disk in disks {
+        devices.push(Box::new(virtio::block::Block::open(disk)?));
+    }
+    Ok(devices)
+}
+
+/// The virtio devices saved state describes, by slot (state from before virtio: the entropy
+/// device at power-on).
+fn saved_virtio_devices(saved: &[VirtioState]) -> crate::Result<Vec<Box<dyn VirtioDevice>>> {
+    if saved.is_empty() {
+        return virtio_devices(&[]);
+    }
+    if saved.len() > virtio::VIRTIO_SLOTS {
+        return Err(crate::Error::Invalid(format!(
+            "saved state has {} virtio devices; a VM has {} slots",
+            saved.len(),
+            virtio::VIRTIO_SLOTS
+        )));
+    }
+    saved.iter().map(|s| s.device.device()).collect()
 }
 
 /// The devices of one VM on their buses. The exit and ready ports are always there (vmfork's
@@ -140,17 +181,17 @@ pub struct Devices {
 }
 
 impl Devices {
-    /// Devices in their power-on state (a new generation id), raising `irqs`.
-    pub fn new(sink: SerialSink, irqs: &IrqLines) -> crate::Result<Self> {
+    /// Devices in their power-on state (a new generation id), with `disks`, raising `irqs`.
+    pub fn new(sink: SerialSink, irqs: &IrqLines, disks: &[DiskConfig]) -> crate::Result<Self> {
         let mut generation = GenerationId::default();
         generation.new_generation()?;
-        let devices = Self::on_buses(
+        Self::on_buses(
             SerialPort::new(sink, irqs.line(SERIAL_IRQ)?),
             Cmos::power_on(CmosRegisters::default()),
             generation,
+            virtio_devices(disks)?,
             irqs,
-        )?;
-        Ok(devices)
+        )
     }
 
     /// Devices loaded from saved state (a fork's or a snapshot's).
@@ -163,6 +204,7 @@ impl Devices {
             SerialPort::from_state(&state.serial, sink, irqs.line(SERIAL_IRQ)?)?,
             Cmos::new(state.cmos.clone())?,
             state.generation.clone(),
+            saved_virtio_devices(&state.virtio)?,
             irqs,
         )?;
         devices.load_virtio(&state.virtio)?;
@@ -176,6 +218,7 @@ impl Devices {
             SerialPort::detached(state.serial, irqs.line(SERIAL_IRQ)?),
             Cmos::new(state.cmos)?,
             state.generation,
+            saved_virtio_devices(&state.virtio)?,
             irqs,
         )?;
         devices.load_virtio(&state.virtio)?;
@@ -186,6 +229,7 @@ impl Devices {
         serial: SerialPort,
         cmos: Cmos,
         generation: GenerationId,
+        virtio_devices: Vec<Box<dyn VirtioDevice>>,
         irqs: &IrqLines,
     ) -> crate::Result<Self> {
         let serial = Arc::new(serial);
@@ -207,7 +251,7 @@ impl Devices {
             }
         }
         let mut virtio = Vec::new();
-        for (slot, device) in virtio_devices().into_iter().enumerate() {
+        for (slot, device) in virtio_devices.into_iter().enumerate() {
             let gsi = irq::VIRTIO_IRQ_BASE + slot as u32;
             virtio.push(Arc::new(MmioTransport::new(
                 slot as u8,
@@ -346,7 +390,7 @@ mod tests {
 
     #[test]
     fn ports_dispatch_by_range_and_state_persists() {
-        let devices = Devices::new(SerialSink::Discard, &IrqLines::none()).unwrap();
+        let devices = Devices::new(SerialSink::Discard, &IrqLines::none(), &[]).unwrap();
         // The serial's scratch register (offset 7) holds what is written, and is saved.
         assert_eq!(
             devices.pio_write(SERIAL_BASE + 7, &[0x5a]),
@@ -395,7 +439,7 @@ mod tests {
 
     #[test]
     fn each_vcpu_thread_gets_the_outcome_of_its_own_write() {
-        let devices = Arc::new(Devices::new(SerialSink::Discard, &IrqLines::none()).unwrap());
+        let devices = Arc::new(Devices::new(SerialSink::Discard, &IrqLines::none(), &[]).unwrap());
         let writer = |port: u16, expect: PioOutcome| {
             let devices = Arc::clone(&devices);
             std::thread::spawn(move || {

@@ -55,7 +55,7 @@ impl DeviceState {
     /// The device state from record bodies by instance; instances this VMM does not know, a
     /// missing serial and gaps between virtio slots are refused.
     pub fn decode_parts(parts: &BTreeMap<u32, &[u8]>) -> Result<Self, String> {
-        let virtio_slots = super::virtio_devices().len() as u32;
+        let virtio_slots = super::virtio::VIRTIO_SLOTS as u32;
         if let Some(unknown) = parts.keys().find(|&&d| {
             d > DEVICE_GENERATION
                 && !(DEVICE_VIRTIO_BASE..DEVICE_VIRTIO_BASE + virtio_slots).contains(&d)

@@ -221,10 +221,11 @@ pub fn load_records(records: &[Record]) -> Result<LoadedState, String> {
 
     let id = SnapshotIdRecord::decode(single(RecordType::SnapshotId)?)?;
     let c = ConfigRecord::decode(single(RecordType::VmConfig)?)?;
-    let config = VmConfig {
+    let mut config = VmConfig {
         vcpus: c.vcpus,
         mem_bytes: c.mem_bytes,
         irqchip: c.irqchip,
+        disks: Vec::new(),
     };
     config.validate().map_err(|e| e.to_string())?;
     let layout = MemoryLayout::decode(single(RecordType::MemoryLayout)?)?;
@@ -300,6 +301,7 @@ pub fn load_records(records: &[Record]) -> Result<LoadedState, String> {
         .map(|(&instance, record)| (instance, record.body.as_slice()))
         .collect();
     let devices = DeviceState::decode_parts(&bodies)?;
+    config.disks = devices.disks();
 
     Ok(LoadedState {
         id,

@@ -45,6 +45,9 @@ pub struct VmConfig {
     /// In-kernel PIC, IOAPIC, LAPICs and PIT (what Linux guests need). Without it there is no
     /// interrupt delivery and HLT stops the VM.
     pub irqchip: bool,
+    /// virtio-blk disks (slots 1 on), each a read-only image under a copy-on-write layer of
+    /// the VM's own.
+    pub disks: Vec<crate::devices::DiskConfig>,
 }
 
 impl Default for VmConfig {
@@ -53,6 +56,7 @@ impl Default for VmConfig {
             vcpus: 1,
             mem_bytes: 256 << 20,
             irqchip: true,
+            disks: Vec::new(),
         }
     }
 }
@@ -570,7 +574,7 @@ impl Vm {
             SerialSink::Buffer(b) => Some(b.clone()),
             _ => None,
         };
-        let devices = Devices::new(serial, &shell.irq_lines()?)?;
+        let devices = Devices::new(serial, &shell.irq_lines()?, &config.disks)?;
         Vm::assemble(VmParts {
             shell,
             ram,

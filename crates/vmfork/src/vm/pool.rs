@@ -57,6 +57,7 @@ impl Shape {
             vcpus: self.vcpus,
             irqchip: self.irqchip,
             mem_bytes: self.mem_bytes,
+            disks: Vec::new(),
         }
     }
 }

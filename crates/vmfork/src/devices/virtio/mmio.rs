@@ -14,36 +14,36 @@ use vm_device::bus::{MmioAddress, MmioAddressOffset};
 use vm_device::DeviceMmio;
 use vmm_sys_util::eventfd::EventFd;
 
-const MAGIC: u32 = 0x7472_6976; // "virt"
-const VERSION: u32 = 2;
+pub(crate) const MAGIC: u32 = 0x7472_6976; // "virt"
+pub(crate) const VERSION: u32 = 2;
 /// Vendor id "VMFK".
-const VENDOR: u32 = 0x4b46_4d56;
+pub(crate) const VENDOR: u32 = 0x4b46_4d56;
 
 // Register offsets.
-const REG_MAGIC: u64 = 0x000;
-const REG_VERSION: u64 = 0x004;
-const REG_DEVICE_ID: u64 = 0x008;
-const REG_VENDOR_ID: u64 = 0x00c;
-const REG_DEVICE_FEATURES: u64 = 0x010;
-const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
-const REG_DRIVER_FEATURES: u64 = 0x020;
-const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
-const REG_QUEUE_SEL: u64 = 0x030;
-const REG_QUEUE_NUM_MAX: u64 = 0x034;
-const REG_QUEUE_NUM: u64 = 0x038;
-const REG_QUEUE_READY: u64 = 0x044;
-const REG_QUEUE_NOTIFY: u64 = 0x050;
-const REG_INTERRUPT_STATUS: u64 = 0x060;
-const REG_INTERRUPT_ACK: u64 = 0x064;
-const REG_STATUS: u64 = 0x070;
-const REG_QUEUE_DESC_LOW: u64 = 0x080;
-const REG_QUEUE_DESC_HIGH: u64 = 0x084;
-const REG_QUEUE_DRIVER_LOW: u64 = 0x090;
-const REG_QUEUE_DRIVER_HIGH: u64 = 0x094;
-const REG_QUEUE_DEVICE_LOW: u64 = 0x0a0;
-const REG_QUEUE_DEVICE_HIGH: u64 = 0x0a4;
-const REG_CONFIG_GENERATION: u64 = 0x0fc;
-const CONFIG_SPACE: u64 = 0x100;
+pub(crate) const REG_MAGIC: u64 = 0x000;
+pub(crate) const REG_VERSION: u64 = 0x004;
+pub(crate) const REG_DEVICE_ID: u64 = 0x008;
+pub(crate) const REG_VENDOR_ID: u64 = 0x00c;
+pub(crate) const REG_DEVICE_FEATURES: u64 = 0x010;
+pub(crate) const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
+pub(crate) const REG_DRIVER_FEATURES: u64 = 0x020;
+pub(crate) const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
+pub(crate) const REG_QUEUE_SEL: u64 = 0x030;
+pub(crate) const REG_QUEUE_NUM_MAX: u64 = 0x034;
+pub(crate) const REG_QUEUE_NUM: u64 = 0x038;
+pub(crate) const REG_QUEUE_READY: u64 = 0x044;
+pub(crate) const REG_QUEUE_NOTIFY: u64 = 0x050;
+pub(crate) const REG_INTERRUPT_STATUS: u64 = 0x060;
+pub(crate) const REG_INTERRUPT_ACK: u64 = 0x064;
+pub(crate) const REG_STATUS: u64 = 0x070;
+pub(crate) const REG_QUEUE_DESC_LOW: u64 = 0x080;
+pub(crate) const REG_QUEUE_DESC_HIGH: u64 = 0x084;
+pub(crate) const REG_QUEUE_DRIVER_LOW: u64 = 0x090;
+pub(crate) const REG_QUEUE_DRIVER_HIGH: u64 = 0x094;
+pub(crate) const REG_QUEUE_DEVICE_LOW: u64 = 0x0a0;
+pub(crate) const REG_QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+pub(crate) const REG_CONFIG_GENERATION: u64 = 0x0fc;
+pub(crate) const CONFIG_SPACE: u64 = 0x100;
 
 // Device status bits (virtio 1.2, 2.1).
 pub const STATUS_ACKNOWLEDGE: u32 = 1;
@@ -160,7 +160,7 @@ impl MmioTransport {
 
     /// The registers and device state.
     pub fn save(&self) -> VirtioState {
-        let inner = lock(&self.inner);
+        let mut inner = lock(&self.inner);
         VirtioState {
             device_type: inner.device.device_type(),
             status: inner.status,
@@ -369,80 +369,10 @@ impl DeviceMmio for MmioTransport {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_support::*;
     use super::*;
     use crate::devices::virtio::rng::Rng;
-    use vm_memory::{Address, Bytes, GuestAddress};
-
-    const DESC: u64 = 0x1000;
-    const AVAIL: u64 = 0x2000;
-    const USED: u64 = 0x3000;
-    const RAM: usize = 0x10000;
-
-    fn write(t: &MmioTransport, offset: u64, value: u32) {
-        t.mmio_write(MmioAddress(0), offset, &value.to_le_bytes());
-    }
-
-    fn read(t: &MmioTransport, offset: u64) -> u32 {
-        let mut b = [0u8; 4];
-        t.mmio_read(MmioAddress(0), offset, &mut b);
-        u32::from_le_bytes(b)
-    }
-
-    /// An rng with queue 0 (8 entries) set up by the book.
-    fn running_rng() -> (MmioTransport, GuestMemory) {
-        let memory = GuestMemory::from_ranges(&[(GuestAddress(0), RAM)]).unwrap();
-        let t = MmioTransport::new(0, Box::new(Rng), None, Signals::default()).unwrap();
-        assert_eq!(read(&t, REG_MAGIC), MAGIC);
-        write(&t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
-        write(&t, REG_DRIVER_FEATURES_SEL, 1);
-        write(&t, REG_DRIVER_FEATURES, 1);
-        write(&t, REG_STATUS, 0xb);
-        assert_eq!(read(&t, REG_STATUS), 0xb);
-        write(&t, REG_QUEUE_NUM, 8);
-        write(&t, REG_QUEUE_DESC_LOW, DESC as u32);
-        write(&t, REG_QUEUE_DRIVER_LOW, AVAIL as u32);
-        write(&t, REG_QUEUE_DEVICE_LOW, USED as u32);
-        write(&t, REG_QUEUE_READY, 1);
-        write(&t, REG_STATUS, 0xf);
-        (t, memory)
-    }
-
-    /// Puts descriptor `i` and makes `head` available; returns the used length after serving.
-    fn offer(
-        t: &MmioTransport,
-        memory: &GuestMemory,
-        descriptors: &[Descriptor],
-        head: u16,
-    ) -> Option<u32> {
-        for &(i, addr, len, flags, next) in descriptors {
-            let at = GuestAddress(DESC + u64::from(i) * 16);
-            memory.write_obj(addr, at).unwrap();
-            memory.write_obj(len, at.unchecked_add(8)).unwrap();
-            memory.write_obj(flags, at.unchecked_add(12)).unwrap();
-            memory.write_obj(next, at.unchecked_add(14)).unwrap();
-        }
-        let idx: u16 = memory.read_obj(GuestAddress(AVAIL + 2)).unwrap();
-        memory
-            .write_obj(head, GuestAddress(AVAIL + 4 + u64::from(idx % 8) * 2))
-            .unwrap();
-        memory
-            .write_obj(idx.wrapping_add(1), GuestAddress(AVAIL + 2))
-            .unwrap();
-        let used_before: u16 = memory.read_obj(GuestAddress(USED + 2)).unwrap();
-        t.serve(0, memory);
-        let used: u16 = memory.read_obj(GuestAddress(USED + 2)).unwrap();
-        (used != used_before).then(|| {
-            memory
-                .read_obj(GuestAddress(USED + 4 + u64::from(used_before % 8) * 8 + 4))
-                .unwrap()
-        })
-    }
-
-    /// A descriptor as the test writes it: (index, address, length, flags, next).
-    type Descriptor = (u16, u64, u32, u16, u16);
-
-    const NEXT: u16 = 1;
-    const WRITE: u16 = 2;
+    use vm_memory::{Bytes, GuestAddress};
 
     #[test]
     fn a_well_formed_request_is_served_and_interrupts() {

@@ -7,8 +7,11 @@
 //! when a VM pauses, and a fork, a snapshot or a migration carries the device at its pause
 //! instant with nothing to drain.
 
+pub mod block;
 pub mod mmio;
 pub mod rng;
+#[cfg(test)]
+mod test_support;
 
 use crate::memory::GuestMemory;
 use serde::{Deserialize, Serialize};
@@ -43,8 +46,9 @@ pub trait VirtioDevice: Send {
     /// Serves the buffers the driver made available on queue `index`; says whether any was
     /// used. Bad descriptors are the guest's problem: they are returned with nothing written.
     fn serve(&mut self, index: usize, queue: &mut Queue, memory: &GuestMemory) -> bool;
-    /// The device-specific state a fork or snapshot carries.
-    fn save(&self) -> DeviceSpecific;
+    /// The device-specific state a fork or snapshot carries (a disk freezes its writes so far
+    /// into the state: the instant both sides go on from).
+    fn save(&mut self) -> DeviceSpecific;
     /// Loads device-specific state saved by [`Self::save`].
     fn load(&mut self, state: &DeviceSpecific) -> crate::Result<()>;
 }
@@ -54,6 +58,17 @@ pub trait VirtioDevice: Send {
 pub enum DeviceSpecific {
     /// The entropy device keeps none.
     Rng,
+    Block(block::BlockState),
+}
+
+impl DeviceSpecific {
+    /// A device of the kind this state is for, ready to load it.
+    pub(crate) fn device(&self) -> crate::Result<Box<dyn VirtioDevice>> {
+        Ok(match self {
+            DeviceSpecific::Rng => Box::new(rng::Rng),
+            DeviceSpecific::Block(state) => Box::new(block::Block::from_state(state)?),
+        })
+    }
 }
 
 /// A split virtqueue's registers as saved (virtio-queue's `QueueState`, which has no serde).

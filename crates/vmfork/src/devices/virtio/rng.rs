@@ -55,13 +55,16 @@ impl VirtioDevice for Rng {
         used
     }
 
-    fn save(&self) -> DeviceSpecific {
+    fn save(&mut self) -> DeviceSpecific {
         DeviceSpecific::Rng
     }
 
     fn load(&mut self, state: &DeviceSpecific) -> crate::Result<()> {
         match state {
             DeviceSpecific::Rng => Ok(()),
+            _ => Err(crate::Error::Invalid(
+                "the entropy device's saved state is another device's".into(),
+            )),
         }
     }
 }

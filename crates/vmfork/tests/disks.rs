@@ -1,0 +1,283 @@
+//! virtio-blk seen from inside a guest: the `disk` test driver (CPL3, polling) reads and writes
+//! sectors. The image file is never written; each fork sees the disk as of its fork instant and
+//! only its own writes after it; a reset drops them; read-only disks refuse writes; bad disk
+//! images are clear errors.
+
+mod common;
+
+use common::*;
+use guests::drivers::{disk_buffers::*, DISK_FAILED_STEP, DISK_SECTOR_AFTER};
+use guests::layout::{mailbox, MAILBOX};
+use guests::Workload;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use vmfork::devices::DiskConfig;
+use vmfork::{ExitReason, ForkOptions, Vm, VmConfig};
+
+const IMAGE_BYTES: usize = 1 << 20;
+const BEFORE: u64 = 0x1111_2222_3333_4444;
+
+/// A 1 MiB image whose every byte depends on its offset.
+fn image(name: &str) -> (PathBuf, Vec<u8>) {
+    let dir = temp_dir(name);
+    let path = dir.join("disk.img");
+    let bytes: Vec<u8> = (0..IMAGE_BYTES).map(|i| (i * 7 % 253) as u8).collect();
+    std::fs::write(&path, &bytes).unwrap();
+    (path, bytes)
+}
+
+fn disk_config(path: &Path, read_only: bool) -> VmConfig {
+    VmConfig {
+        disks: vec![DiskConfig {
+            path: path.to_path_buf(),
+            read_only,
+        }],
+        ..config(16)
+    }
+}
+
+fn read(vm: &Vm, addr: u64, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    vm.ram().read(addr, &mut buf).unwrap();
+    buf
+}
+
+fn sector(image: &[u8], n: u64) -> Vec<u8> {
+    image[n as usize * 512..][..4096].to_vec()
+}
+
+fn stamp(value: u64) -> Vec<u8> {
+    value.to_le_bytes().repeat(512)
+}
+
+fn run_after_ready(vm: &Vm, after: u64) -> ExitReason {
+    vm.ram()
+        .write_u64(MAILBOX + mailbox::PARAM2, after)
+        .unwrap();
+    run_to_exit(vm)
+}
+
+#[test]
+fn a_guest_reads_and_writes_its_disk_and_the_image_is_never_written() {
+    let (path, bytes) = image("disk-rw");
+    let (vm, _) = guest_vm(
+        Workload::Disk,
+        disk_config(&path, false),
+        &[(mailbox::PARAM0, 0x1_0000), (mailbox::PARAM1, BEFORE)],
+    );
+    vm.run_to_ready(Duration::from_secs(30)).unwrap();
+    assert_eq!(run_after_ready(&vm, 77), ExitReason::GuestExit(0));
+    let capacity = vm.ram().read_u64(MAILBOX + mailbox::DISK_CAPACITY).unwrap();
+    assert_eq!(capacity, (IMAGE_BYTES / 512) as u64);
+    assert_eq!(read(&vm, FIRST_READ, 0x1_0000), bytes[..0x1_0000]);
+    assert_eq!(read(&vm, READ_BACK_BEFORE, 4096), stamp(BEFORE));
+    assert_eq!(read(&vm, REREAD_BEFORE, 4096), stamp(BEFORE));
+    assert_eq!(
+        read(&vm, FOUND_AFTER, 4096),
+        sector(&bytes, DISK_SECTOR_AFTER)
+    );
+    assert_eq!(read(&vm, READ_BACK_AFTER, 4096), stamp(77));
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        bytes,
+        "the image file was written"
+    );
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}
+
+#[test]
+fn forks_see_only_their_own_disk_writes_and_a_reset_drops_them() {
+    let (path, bytes) = image("disk-forks");
+    let (parent, _) = guest_vm(
+        Workload::Disk,
+        disk_config(&path, false),
+        &[(mailbox::PARAM1, BEFORE)],
+    );
+    parent.run_to_ready(Duration::from_secs(30)).unwrap();
+    let children: Vec<Vm> = (0..3)
+        .map(|_| parent.fork(&ForkOptions::default()).unwrap())
+        .collect();
+    for (i, child) in children.iter().enumerate() {
+        let own = 1000 + i as u64;
+        assert_eq!(run_after_ready(child, own), ExitReason::GuestExit(0));
+        // The parent's write before the fork is on the child's disk; no sibling's write is.
+        assert_eq!(read(child, REREAD_BEFORE, 4096), stamp(BEFORE));
+        assert_eq!(
+            read(child, FOUND_AFTER, 4096),
+            sector(&bytes, DISK_SECTOR_AFTER),
+            "child {i} saw a sibling's write"
+        );
+        assert_eq!(read(child, READ_BACK_AFTER, 4096), stamp(own));
+    }
+    // A reset drops the fork's disk writes with its memory: sector 16 is the image's again.
+    let child = &children[0];
+    child.reset().unwrap();
+    assert_eq!(run_after_ready(child, 5000), ExitReason::GuestExit(0));
+    assert_eq!(
+        read(child, FOUND_AFTER, 4096),
+        sector(&bytes, DISK_SECTOR_AFTER)
+    );
+    assert_eq!(read(child, READ_BACK_AFTER, 4096), stamp(5000));
+    // The parent goes on unaffected by its children, and a fork of a fork sees its parent's
+    // writes up to its fork instant.
+    assert_eq!(run_after_ready(&parent, 9), ExitReason::GuestExit(0));
+    assert_eq!(
+        read(&parent, FOUND_AFTER, 4096),
+        sector(&bytes, DISK_SECTOR_AFTER)
+    );
+    let grandchild = children[1].fork(&ForkOptions::default()).unwrap();
+    assert_eq!(grandchild.status(), vmfork::VmStatus::Created);
+    assert_eq!(grandchild.device_state().disks().len(), 1);
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        bytes,
+        "the image file was written"
+    );
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}
+
+#[test]
+fn a_read_only_disk_refuses_writes() {
+    let (path, bytes) = image("disk-ro");
+    let (vm, _) = guest_vm(Workload::Disk, disk_config(&path, true), &[]);
+    // The first read works; the write (step 2) ends with VIRTIO_BLK_S_IOERR.
+    assert_eq!(
+        run_to_exit(&vm),
+        ExitReason::GuestExit(DISK_FAILED_STEP + 2)
+    );
+    assert_eq!(
+        vm.ram().read_u64(MAILBOX + mailbox::DISK_STATUS).unwrap(),
+        1
+    );
+    assert_eq!(read(&vm, FIRST_READ, 4096), bytes[..4096]);
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}
+
+#[test]
+fn disk_images_that_cannot_be_used_are_clear_errors() {
+    let dir = temp_dir("disk-bad");
+    let fifo = dir.join("fifo");
+    let status = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let tiny = dir.join("tiny.img");
+    std::fs::write(&tiny, [0u8; 100]).unwrap();
+    for (path, why) in [
+        (dir.join("missing.img"), "No such file"),
+        (fifo, "not a regular file"),
+        (tiny, "no whole 512-byte sector"),
+        (PathBuf::from("/dev/zero"), "not a regular file"),
+    ] {
+        let err = Vm::new(
+            disk_config(&path, false),
+            vmfork::devices::SerialSink::Discard,
+        )
+        .err()
+        .expect("refused")
+        .to_string();
+        assert!(err.contains(why), "{}: {err}", path.display());
+    }
+    let (path, _) = image("disk-many");
+    let many = VmConfig {
+        disks: vec![
+            DiskConfig {
+                path: path.clone(),
+                read_only: true
+            };
+            8
+        ],
+        ..config(16)
+    };
+    let err = Vm::new(many, vmfork::devices::SerialSink::Discard)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(err.contains("at most 7"), "{err}");
+    let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}
+
+#[test]
+fn snapshots_carry_the_disk_as_of_their_memory_instant() {
+    let (path, bytes) = image("disk-snap");
+    let dir = temp_dir("disk-snap-dirs");
+    let (vm, _) = guest_vm(
+        Workload::Disk,
+        disk_config(&path, false),
+        &[(mailbox::PARAM1, BEFORE)],
+    );
+    vm.run_to_ready(Duration::from_secs(30)).unwrap();
+    vm.snapshot(&dir.join("first"), &vmfork::SnapshotOptions::default())
+        .unwrap();
+    // Only the written chunks are in the snapshot's disk file (sparse, as large as the disk).
+    let disk_file = dir.join("first/disk-1.bin");
+    let meta = std::fs::metadata(&disk_file).unwrap();
+    assert_eq!(meta.len(), IMAGE_BYTES as u64);
+    use std::os::unix::fs::MetadataExt;
+    assert!(
+        meta.blocks() * 512 <= 64 << 10,
+        "{} bytes allocated",
+        meta.blocks() * 512
+    );
+    // The VM goes on writing after the snapshot: none of it is in the snapshot.
+    assert_eq!(run_after_ready(&vm, 9), ExitReason::GuestExit(0));
+    let snap = vmfork::Snapshot::open(&dir.join("first")).unwrap();
+    for own in [21, 22] {
+        let restored = snap.restore(vmfork::devices::SerialSink::Discard).unwrap();
+        assert_eq!(run_after_ready(&restored, own), ExitReason::GuestExit(0));
+        assert_eq!(read(&restored, REREAD_BEFORE, 4096), stamp(BEFORE));
+        assert_eq!(
+            read(&restored, FOUND_AFTER, 4096),
+            sector(&bytes, DISK_SECTOR_AFTER),
+            "a write made after the snapshot, or by another restore, is on the disk"
+        );
+        assert_eq!(read(&restored, READ_BACK_AFTER, 4096), stamp(own));
+        // A snapshot of the restored VM holds its writes and the first snapshot's.
+        let second = dir.join(format!("second-{own}"));
+        restored
+            .snapshot(&second, &vmfork::SnapshotOptions::default())
+            .unwrap();
+        let again = vmfork::Snapshot::open(&second)
+            .unwrap()
+            .restore(vmfork::devices::SerialSink::Discard)
+            .unwrap();
+        assert_eq!(again.device_state().disks().len(), 1);
+        // Its guest has exited; fork it and check its disk through a fresh reader: the VMM's
+        // view of the restored disk.
+        let state = again.device_state();
+        let vmfork::devices::virtio::DeviceSpecific::Block(block) = &state.virtio[1].device else {
+            panic!("slot 1 is not a disk")
+        };
+        let instant = block.instant.clone().unwrap();
+        let disk = vmfork::devices::virtio::block::disk::Disk::new(instant);
+        let mut buf = vec![0u8; 4096];
+        disk.read(DISK_SECTOR_AFTER * 512, &mut buf).unwrap();
+        assert_eq!(buf, stamp(own));
+        disk.read(8 * 512, &mut buf).unwrap();
+        assert_eq!(buf, stamp(BEFORE));
+    }
+    // Streams do not carry disks: a clear error, and the VM is fine.
+    let err = vm
+        .snapshot_to_stream(std::io::sink())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("directory"), "{err}");
+    // An image changed after the snapshot is refused at restore.
+    let mut changed = bytes.clone();
+    changed[0] ^= 1;
+    std::thread::sleep(Duration::from_millis(20));
+    std::fs::write(&path, &changed).unwrap();
+    let err = vmfork::Snapshot::open(&dir.join("first"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("modified"), "{err}");
+    std::fs::remove_file(&path).unwrap();
+    let err = vmfork::Snapshot::open(&dir.join("first"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("disk 1"), "{err}");
+    let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}
