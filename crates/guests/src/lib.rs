@@ -30,11 +30,12 @@ pub enum Workload {
     Parser,
     Entropy,
     Disk,
+    Diskbench,
 }
 
 impl Workload {
     /// Every workload, in the order `vmfork guests` lists them.
-    pub const ALL: [Workload; 11] = [
+    pub const ALL: [Workload; 12] = [
         Workload::Hello,
         Workload::Counter,
         Workload::Memtouch,
@@ -46,6 +47,7 @@ impl Workload {
         Workload::Parser,
         Workload::Entropy,
         Workload::Disk,
+        Workload::Diskbench,
     ];
 
     pub fn name(self) -> &'static str {
@@ -61,6 +63,7 @@ impl Workload {
             Workload::Parser => "parser",
             Workload::Entropy => "entropy",
             Workload::Disk => "disk",
+            Workload::Diskbench => "diskbench",
         }
     }
 
@@ -76,6 +79,7 @@ impl Workload {
             Workload::Idle => "halts at ring 0, counting interrupts in PROGRESS (PARAM0: LAPIC timer period, 0 = none)",
             Workload::Parser => "fuzzing target: a TLV parser with three planted bugs at different depths; exits 0 (valid) or 1 (malformed)",
             Workload::Disk => "virtio-blk driver (slot 1): reads PARAM0 bytes, writes PARAM1 to sector 8, writes the ready port, reads sector 8 again, writes PARAM2 to sector 16, reading each back; exits 0",
+            Workload::Diskbench => "virtio-blk load (slot 1): PARAM2 requests of PARAM0 bytes (default 4096), reads (PARAM1 0) or writes, sequential; exits 0",
             Workload::Entropy => "virtio-rng and generation-id driver: reads the generation id and PARAM0 random bytes, writes the ready port, reads both again, exits 0",
         }
     }
@@ -119,6 +123,7 @@ impl Workload {
             Workload::Parser => (workloads::parser(), Ring::User),
             Workload::Entropy => (drivers::entropy(), Ring::User),
             Workload::Disk => (drivers::disk(), Ring::User),
+            Workload::Diskbench => (drivers::diskbench(), Ring::User),
         };
         // The assembler input is fixed at compile time, so failure here is a bug in this crate.
         (code.expect("built-in workload assembles"), ring)

@@ -281,3 +281,22 @@ fn snapshots_carry_the_disk_as_of_their_memory_instant() {
     let _ = std::fs::remove_dir_all(dir);
     let _ = std::fs::remove_dir_all(path.parent().unwrap());
 }
+
+#[test]
+fn the_load_driver_wraps_around_the_disk_in_both_directions() {
+    let (path, _) = image("disk-load");
+    for (kind, bytes) in [(1u64, 0x1_0000u64), (0, 4096), (1, 512)] {
+        let (vm, _) = guest_vm(
+            Workload::Diskbench,
+            disk_config(&path, false),
+            &[
+                (mailbox::PARAM0, bytes),
+                (mailbox::PARAM1, kind),
+                (mailbox::PARAM2, 40),
+            ],
+        );
+        assert_eq!(run_to_exit(&vm), ExitReason::GuestExit(0));
+        assert_eq!(vm.ram().read_u64(MAILBOX + mailbox::PROGRESS).unwrap(), 40);
+    }
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}

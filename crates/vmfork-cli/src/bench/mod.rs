@@ -3,6 +3,7 @@
 
 mod boot;
 mod busy;
+mod devices;
 mod fork;
 mod fuzz;
 mod snapshot;
@@ -23,6 +24,9 @@ pub enum Suite {
     /// A guest that keeps writing: fork/snapshot pause by pages dirtied since the last one,
     /// memory per fork and kept by the parent, fork latency among 1,000 siblings.
     Busy(BenchArgs),
+    /// Devices: virtio-blk MB/s from a guest driver (4 KiB and 64 KiB requests) beside the host
+    /// on the same image, fork latency with a disk (idle and busy) beside without.
+    Devices(BenchArgs),
     /// Fuzzing: execs/s by cores and feedback, reset latency by dirty pages (quick, full and
     /// parts), execs to the planted parser's deepest bug, a coverage breakpoint's first hit.
     Fuzz(BenchArgs),
@@ -43,6 +47,7 @@ pub fn run(suite: Suite) -> CliResult<u8> {
     | Suite::Fork(args)
     | Suite::Snapshot(args)
     | Suite::Busy(args)
+    | Suite::Devices(args)
     | Suite::Fuzz(args)) = &suite;
     if args.runs < 5 {
         return Err("--runs must be at least 5".into());
@@ -53,6 +58,7 @@ pub fn run(suite: Suite) -> CliResult<u8> {
         Suite::Snapshot(args) => (args, with_and_without_seccomp(|| snapshot::run(args))?),
         Suite::Busy(args) => (args, busy::run(args)?),
         Suite::Fuzz(args) => (args, fuzz::run(args)?),
+        Suite::Devices(args) => (args, devices::run(args)?),
     };
     if args.json {
         println!(

@@ -1,0 +1,223 @@
+//! The devices suite: virtio-blk throughput from a guest driver (4 KiB and 64 KiB requests,
+//! one per notify) beside the same block sizes read from and written to the image file by the
+//! host, and fork latency of a VM with a disk (idle, and writing its disk while forked) beside
+//! one without.
+
+use super::{BenchArgs, Report};
+use crate::CliResult;
+use guests::layout::{mailbox, MAILBOX};
+use guests::Workload;
+use serde_json::json;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use vmfork::boot::{BootSpec, Kernel};
+use vmfork::devices::{DiskConfig, SerialSink};
+use vmfork::{ExitReason, ForkOptions, Vm, VmConfig};
+
+const IMAGE_MIB: u64 = 64;
+
+fn err(e: vmfork::Error) -> String {
+    e.to_string()
+}
+
+fn vm(workload: Workload, disk: Option<&Path>, params: &[(u64, u64)]) -> CliResult<Vm> {
+    let config = VmConfig {
+        disks: disk
+            .map(|p| DiskConfig {
+                path: p.to_path_buf(),
+                read_only: false,
+            })
+            .into_iter()
+            .collect(),
+        ..VmConfig::default()
+    };
+    let vm = Vm::boot(
+        config,
+        SerialSink::Discard,
+        &BootSpec::new(Kernel::Elf(workload.elf())),
+    )
+    .map_err(err)?;
+    for &(offset, value) in params {
+        vm.ram().write_u64(MAILBOX + offset, value).map_err(err)?;
+    }
+    Ok(vm)
+}
+
+fn mb_per_s(bytes: u64, took: Duration) -> f64 {
+    bytes as f64 / took.as_secs_f64() / 1e6
+}
+
+/// MB/s of the guest driver moving `total` bytes in `request`-byte requests.
+fn guest_throughput(image: &Path, write: bool, request: u64, total: u64) -> CliResult<f64> {
+    let requests = total / request;
+    let vm = vm(
+        Workload::Diskbench,
+        Some(image),
+        &[
+            (mailbox::PARAM0, request),
+            (mailbox::PARAM1, u64::from(write)),
+            (mailbox::PARAM2, requests),
+        ],
+    )?;
+    let t = Instant::now();
+    let exit = vm.run_inline().map_err(err)?;
+    let took = t.elapsed();
+    if exit != ExitReason::GuestExit(0) {
+        return Err(format!(
+            "diskbench ({request} bytes, write {write}): {exit}"
+        ));
+    }
+    Ok(mb_per_s(requests * request, took))
+}
+
+/// MB/s of the host reading (pread) or writing (pwrite, no sync: the page cache, as the
+/// guest's layer is in memory) the file in `request`-byte blocks.
+fn host_throughput(path: &Path, write: bool, request: u64, total: u64) -> CliResult<f64> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(write)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut buf = vec![0x5au8; request as usize];
+    let size = IMAGE_MIB << 20;
+    let t = Instant::now();
+    let mut at = 0u64;
+    for _ in 0..total / request {
+        if at + request > size {
+            at = 0;
+        }
+        if write {
+            file.write_all_at(&buf, at)
+        } else {
+            file.read_exact_at(&mut buf, at)
+        }
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+        at += request;
+    }
+    Ok(mb_per_s(total, t.elapsed()))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Median fork latency (µs) of `parent` over `runs` pooled forks.
+fn fork_p50(parent: &Vm, runs: usize) -> CliResult<f64> {
+    let opts = ForkOptions::default();
+    vmfork::vm::pool::keep_ready(parent.config(), runs).map_err(err)?;
+    let mut samples = Vec::with_capacity(runs);
+    let mut children = Vec::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        let child = parent.fork(&opts).map_err(err)?;
+        samples.push(t.elapsed().as_secs_f64() * 1e6);
+        children.push(child);
+    }
+    drop(children);
+    vmfork::vm::pool::drain();
+    Ok(median(samples))
+}
+
+pub fn run(args: BenchArgs) -> CliResult<Report> {
+    let mut report = Report::new("devices");
+    let dir = std::env::temp_dir().join(format!("vmfork-bench-devices-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let result = run_in(&dir, args, &mut report);
+    let _ = std::fs::remove_dir_all(&dir);
+    result.map(|()| report)
+}
+
+fn run_in(dir: &Path, args: BenchArgs, report: &mut Report) -> CliResult<()> {
+    let image = dir.join("disk.img");
+    let content: Vec<u8> = (0..IMAGE_MIB << 20).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&image, &content).map_err(|e| e.to_string())?;
+    let host_copy: PathBuf = dir.join("host-copy.img");
+    std::fs::write(&host_copy, &content).map_err(|e| e.to_string())?;
+    drop(content);
+    let rounds = args.runs.clamp(3, 7);
+
+    for (request, total) in [(4096u64, 16u64 << 20), (64 << 10, IMAGE_MIB << 20)] {
+        for write in [false, true] {
+            let (mut guest, mut host) = (Vec::new(), Vec::new());
+            for _ in 0..rounds {
+                guest.push(guest_throughput(&image, write, request, total)?);
+                host.push(host_throughput(
+                    if write { &host_copy } else { &image },
+                    write,
+                    request,
+                    total,
+                )?);
+            }
+            let (name, host_name) = if write {
+                ("blk_write_mb_per_s", "host_write_mb_per_s")
+            } else {
+                ("blk_read_mb_per_s", "host_read_mb_per_s")
+            };
+            let params = [
+                ("request_kib", json!(request >> 10)),
+                ("mib_moved", json!(total >> 20)),
+            ];
+            report.add(name, median(guest), "MB/s", &params);
+            let tool = if write {
+                "pwrite, no sync (page cache)"
+            } else {
+                "pread (page cache)"
+            };
+            let mut host_params = params.to_vec();
+            host_params.push(("tool", json!(tool)));
+            report.add(host_name, median(host), "MB/s", &host_params);
+        }
+    }
+
+    // Fork latency: the same paused 256 MiB guests with and without a disk (the disk guest
+    // has written to it), then a guest writing its disk as fast as it can while it is forked.
+    let without = vm(Workload::Entropy, None, &[])?;
+    without.run_to_ready(Duration::from_secs(30)).map_err(err)?;
+    without.fork(&ForkOptions::default()).map_err(err)?; // the first fork freezes the RAM file
+    let with = vm(Workload::Disk, Some(&image), &[(mailbox::PARAM1, 7)])?;
+    with.run_to_ready(Duration::from_secs(30)).map_err(err)?;
+    with.fork(&ForkOptions::default()).map_err(err)?;
+    let runs = args.runs.max(20);
+    let (mut no_disk, mut disk) = (Vec::new(), Vec::new());
+    // Alternating rounds: the host's noise falls on both.
+    for _ in 0..3 {
+        no_disk.push(fork_p50(&without, runs)?);
+        disk.push(fork_p50(&with, runs)?);
+    }
+    let (no_disk, disk) = (median(no_disk), median(disk));
+    let params = [("mem_mib", json!(256)), ("pooled", json!(true))];
+    report.add("fork_without_disk_latency_us_p50", no_disk, "us", &params);
+    report.add("fork_with_disk_latency_us_p50", disk, "us", &params);
+    report.add("fork_with_disk_ratio", disk / no_disk, "x", &params);
+    drop((without, with));
+
+    let busy = vm(
+        Workload::Diskbench,
+        Some(&image),
+        &[
+            (mailbox::PARAM0, 4096),
+            (mailbox::PARAM1, 1),
+            (mailbox::PARAM2, u64::MAX),
+        ],
+    )?;
+    busy.start().map_err(err)?;
+    std::thread::sleep(Duration::from_millis(200));
+    let latency = fork_p50(&busy, runs)?;
+    let done = busy
+        .ram()
+        .read_u64(MAILBOX + mailbox::PROGRESS)
+        .map_err(err)?;
+    busy.stop();
+    report.add(
+        "fork_with_busy_disk_latency_us_p50",
+        latency,
+        "us",
+        &[
+            ("mem_mib", json!(256)),
+            ("guest_writes_4k_while_forked", json!(done)),
+        ],
+    );
+    Ok(())
+}
