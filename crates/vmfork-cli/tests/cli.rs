@@ -966,6 +966,8 @@ fn serve_keeps_to_its_data_directory_and_runs_unprivileged() {
         r#"{"kernel":"/etc/shadow"}"#,
         r#"{"kernel":"../../etc/shadow"}"#,
         r#"{"flat":"/etc/hostname"}"#,
+        r#"{"guest":"disk","disks":[{"path":"/etc/hostname"}]}"#,
+        r#"{"guest":"disk","disks":[{"path":"../x.img","read_only":true}]}"#,
     ] {
         let reply = post_vm(body);
         assert!(
@@ -973,6 +975,20 @@ fn serve_keeps_to_its_data_directory_and_runs_unprivileged() {
             "{body}: {reply}"
         );
     }
+    // A disk inside it: the VM boots with it, and its snapshot keeps the disk's writes.
+    std::fs::write(data.join("disk.img"), vec![0u8; 1 << 20]).unwrap();
+    let reply = post_vm(r#"{"guest":"disk","disks":[{"path":"disk.img"}],"paused":true}"#);
+    assert!(reply.starts_with("HTTP/1.1 201"), "{reply}");
+    let disk_vm = daemon.first_vm();
+    let reply = post(
+        &daemon.sock,
+        &format!("/vms/{disk_vm}/snapshot"),
+        r#"{"path":"disksnap"}"#,
+    );
+    assert!(reply.starts_with("HTTP/1.1 201"), "{reply}");
+    assert!(data.join("disksnap/disk-1.bin").is_file());
+    let o = daemon.ctl(&["destroy", &disk_vm]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     // It runs, forks, snapshots and restores as nobody, inside the data directory.
     let reply = post_vm(r#"{"guest":"counter","paused":true}"#);
     assert!(reply.starts_with("HTTP/1.1 201"), "{reply}");
