@@ -72,21 +72,33 @@ impl Driver {
         self.g.a.nop()
     }
 
-    /// Checks the device in `slot` is a virtio 1.x device of `device_id`, negotiates
-    /// VIRTIO_F_VERSION_1 only and sets up queue 0 with [`VIRTQ_SIZE`] entries; leaves the
-    /// device running (DRIVER_OK) with r14 = its base.
-    fn set_up(&mut self, slot: u64, device_id: u32) -> Result<(), IcedError> {
+    /// Finds the first virtio-mmio slot holding a virtio 1.x device of `device_id`, negotiates
+    /// VIRTIO_F_VERSION_1 only and sets up `queues` queues of [`VIRTQ_SIZE`] entries (queue q
+    /// in the page at [`VIRTQ_DESC`] + q × 4 KiB: descriptors, then the available ring at
+    /// +0x100, the used ring at +0x200); leaves the device running (DRIVER_OK) with r14 = its
+    /// base.
+    fn set_up(&mut self, device_id: u32, queues: u32) -> Result<(), IcedError> {
         use fail::*;
-        let base = VIRTIO_MMIO + slot * crate::layout::VIRTIO_MMIO_STRIDE;
-        self.g.a.mov(r14, base)?;
-        self.g
-            .a
-            .cmp(dword_ptr(r14 + MAGIC), 0x7472_6976u32 as i32)?;
-        self.fail_unless_equal(NOT_VIRTIO)?;
-        self.g.a.cmp(dword_ptr(r14 + VERSION), 2)?;
-        self.fail_unless_equal(NOT_VIRTIO)?;
-        self.g.a.cmp(dword_ptr(r14 + DEVICE_ID), device_id as i32)?;
-        self.fail_unless_equal(NOT_VIRTIO)?;
+        let a = &mut self.g.a;
+        let mut scan = a.create_label();
+        let mut next = a.create_label();
+        let mut found = a.create_label();
+        a.mov(r14, VIRTIO_MMIO)?;
+        a.mov(ecx, 8u32)?;
+        a.set_label(&mut scan)?;
+        a.cmp(dword_ptr(r14 + MAGIC), 0x7472_6976u32 as i32)?;
+        a.jne(next)?;
+        a.cmp(dword_ptr(r14 + VERSION), 2)?;
+        a.jne(next)?;
+        a.cmp(dword_ptr(r14 + DEVICE_ID), device_id as i32)?;
+        a.je(found)?;
+        a.set_label(&mut next)?;
+        a.add(r14, crate::layout::VIRTIO_MMIO_STRIDE as i32)?;
+        a.dec(ecx)?;
+        a.jnz(scan)?;
+        a.mov(eax, NOT_VIRTIO as u32)?;
+        a.jmp(self.fail)?;
+        a.set_label(&mut found)?;
         let a = &mut self.g.a;
         a.mov(dword_ptr(r14 + STATUS), 0)?; // reset
         a.mov(dword_ptr(r14 + STATUS), 1)?; // ACKNOWLEDGE
@@ -109,23 +121,26 @@ impl Driver {
         a.mov(eax, FEATURES_REFUSED as u32)?;
         a.jmp(self.fail)?;
         a.set_label(&mut accepted)?;
-        a.mov(dword_ptr(r14 + QUEUE_SEL), 0)?;
-        a.cmp(dword_ptr(r14 + QUEUE_NUM_MAX), VIRTQ_SIZE as i32)?;
-        let mut big_enough = a.create_label();
-        a.jae(big_enough)?;
-        a.mov(eax, QUEUE_TOO_SMALL as u32)?;
-        a.jmp(self.fail)?;
-        a.set_label(&mut big_enough)?;
-        a.mov(dword_ptr(r14 + QUEUE_NUM), VIRTQ_SIZE as i32)?;
-        for (reg, addr) in [
-            (QUEUE_DESC, VIRTQ_DESC),
-            (QUEUE_DRIVER, VIRTQ_AVAIL),
-            (QUEUE_DEVICE, VIRTQ_USED),
-        ] {
-            a.mov(dword_ptr(r14 + reg), addr as i32)?;
-            a.mov(dword_ptr(r14 + reg + 4), 0)?;
+        for q in 0..queues {
+            let page = u64::from(q) * 0x1000;
+            a.mov(dword_ptr(r14 + QUEUE_SEL), q as i32)?;
+            a.cmp(dword_ptr(r14 + QUEUE_NUM_MAX), VIRTQ_SIZE as i32)?;
+            let mut big_enough = a.create_label();
+            a.jae(big_enough)?;
+            a.mov(eax, QUEUE_TOO_SMALL as u32)?;
+            a.jmp(self.fail)?;
+            a.set_label(&mut big_enough)?;
+            a.mov(dword_ptr(r14 + QUEUE_NUM), VIRTQ_SIZE as i32)?;
+            for (reg, addr) in [
+                (QUEUE_DESC, VIRTQ_DESC),
+                (QUEUE_DRIVER, VIRTQ_AVAIL),
+                (QUEUE_DEVICE, VIRTQ_USED),
+            ] {
+                a.mov(dword_ptr(r14 + reg), (addr + page) as i32)?;
+                a.mov(dword_ptr(r14 + reg + 4), 0)?;
+            }
+            a.mov(dword_ptr(r14 + QUEUE_READY), 1)?;
         }
-        a.mov(dword_ptr(r14 + QUEUE_READY), 1)?;
         a.mov(dword_ptr(r14 + STATUS), 0xf) // | DRIVER_OK
     }
 
@@ -250,7 +265,7 @@ pub fn entropy() -> Result<Vec<u8>, IcedError> {
     d.g.a.cmp(dword_ptr(rbx), 0x4947_4d56)?; // "VMGI"
     d.fail_unless_equal(fail::NO_GENERATION_PAGE)?;
     read_generation(&mut d.g.a, mailbox::GENERATION_BEFORE)?;
-    d.set_up(0, 4)?;
+    d.set_up(4, 1)?;
     let a = &mut d.g.a;
     // r12 = bytes per request: PARAM0, or the default, at most the maximum.
     let mut have = a.create_label();
@@ -317,7 +332,7 @@ pub fn disk() -> Result<Vec<u8>, IcedError> {
     let mut block = d.g.a.create_label();
     let mut submit = d.g.a.create_label();
     let mut fill = d.g.a.create_label();
-    d.set_up(1, 2)?;
+    d.set_up(2, 1)?;
     let a = &mut d.g.a;
     a.mov(rax, qword_ptr(r14 + 0x100))?;
     a.mov(qword_ptr(r15 + mailbox::DISK_CAPACITY as i32), rax)?;
@@ -403,7 +418,7 @@ pub fn diskbench() -> Result<Vec<u8>, IcedError> {
     let mut d = Driver::new()?;
     let mut block = d.g.a.create_label();
     let mut submit = d.g.a.create_label();
-    d.set_up(1, 2)?;
+    d.set_up(2, 1)?;
     let a = &mut d.g.a;
     let mut have = a.create_label();
     a.mov(r12, qword_ptr(r15 + mailbox::PARAM0 as i32))?;
@@ -460,5 +475,200 @@ pub fn diskbench() -> Result<Vec<u8>, IcedError> {
     d.g.exit_with(0)?;
     d.emit_block(&mut block, submit)?;
     d.emit_submit_with(&mut submit, false)?;
+    d.finish()
+}
+
+/// `vsock`'s buffers: the one rx buffer (re-posted after each packet), the tx packet, the
+/// event buffer, and the round-trip times (TSC cycles, one u64 each).
+pub mod vsock_buffers {
+    use crate::layout::DMA_BUFFER;
+    pub const RX: u64 = DMA_BUFFER;
+    pub const RX_LEN: u32 = 4096;
+    pub const TX: u64 = DMA_BUFFER + 0x1000;
+    pub const EVENT: u64 = DMA_BUFFER + 0x2000;
+    pub const ROUND_TRIPS: u64 = DMA_BUFFER + 0x1_0000;
+    /// Round trips whose time is kept (more are made, not timed).
+    pub const ROUND_TRIPS_KEPT: u64 = 0x4000;
+}
+
+/// The guest port `vsock` connects from.
+pub const VSOCK_GUEST_PORT: u32 = 1234;
+/// `vsock` exits with this plus the step whose reply was not what it expects (1: the
+/// connection, 2: an echo).
+pub const VSOCK_FAILED_STEP: u8 = 20;
+const VSOCK_POLL_LIMIT: u32 = 1 << 30;
+/// virtio-vsock packet fields (offsets in virtio_vsock_hdr) and ops.
+const HDR_LEN: u64 = 44;
+const OP_REQUEST: u32 = 1;
+const OP_RESPONSE: u32 = 2;
+const OP_RW: u32 = 5;
+
+/// `vsock`: finds the virtio-vsock, posts an rx and an event buffer, connects from guest port
+/// [`VSOCK_GUEST_PORT`] to host port PARAM0 (the host's `<uds_path>_PARAM0` socket), then
+/// sends PARAM1 8-byte counters and expects each echoed back (PROGRESS counts them; each
+/// round trip's TSC cycles go to [`vsock_buffers::ROUND_TRIPS`]); writes the ready port; then
+/// sends one more counter and stores the op of the reply in VSOCK_LAST_OP (5: echoed; 3: reset,
+/// as a fork or restore sees) and how many transport-reset events it got in VSOCK_RESETS;
+/// exits 0.
+pub fn vsock() -> Result<Vec<u8>, IcedError> {
+    use vsock_buffers::*;
+    let mut d = Driver::new()?;
+    let mut push = d.g.a.create_label();
+    let mut wait_used = d.g.a.create_label();
+    let mut send = d.g.a.create_label();
+    let mut recv = d.g.a.create_label();
+    let (rx_q, tx_q, event_q) = (VIRTQ_DESC, VIRTQ_DESC + 0x1000, VIRTQ_DESC + 0x2000);
+    d.set_up(19, 3)?;
+    let a = &mut d.g.a;
+    a.mov(r13, qword_ptr(r14 + 0x100))?; // guest CID
+                                         // The event buffer and the rx buffer.
+    for (queue, index, buffer, len) in [(event_q, 2, EVENT, 8u32), (rx_q, 0, RX, RX_LEN)] {
+        a.mov(rsi, queue)?;
+        a.mov(edi, index as u32)?;
+        a.mov(r9, buffer)?;
+        a.mov(ecx, len)?;
+        a.mov(edx, 2u32)?; // WRITE
+        a.call(push)?;
+    }
+    // The header every packet starts with: CIDs, ports, stream type, our buffer space.
+    a.mov(r9, TX)?;
+    a.mov(qword_ptr(r9), r13)?;
+    a.mov(qword_ptr(r9 + 8), 2)?;
+    a.mov(dword_ptr(r9 + 16), VSOCK_GUEST_PORT as i32)?;
+    a.mov(rax, qword_ptr(r15 + mailbox::PARAM0 as i32))?;
+    a.mov(dword_ptr(r9 + 20), eax)?;
+    a.mov(word_ptr(r9 + 28), 1)?;
+    a.mov(dword_ptr(r9 + 32), 0)?;
+    a.mov(dword_ptr(r9 + 36), 0x1_0000)?;
+    a.xor(ebp, ebp)?; // bytes received (our fwd_cnt)
+                      // Connect.
+    a.mov(eax, OP_REQUEST)?;
+    a.xor(ecx, ecx)?;
+    a.call(send)?;
+    a.call(recv)?;
+    a.cmp(eax, OP_RESPONSE as i32)?;
+    d.fail_unless_equal(VSOCK_FAILED_STEP + 1)?;
+    // Echoes.
+    let a = &mut d.g.a;
+    a.mov(rbx, qword_ptr(r15 + mailbox::PARAM1 as i32))?;
+    a.xor(r12d, r12d)?;
+    a.mov(qword_ptr(r15 + mailbox::PROGRESS as i32), 0)?;
+    let mut top = a.create_label();
+    let mut echoed = a.create_label();
+    a.set_label(&mut top)?;
+    a.test(rbx, rbx)?;
+    a.jz(echoed)?;
+    a.inc(r12)?;
+    a.mov(r9, TX)?;
+    a.mov(qword_ptr(r9 + HDR_LEN as i32), r12)?;
+    a.rdtsc()?;
+    a.shl(rdx, 32)?;
+    a.or(rax, rdx)?;
+    a.mov(r11, rax)?;
+    a.mov(eax, OP_RW)?;
+    a.mov(ecx, 8u32)?;
+    a.push(r11)?;
+    a.call(send)?;
+    a.call(recv)?;
+    a.pop(r11)?;
+    a.cmp(eax, OP_RW as i32)?;
+    d.fail_unless_equal(VSOCK_FAILED_STEP + 2)?;
+    let a = &mut d.g.a;
+    a.mov(r9, RX)?;
+    a.cmp(qword_ptr(r9 + HDR_LEN as i32), r12)?;
+    d.fail_unless_equal(VSOCK_FAILED_STEP + 2)?;
+    let a = &mut d.g.a;
+    a.rdtsc()?;
+    a.shl(rdx, 32)?;
+    a.or(rax, rdx)?;
+    a.sub(rax, r11)?;
+    let mut untimed = a.create_label();
+    a.cmp(r12, ROUND_TRIPS_KEPT as i32)?;
+    a.ja(untimed)?;
+    a.mov(rdx, ROUND_TRIPS - 8)?;
+    a.mov(qword_ptr(rdx + r12 * 8), rax)?;
+    a.set_label(&mut untimed)?;
+    a.mov(qword_ptr(r15 + mailbox::PROGRESS as i32), r12)?;
+    a.dec(rbx)?;
+    a.jmp(top)?;
+    a.set_label(&mut echoed)?;
+    d.g.announce_ready()?;
+    // One more counter, whatever answers it.
+    let a = &mut d.g.a;
+    a.inc(r12)?;
+    a.mov(r9, TX)?;
+    a.mov(qword_ptr(r9 + HDR_LEN as i32), r12)?;
+    a.mov(eax, OP_RW)?;
+    a.mov(ecx, 8u32)?;
+    a.call(send)?;
+    a.call(recv)?;
+    a.mov(qword_ptr(r15 + mailbox::VSOCK_LAST_OP as i32), rax)?;
+    a.mov(rsi, event_q)?;
+    a.movzx(eax, word_ptr(rsi + 0x202))?;
+    a.mov(qword_ptr(r15 + mailbox::VSOCK_RESETS as i32), rax)?;
+    d.g.exit_with(0)?;
+
+    let a = &mut d.g.a;
+    // push(rsi = queue page, edi = queue index, r9 = buffer, ecx = length, edx = flags)
+    //   -> eax = the available index after it: descriptor 0 made available, queue notified.
+    a.set_label(&mut push)?;
+    a.mov(qword_ptr(rsi), r9)?;
+    a.mov(dword_ptr(rsi + 8), ecx)?;
+    a.mov(word_ptr(rsi + 12), dx)?;
+    a.mov(word_ptr(rsi + 14), 0)?;
+    a.movzx(eax, word_ptr(rsi + 0x102))?;
+    a.mov(r8d, eax)?;
+    a.and(r8d, (VIRTQ_SIZE - 1) as i32)?;
+    a.mov(word_ptr(rsi + r8 * 2 + 0x104), 0)?;
+    a.inc(eax)?;
+    a.mov(word_ptr(rsi + 0x102), ax)?;
+    a.mov(dword_ptr(r14 + QUEUE_NOTIFY), edi)?;
+    a.ret()?;
+    // wait_used(rsi = queue page, eax = index to reach)
+    a.set_label(&mut wait_used)?;
+    a.mov(ecx, VSOCK_POLL_LIMIT)?;
+    let mut poll = a.create_label();
+    let mut reached = a.create_label();
+    a.set_label(&mut poll)?;
+    a.cmp(word_ptr(rsi + 0x202), ax)?;
+    a.je(reached)?;
+    a.pause()?;
+    a.dec(ecx)?;
+    a.jnz(poll)?;
+    a.mov(eax, fail::NO_COMPLETION as u32)?;
+    a.jmp(d.fail)?;
+    a.set_label(&mut reached)?;
+    a.ret()?;
+    // send(eax = op, ecx = payload length): the packet at TX, our fwd_cnt = rbp.
+    a.set_label(&mut send)?;
+    a.mov(r9, TX)?;
+    a.mov(word_ptr(r9 + 30), ax)?;
+    a.mov(dword_ptr(r9 + 24), ecx)?;
+    a.mov(dword_ptr(r9 + 40), ebp)?;
+    a.add(ecx, HDR_LEN as i32)?;
+    a.mov(rsi, tx_q)?;
+    a.mov(edi, 1u32)?;
+    a.xor(edx, edx)?;
+    a.call(push)?;
+    a.call(wait_used)?;
+    a.ret()?;
+    // recv() -> eax = the op of the next packet (its payload at RX + 44), re-posting the buffer.
+    a.set_label(&mut recv)?;
+    a.mov(rsi, rx_q)?;
+    a.movzx(eax, word_ptr(rsi + 0x102))?;
+    a.call(wait_used)?;
+    a.mov(r9, RX)?;
+    a.mov(eax, dword_ptr(r9 + 24))?;
+    a.add(ebp, eax)?;
+    a.movzx(eax, word_ptr(r9 + 30))?;
+    a.push(rax)?;
+    a.mov(rsi, rx_q)?;
+    a.xor(edi, edi)?;
+    a.mov(r9, RX)?;
+    a.mov(ecx, RX_LEN)?;
+    a.mov(edx, 2u32)?;
+    a.call(push)?;
+    a.pop(rax)?;
+    a.ret()?;
     d.finish()
 }

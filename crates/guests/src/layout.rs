@@ -75,4 +75,8 @@ pub mod mailbox {
     /// `disk`: the disk's capacity in sectors, and the last request's status.
     pub const DISK_CAPACITY: u64 = 0x60;
     pub const DISK_STATUS: u64 = 0x68;
+    /// `vsock`: the op of the reply to the counter sent after the ready port, and the
+    /// transport-reset events received.
+    pub const VSOCK_LAST_OP: u64 = 0x70;
+    pub const VSOCK_RESETS: u64 = 0x78;
 }

@@ -31,11 +31,12 @@ pub enum Workload {
     Entropy,
     Disk,
     Diskbench,
+    Vsock,
 }
 
 impl Workload {
     /// Every workload, in the order `vmfork guests` lists them.
-    pub const ALL: [Workload; 12] = [
+    pub const ALL: [Workload; 13] = [
         Workload::Hello,
         Workload::Counter,
         Workload::Memtouch,
@@ -48,6 +49,7 @@ impl Workload {
         Workload::Entropy,
         Workload::Disk,
         Workload::Diskbench,
+        Workload::Vsock,
     ];
 
     pub fn name(self) -> &'static str {
@@ -64,6 +66,7 @@ impl Workload {
             Workload::Entropy => "entropy",
             Workload::Disk => "disk",
             Workload::Diskbench => "diskbench",
+            Workload::Vsock => "vsock",
         }
     }
 
@@ -80,6 +83,7 @@ impl Workload {
             Workload::Parser => "fuzzing target: a TLV parser with three planted bugs at different depths; exits 0 (valid) or 1 (malformed)",
             Workload::Disk => "virtio-blk driver (slot 1): reads PARAM0 bytes, writes PARAM1 to sector 8, writes the ready port, reads sector 8 again, writes PARAM2 to sector 16, reading each back; exits 0",
             Workload::Diskbench => "virtio-blk load (slot 1): PARAM2 requests of PARAM0 bytes (default 4096), reads (PARAM1 0) or writes, sequential; exits 0",
+            Workload::Vsock => "virtio-vsock driver: connects to host port PARAM0, echoes PARAM1 counters, writes the ready port, sends one more; exits 0",
             Workload::Entropy => "virtio-rng and generation-id driver: reads the generation id and PARAM0 random bytes, writes the ready port, reads both again, exits 0",
         }
     }
@@ -124,6 +128,7 @@ impl Workload {
             Workload::Entropy => (drivers::entropy(), Ring::User),
             Workload::Disk => (drivers::disk(), Ring::User),
             Workload::Diskbench => (drivers::diskbench(), Ring::User),
+            Workload::Vsock => (drivers::vsock(), Ring::User),
         };
         // The assembler input is fixed at compile time, so failure here is a bug in this crate.
         (code.expect("built-in workload assembles"), ring)

@@ -300,3 +300,34 @@ fn the_load_driver_wraps_around_the_disk_in_both_directions() {
     }
     let _ = std::fs::remove_dir_all(path.parent().unwrap());
 }
+
+#[test]
+fn a_fuzzing_reset_drops_disk_writes_too() {
+    let (path, bytes) = image("disk-quick");
+    let cfg = VmConfig {
+        irqchip: false,
+        ..disk_config(&path, false)
+    };
+    let (parent, _) = guest_vm(Workload::Disk, cfg, &[(mailbox::PARAM1, BEFORE)]);
+    parent.run_to_ready(Duration::from_secs(30)).unwrap();
+    let opts = ForkOptions {
+        block_interrupts: true,
+        ..ForkOptions::default()
+    };
+    let child = parent.fork(&opts).unwrap();
+    for round in 0..3u64 {
+        assert_eq!(
+            run_after_ready(&child, 100 + round),
+            ExitReason::GuestExit(0)
+        );
+        assert_eq!(
+            read(&child, FOUND_AFTER, 4096),
+            sector(&bytes, DISK_SECTOR_AFTER),
+            "round {round} saw the previous round's write"
+        );
+        assert_eq!(read(&child, READ_BACK_AFTER, 4096), stamp(100 + round));
+        let stats = child.reset_quick().unwrap();
+        assert!(stats.quick, "round {round}: not the quick reset");
+    }
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}

@@ -136,6 +136,7 @@ fn many_vcpus_and_large_ram_boot() {
         mem_bytes: 5 << 30,
         irqchip: true,
         disks: Vec::new(),
+        vsock: None,
     };
     let (vm, serial) = guest_vm(Workload::Hello, cfg, &[]);
     assert_eq!(vm.ram().layout().regions.len(), 2);

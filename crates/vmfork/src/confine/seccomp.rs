@@ -9,8 +9,9 @@
 //!   Any other system call kills the process (`SIGSYS`).
 //! - **VMM threads** (API connections, snapshot writing on them, the shell pool's filler and
 //!   reapers, layer adoption and folding): what forks, snapshots, restores and teardown need —
-//!   files, memory mappings, memfds, KVM, Unix sockets already open, threads. No `execve`,
-//!   `ptrace`, mounts, privilege changes, module loading, new network sockets, BPF or perf;
+//!   files, memory mappings, memfds, KVM, Unix sockets (new ones too: the vsock bridge),
+//!   threads. No `execve`, `ptrace`, mounts, privilege changes, module loading, network
+//!   sockets, BPF or perf;
 //!   those fail with `EPERM` (an API request fails cleanly instead of the server dying).
 //!
 //! Filters are on unless [`set_enabled`]`(false)` (`--no-seccomp`) is called before the first
@@ -150,6 +151,9 @@ const VMM: &[i64] = &[
     libc::SYS_getsockopt,
     libc::SYS_setsockopt,
     libc::SYS_getsockname,
+    libc::SYS_connect,
+    libc::SYS_bind,
+    libc::SYS_listen,
     libc::SYS_getpeername,
     libc::SYS_clone,
     libc::SYS_clone3,
@@ -222,6 +226,16 @@ fn build(kind: ThreadKind) -> Result<BpfProgram> {
         }
         ThreadKind::Vmm => {
             allow(VMM, &mut rules);
+            // Unix sockets only (the vsock bridge): `socket(AF_UNIX, ...)`.
+            let unix_only = SeccompCondition::new(
+                0,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::Eq,
+                libc::AF_UNIX as u64,
+            )
+            .and_then(|c| SeccompRule::new(vec![c]))
+            .map_err(|e| Error::Invalid(format!("building the VMM seccomp filter: {e}")))?;
+            rules.insert(libc::SYS_socket, vec![unix_only]);
             SeccompAction::Errno(libc::EPERM as u32)
         }
     };

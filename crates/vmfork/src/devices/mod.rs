@@ -25,6 +25,7 @@ pub use legacy::serial::{SerialRegisters, SERIAL_BASE, SERIAL_IRQ};
 pub use serial_sink::{stdout_closed, SerialBuffer, SerialSink, SERIAL_BUFFER_CAP};
 pub use virtio::block::DiskConfig;
 pub use virtio::mmio::VirtioState;
+pub use virtio::vsock::VsockConfig;
 pub use vmgenid::{GenerationId, VMGENID_BASE};
 pub use vmm_ports::{EXIT_PORT, READY_PORT};
 
@@ -131,6 +132,14 @@ impl DeviceState {
             })
             .collect()
     }
+
+    /// The vsock these devices have, if any.
+    pub fn vsock(&self) -> Option<VsockConfig> {
+        self.virtio.iter().find_map(|v| match &v.device {
+            virtio::DeviceSpecific::Vsock(s) => Some(s.config.clone()),
+            _ => None,
+        })
+    }
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -138,16 +147,28 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The virtio devices of a new VM, by slot: the entropy device in slot 0, then the disks.
-fn virtio_devices(disks: &[DiskConfig]) -> crate::Result<Vec<Box<dyn VirtioDevice>>> {
-    if disks.len() >= virtio::VIRTIO_SLOTS {
+/// What virtio devices a new VM gets besides the entropy device.
+#[derive(Clone, Copy, Default)]
+pub struct DeviceConfig<'a> {
+    pub disks: &'a [DiskConfig],
+    pub vsock: Option<&'a VsockConfig>,
+}
+
+/// The virtio devices of a new VM, by slot: the entropy device in slot 0, then the vsock (if
+/// any), then the disks.
+fn virtio_devices(config: DeviceConfig<'_>) -> crate::Result<Vec<Box<dyn VirtioDevice>>> {
+    let disks = config.disks;
+    let room = virtio::VIRTIO_SLOTS - 1 - usize::from(config.vsock.is_some());
+    if disks.len() > room {
         return Err(crate::Error::Config(format!(
-            "{} disks given; a VM takes at most {}",
+            "{} disks given; a VM takes at most {room}",
             disks.len(),
-            virtio::VIRTIO_SLOTS - 1
         )));
     }
     let mut devices: Vec<Box<dyn VirtioDevice>> = vec![Box::new(virtio::rng::Rng)];
+    if let Some(vsock) = config.vsock {
+        devices.push(Box::new(virtio::vsock::Vsock::new(vsock)?));
+    }
     for disk in disks {
         devices.push(Box::new(virtio::block::Block::open(disk)?));
     }
@@ -158,7 +179,7 @@ fn virtio_devices(disks: &[DiskConfig]) -> crate::Result<Vec<Box<dyn VirtioDevic
 /// device at power-on).
 fn saved_virtio_devices(saved: &[VirtioState]) -> crate::Result<Vec<Box<dyn VirtioDevice>>> {
     if saved.is_empty() {
-        return virtio_devices(&[]);
+        return virtio_devices(DeviceConfig::default());
     }
     if saved.len() > virtio::VIRTIO_SLOTS {
         return Err(crate::Error::Invalid(format!(
@@ -178,18 +199,24 @@ pub struct Devices {
     cmos: Arc<Cmos>,
     generation: Arc<VmGenId>,
     virtio: Vec<Arc<MmioTransport>>,
+    /// Device workers hold it for reading while they serve; a fork, snapshot or reset holds it
+    /// for writing, so no device moves while the VM is taken at one instant.
+    quiesce: Arc<std::sync::RwLock<()>>,
+    /// A device was accessed (other than vmfork's exit and ready ports) since the last load:
+    /// what a fuzzing reset checks before reloading device state.
+    touched: std::sync::atomic::AtomicBool,
 }
 
 impl Devices {
     /// Devices in their power-on state (a new generation id), with `disks`, raising `irqs`.
-    pub fn new(sink: SerialSink, irqs: &IrqLines, disks: &[DiskConfig]) -> crate::Result<Self> {
+    pub fn new(sink: SerialSink, irqs: &IrqLines, config: DeviceConfig<'_>) -> crate::Result<Self> {
         let mut generation = GenerationId::default();
         generation.new_generation()?;
         Self::on_buses(
             SerialPort::new(sink, irqs.line(SERIAL_IRQ)?),
             Cmos::power_on(CmosRegisters::default()),
             generation,
-            virtio_devices(disks)?,
+            virtio_devices(config)?,
             irqs,
         )
     }
@@ -277,6 +304,8 @@ impl Devices {
             cmos,
             generation,
             virtio,
+            quiesce: Arc::default(),
+            touched: Default::default(),
         })
     }
 
@@ -296,6 +325,23 @@ impl Devices {
             }
         }
         Ok(())
+    }
+
+    /// Starts the workers of devices with a host side, in the VM `memory` gives access to.
+    pub fn start_workers(
+        &self,
+        memory: std::sync::Weak<dyn virtio::worker::GuestMemoryAccess>,
+        vm_id: u64,
+    ) -> crate::Result<()> {
+        for transport in &self.virtio {
+            transport.start_worker(memory.clone(), Arc::clone(&self.quiesce), vm_id)?;
+        }
+        Ok(())
+    }
+
+    /// Holds every device worker off until the guard drops (see the field).
+    pub fn quiesce(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
+        self.quiesce.write().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Attaches the serial model of a detached set, loading the state it was made with.
@@ -327,8 +373,22 @@ impl Devices {
         self.generation.announce();
     }
 
+    /// Whether any device may have changed since the last [`Self::load_state`]: one was
+    /// accessed, or one has a host side (a worker) that changes it on its own.
+    pub fn touched(&self) -> bool {
+        self.touched.load(std::sync::atomic::Ordering::Acquire)
+            || self.virtio.iter().any(|t| t.has_worker())
+    }
+
+    fn touch(&self) {
+        self.touched
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
     /// Loads saved state into the devices, keeping their output sinks (a fork reset).
     pub fn load_state(&self, state: &DeviceState) -> crate::Result<()> {
+        self.touched
+            .store(false, std::sync::atomic::Ordering::Release);
         self.cmos.load(&state.cmos)?;
         self.generation.load(&state.generation)?;
         self.load_virtio(&state.virtio)?;
@@ -348,6 +408,9 @@ impl Devices {
     /// Handles a port write; `data` holds every byte of the access (and of a `rep outs`, whose
     /// bytes go one by one to the same port).
     pub fn pio_write(&self, port: u16, data: &[u8]) -> PioOutcome {
+        if !vmm_ports::is_vmm_port(port) {
+            self.touch();
+        }
         if self.io.pio_write(PioAddress(port), data).is_err() && data.len() > 1 {
             for byte in data {
                 // Writes to ports with no device are dropped, as on a PC.
@@ -361,6 +424,9 @@ impl Devices {
 
     /// Handles a port read; ports with no device read as all ones, as on a PC.
     pub fn pio_read(&self, port: u16, data: &mut [u8]) {
+        if !vmm_ports::is_vmm_port(port) {
+            self.touch();
+        }
         if self.io.pio_read(PioAddress(port), data).is_err() {
             data.fill(0xff);
         }
@@ -368,12 +434,14 @@ impl Devices {
 
     /// Handles an MMIO read; `false` when no device is there.
     pub fn mmio_read(&self, addr: u64, data: &mut [u8]) -> bool {
+        self.touch();
         self.io.mmio_read(MmioAddress(addr), data).is_ok()
     }
 
     /// Handles an MMIO write; `false` when no device is there. A virtio queue notify is
     /// served here, on the writing vCPU's thread, with `ram` as the guest's memory.
     pub fn mmio_write(&self, addr: u64, data: &[u8], ram: &GuestRam) -> bool {
+        self.touch();
         let found = self.io.mmio_write(MmioAddress(addr), data).is_ok();
         if let Some((slot, queue)) = Signals::take_notify() {
             if let Some(transport) = self.virtio.get(usize::from(slot)) {
@@ -390,7 +458,12 @@ mod tests {
 
     #[test]
     fn ports_dispatch_by_range_and_state_persists() {
-        let devices = Devices::new(SerialSink::Discard, &IrqLines::none(), &[]).unwrap();
+        let devices = Devices::new(
+            SerialSink::Discard,
+            &IrqLines::none(),
+            DeviceConfig::default(),
+        )
+        .unwrap();
         // The serial's scratch register (offset 7) holds what is written, and is saved.
         assert_eq!(
             devices.pio_write(SERIAL_BASE + 7, &[0x5a]),
@@ -439,7 +512,14 @@ mod tests {
 
     #[test]
     fn each_vcpu_thread_gets_the_outcome_of_its_own_write() {
-        let devices = Arc::new(Devices::new(SerialSink::Discard, &IrqLines::none(), &[]).unwrap());
+        let devices = Arc::new(
+            Devices::new(
+                SerialSink::Discard,
+                &IrqLines::none(),
+                DeviceConfig::default(),
+            )
+            .unwrap(),
+        );
         let writer = |port: u16, expect: PioOutcome| {
             let devices = Arc::clone(&devices);
             std::thread::spawn(move || {

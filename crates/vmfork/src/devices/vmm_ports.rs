@@ -12,6 +12,11 @@ pub(crate) const EXIT_PORT_LEN: u16 = 2;
 /// A write here says "ready for input".
 pub const READY_PORT: u16 = 0x503;
 
+/// Whether `port` is one of vmfork's own (they keep no state).
+pub fn is_vmm_port(port: u16) -> bool {
+    (EXIT_PORT..EXIT_PORT + EXIT_PORT_LEN).contains(&port) || port == READY_PORT
+}
+
 /// The exit port.
 pub struct ExitPort(pub(crate) Signals);
 

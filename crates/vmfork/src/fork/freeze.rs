@@ -54,6 +54,9 @@ impl Vm {
             self.freeze_file()?;
         }
         let pre = if running { self.precopy()? } else { None };
+        // Device workers (vsock) hold off guest memory and device state until the instant is
+        // taken, running or not (they serve a paused VM's host side too).
+        let quiet = self.shared().devices.quiesce();
         let paused_at = Instant::now();
         if running {
             self.pause()?;
@@ -71,6 +74,7 @@ impl Vm {
         if running && !stay_paused {
             self.resume()?;
         }
+        drop(quiet);
         result
     }
 

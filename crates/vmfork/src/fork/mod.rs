@@ -221,6 +221,7 @@ impl Vm {
             self.rearm();
         }
         let mut stats = ResetStats::default();
+        let _quiet = self.shared().devices.quiesce();
         if scope != ResetScope::StateOnly {
             stats = self.restore_dirty_pages(origin, None)?.0;
         }

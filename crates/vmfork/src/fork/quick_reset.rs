@@ -8,7 +8,8 @@
 //! state only where they differ from the origin; the copy of those KVM leaves in `kvm_run` at
 //! every exit (`KVM_CAP_SYNC_REGS`) says whether they do, without an ioctl. The one way left to
 //! ring 0 is a call gate the guest writes into its own GDT: a run that dirtied the GDT's page
-//! gets the full reset. Time (TSC, kvmclock) is not rewound by this reset.
+//! gets the full reset. Device state is reloaded only when a device was accessed (other
+//! than vmfork's exit and ready ports). Time (TSC, kvmclock) is not rewound by this reset.
 
 use super::ResetStats;
 use crate::error::{Error, KvmContext, Result};
@@ -56,6 +57,11 @@ impl Vm {
         if !origin.ring0_unreachable {
             return self.reset();
         }
+        self.require_stopped()?;
+        if self.exit_reason().is_some() {
+            // Runnable again (a run on vCPU threads left its exit recorded).
+            self.rearm();
+        }
         let gdt_page = self.origin_gdt_page(origin)?;
         let (mut stats, wrote_gdt) = self.restore_dirty_pages(origin, Some(gdt_page))?;
         if wrote_gdt {
@@ -90,6 +96,11 @@ impl Vm {
             }
         }
         saved.restore_xsave(&vcpu)?;
+        // Devices the run touched (a disk written, the serial's registers) go back too.
+        if shared.devices.touched() {
+            let _quiet = shared.devices.quiesce();
+            shared.devices.load_state(&origin.state.devices)?;
+        }
         stats.quick = true;
         Ok(stats)
     }

@@ -226,6 +226,7 @@ pub fn load_records(records: &[Record]) -> Result<LoadedState, String> {
         mem_bytes: c.mem_bytes,
         irqchip: c.irqchip,
         disks: Vec::new(),
+        vsock: None,
     };
     config.validate().map_err(|e| e.to_string())?;
     let layout = MemoryLayout::decode(single(RecordType::MemoryLayout)?)?;
@@ -302,6 +303,7 @@ pub fn load_records(records: &[Record]) -> Result<LoadedState, String> {
         .collect();
     let devices = DeviceState::decode_parts(&bodies)?;
     config.disks = devices.disks();
+    config.vsock = devices.vsock();
 
     Ok(LoadedState {
         id,

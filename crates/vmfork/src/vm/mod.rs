@@ -16,6 +16,7 @@ pub use kvm_system::KvmSystem;
 
 use crate::boot::{self, BootSpec};
 use crate::devices::irq::device_gsis;
+use crate::devices::virtio::worker::GuestMemoryAccess;
 use crate::devices::SerialBuffer;
 use crate::devices::{Devices, IrqLines, SerialSink};
 use crate::error::{Error, KvmContext, Result};
@@ -48,6 +49,8 @@ pub struct VmConfig {
     /// virtio-blk disks (slots 1 on), each a read-only image under a copy-on-write layer of
     /// the VM's own.
     pub disks: Vec<crate::devices::DiskConfig>,
+    /// A virtio-vsock bridged to Unix sockets.
+    pub vsock: Option<crate::devices::VsockConfig>,
 }
 
 impl Default for VmConfig {
@@ -57,6 +60,7 @@ impl Default for VmConfig {
             mem_bytes: 256 << 20,
             irqchip: true,
             disks: Vec::new(),
+            vsock: None,
         }
     }
 }
@@ -282,7 +286,7 @@ impl Vm {
             }
         }
         let dirty = DirtyPages::new(parts.ram.size());
-        Ok(Vm {
+        let vm = Vm {
             shared: Arc::new(VmShared {
                 vcpus: parts.shell.vcpus,
                 fd: parts.shell.fd,
@@ -311,7 +315,11 @@ impl Vm {
                 id: NEXT_VM_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             }),
             threads: Mutex::new(Vec::new()),
-        })
+        };
+        // Devices with a host side (vsock) wait on it on workers of their own.
+        let memory: std::sync::Weak<dyn GuestMemoryAccess> = Arc::downgrade(&vm.shared) as _;
+        vm.shared.devices.start_workers(memory, vm.shared.id)?;
+        Ok(vm)
     }
 
     /// After a stop, joins the vCPU threads and makes the VM runnable again (state "created").
@@ -354,6 +362,12 @@ impl Vm {
     /// The in-memory serial console, when the VM prints into one (forks do by default).
     pub fn serial(&self) -> Option<&SerialBuffer> {
         self.shared.serial.as_ref()
+    }
+}
+
+impl GuestMemoryAccess for VmShared {
+    fn with_memory(&self, f: &mut dyn FnMut(&crate::memory::GuestMemory)) {
+        self.ram.with_memory(|m| f(m));
     }
 }
 
@@ -574,7 +588,14 @@ impl Vm {
             SerialSink::Buffer(b) => Some(b.clone()),
             _ => None,
         };
-        let devices = Devices::new(serial, &shell.irq_lines()?, &config.disks)?;
+        let devices = Devices::new(
+            serial,
+            &shell.irq_lines()?,
+            crate::devices::DeviceConfig {
+                disks: &config.disks,
+                vsock: config.vsock.as_ref(),
+            },
+        )?;
         Vm::assemble(VmParts {
             shell,
             ram,

@@ -58,6 +58,7 @@ impl Shape {
             irqchip: self.irqchip,
             mem_bytes: self.mem_bytes,
             disks: Vec::new(),
+            vsock: None,
         }
     }
 }

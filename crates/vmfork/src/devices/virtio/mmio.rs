@@ -8,7 +8,7 @@ use crate::devices::irq::raise;
 use crate::devices::{lock, Signals};
 use crate::memory::GuestMemory;
 use serde::{Deserialize, Serialize};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use virtio_queue::{Queue, QueueT};
 use vm_device::bus::{MmioAddress, MmioAddressOffset};
 use vm_device::DeviceMmio;
@@ -139,16 +139,65 @@ impl MmioTransport {
             return;
         }
         let Inner { device, queues, .. } = &mut *inner;
-        let Some(queue) = queues.get_mut(index) else {
+        let Some(queue) = queues.get(index) else {
             return;
         };
         if !queue.ready() || !queue.is_valid(memory) {
             return;
         }
-        if device.serve(index, queue, memory) && queue.needs_notification(memory).unwrap_or(true) {
+        if !device.serve_on_notify(index) {
+            return;
+        }
+        if device.serve(index, queues, memory) {
+            self.interrupt(&mut inner, index, memory);
+        }
+    }
+
+    /// Serves the device's host side (on its worker's thread).
+    pub fn serve_host(&self, memory: &GuestMemory) {
+        let mut inner = lock(&self.inner);
+        if inner.status & STATUS_DRIVER_OK == 0 || inner.status & STATUS_FAILED != 0 {
+            return;
+        }
+        let Inner { device, queues, .. } = &mut *inner;
+        // A queue the driver left unusable is served as empty.
+        let usable = queues.iter().all(|q| q.ready() && q.is_valid(memory));
+        if usable && device.serve_host(queues, memory) {
+            self.interrupt(&mut inner, 0, memory);
+        }
+    }
+
+    /// Raises the used-buffer interrupt unless the driver asked for none on `index`.
+    fn interrupt(&self, inner: &mut Inner, index: usize, memory: &GuestMemory) {
+        let wanted = inner
+            .queues
+            .get_mut(index)
+            .is_none_or(|q| q.needs_notification(memory).unwrap_or(true));
+        if wanted {
             inner.interrupt_status |= INTERRUPT_USED_BUFFER;
             raise(&self.irq);
         }
+    }
+
+    /// Whether the device has a worker (a host side that changes it on its own).
+    pub fn has_worker(&self) -> bool {
+        lock(&self.inner).device.device_type() == super::vsock::TYPE_VSOCK
+    }
+
+    /// Starts the device's worker (if it has one) for this transport in the VM `memory` is.
+    pub fn start_worker(
+        self: &Arc<Self>,
+        memory: std::sync::Weak<dyn super::worker::GuestMemoryAccess>,
+        quiesce: Arc<std::sync::RwLock<()>>,
+        vm_id: u64,
+    ) -> crate::Result<()> {
+        let handle = super::worker::WorkerHandle {
+            transport: Arc::downgrade(self),
+            memory,
+            quiesce,
+            vm_id,
+        };
+        lock(&self.inner).device.start_worker(handle)
     }
 
     /// Back to the power-on state (what a slot missing from saved state loads).

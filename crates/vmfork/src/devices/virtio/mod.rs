@@ -12,6 +12,8 @@ pub mod mmio;
 pub mod rng;
 #[cfg(test)]
 mod test_support;
+pub mod vsock;
+pub mod worker;
 
 use crate::memory::GuestMemory;
 use serde::{Deserialize, Serialize};
@@ -43,9 +45,25 @@ pub trait VirtioDevice: Send {
     fn read_config(&self, _offset: u64, data: &mut [u8]) {
         data.fill(0);
     }
-    /// Serves the buffers the driver made available on queue `index`; says whether any was
-    /// used. Bad descriptors are the guest's problem: they are returned with nothing written.
-    fn serve(&mut self, index: usize, queue: &mut Queue, memory: &GuestMemory) -> bool;
+    /// Serves the buffers the driver made available on queue `index` (of `queues`, the
+    /// device's queues); says whether any was used. Bad descriptors are the guest's problem:
+    /// they are returned with nothing written.
+    fn serve(&mut self, index: usize, queues: &mut [Queue], memory: &GuestMemory) -> bool;
+    /// The guest notified queue `index`: serve it now on the notifying vCPU's thread (true),
+    /// or leave it to the device's worker (false, after waking it).
+    fn serve_on_notify(&mut self, _index: usize) -> bool {
+        true
+    }
+    /// Starts the device's worker thread, for devices with a host side to wait on (sockets):
+    /// it serves through `worker` once the VM's memory is at hand.
+    fn start_worker(&mut self, _worker: worker::WorkerHandle) -> crate::Result<()> {
+        Ok(())
+    }
+    /// Serves what the host side has for the guest, and the queues left to the worker
+    /// (called on the worker's thread); says whether any buffer was used.
+    fn serve_host(&mut self, _queues: &mut [Queue], _memory: &GuestMemory) -> bool {
+        false
+    }
     /// The device-specific state a fork or snapshot carries (a disk freezes its writes so far
     /// into the state: the instant both sides go on from).
     fn save(&mut self) -> DeviceSpecific;
@@ -59,6 +77,7 @@ pub enum DeviceSpecific {
     /// The entropy device keeps none.
     Rng,
     Block(block::BlockState),
+    Vsock(vsock::VsockState),
 }
 
 impl DeviceSpecific {
@@ -67,6 +86,7 @@ impl DeviceSpecific {
         Ok(match self {
             DeviceSpecific::Rng => Box::new(rng::Rng),
             DeviceSpecific::Block(state) => Box::new(block::Block::from_state(state)?),
+            DeviceSpecific::Vsock(state) => Box::new(vsock::Vsock::from_state(state)?),
         })
     }
 }

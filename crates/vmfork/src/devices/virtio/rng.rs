@@ -26,7 +26,10 @@ impl VirtioDevice for Rng {
         &[256]
     }
 
-    fn serve(&mut self, _index: usize, queue: &mut Queue, memory: &GuestMemory) -> bool {
+    fn serve(&mut self, index: usize, queues: &mut [Queue], memory: &GuestMemory) -> bool {
+        let Some(queue) = queues.get_mut(index) else {
+            return false;
+        };
         let mut used = false;
         let mut bytes = vec![0u8; MAX_REQUEST];
         // At most one ring's worth per notify: a driver adding buffers as fast as they are

@@ -247,7 +247,10 @@ impl VirtioDevice for Block {
         }
     }
 
-    fn serve(&mut self, _index: usize, queue: &mut Queue, memory: &GuestMemory) -> bool {
+    fn serve(&mut self, index: usize, queues: &mut [Queue], memory: &GuestMemory) -> bool {
+        let Some(queue) = queues.get_mut(index) else {
+            return false;
+        };
         let mut used = false;
         for _ in 0..queue.size() {
             let Some(chain) = queue.pop_descriptor_chain(memory) else {

@@ -1,0 +1,37 @@
+//! Device workers: a thread per device with a host side (sockets) that waits on it and, when
+//! there is something for the guest, serves the device with the VM's memory at hand. The
+//! worker never outlives what it touches: it holds the transport and the VM weakly, and it
+//! takes the device set's quiesce lock for reading while it serves, so a fork, snapshot or
+//! reset (which take it for writing) never sees a device half-way through a packet.
+
+use super::mmio::MmioTransport;
+use crate::memory::GuestMemory;
+use std::sync::{Arc, RwLock, Weak};
+
+/// What a worker needs of its VM: the guest's memory, while the VM lives.
+pub trait GuestMemoryAccess: Send + Sync {
+    fn with_memory(&self, f: &mut dyn FnMut(&GuestMemory));
+}
+
+/// A worker's ties to its device and VM.
+#[derive(Clone)]
+pub struct WorkerHandle {
+    pub(crate) transport: Weak<MmioTransport>,
+    pub(crate) memory: Weak<dyn GuestMemoryAccess>,
+    pub(crate) quiesce: Arc<RwLock<()>>,
+    /// The VM's id (names what the device makes per VM, e.g. a fork's vsock socket).
+    pub vm_id: u64,
+}
+
+impl WorkerHandle {
+    /// Serves the device's host side once; false when the VM or device is gone (the worker
+    /// then ends).
+    pub fn serve(&self) -> bool {
+        let (Some(transport), Some(vm)) = (self.transport.upgrade(), self.memory.upgrade()) else {
+            return false;
+        };
+        let _quiet = self.quiesce.read().unwrap_or_else(|p| p.into_inner());
+        vm.with_memory(&mut |memory| transport.serve_host(memory));
+        true
+    }
+}

@@ -1,0 +1,162 @@
+//! virtio-vsock seen from inside a guest: the `vsock` test driver connects to a host Unix
+//! socket and has counters echoed back; a fork or a restore gets a transport-reset event and
+//! finds the parent's connection gone (reset), while the parent keeps it; each VM listens on a
+//! socket of its own; bad configurations are clear errors.
+
+mod common;
+
+use common::*;
+use guests::layout::{mailbox, MAILBOX};
+use guests::Workload;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use vmfork::devices::VsockConfig;
+use vmfork::{ExitReason, ForkOptions, Vm, VmConfig};
+
+const PORT: u64 = 5000;
+const OP_RST: u64 = 3;
+const OP_RW: u64 = 5;
+
+/// Echoes every connection made to `<uds>_<PORT>`, until the test process ends.
+fn echo_server(uds: &Path) {
+    let listener = UnixListener::bind(format!("{}_{PORT}", uds.display())).unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = stream.read(&mut buf) {
+                    if n == 0 || stream.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+}
+
+fn vsock_config(uds: &Path) -> VmConfig {
+    VmConfig {
+        vsock: Some(VsockConfig {
+            guest_cid: 3,
+            uds_path: uds.to_path_buf(),
+        }),
+        ..config(16)
+    }
+}
+
+fn mailbox_u64(vm: &Vm, field: u64) -> u64 {
+    vm.ram().read_u64(MAILBOX + field).unwrap()
+}
+
+fn setup(name: &str) -> (PathBuf, PathBuf) {
+    let dir = temp_dir(name);
+    let uds = dir.join("v.sock");
+    echo_server(&uds);
+    (dir, uds)
+}
+
+#[test]
+fn a_guest_connects_to_the_host_and_forks_and_restores_find_their_connections_reset() {
+    let (dir, uds) = setup("vsock-echo");
+    let (vm, _) = guest_vm(
+        Workload::Vsock,
+        vsock_config(&uds),
+        &[(mailbox::PARAM0, PORT), (mailbox::PARAM1, 100)],
+    );
+    assert!(uds.exists(), "the root VM listens at its uds_path");
+    vm.run_to_ready(Duration::from_secs(30)).unwrap();
+    assert_eq!(mailbox_u64(&vm, mailbox::PROGRESS), 100);
+    // A fork: its own socket, a reset event, the parent's connection gone.
+    let child = vm.fork(&ForkOptions::default()).unwrap();
+    let child_socket = PathBuf::from(format!("{}.{}", uds.display(), child.id()));
+    assert!(child_socket.exists(), "{}", child_socket.display());
+    let dir_snap = dir.join("snap");
+    let restored = snapshot_and_restore(&vm, &dir_snap);
+    assert_eq!(run_to_exit(&child), ExitReason::GuestExit(0));
+    assert_eq!(mailbox_u64(&child, mailbox::VSOCK_LAST_OP), OP_RST);
+    assert_eq!(mailbox_u64(&child, mailbox::VSOCK_RESETS), 1);
+    // The parent's connection lives on.
+    assert_eq!(run_to_exit(&vm), ExitReason::GuestExit(0));
+    assert_eq!(mailbox_u64(&vm, mailbox::VSOCK_LAST_OP), OP_RW);
+    assert_eq!(mailbox_u64(&vm, mailbox::VSOCK_RESETS), 0);
+    // A restore is a fork of the snapshot: the same.
+    assert_eq!(run_to_exit(&restored), ExitReason::GuestExit(0));
+    assert_eq!(mailbox_u64(&restored, mailbox::VSOCK_LAST_OP), OP_RST);
+    assert_eq!(mailbox_u64(&restored, mailbox::VSOCK_RESETS), 1);
+    // A reset returns the fork to its instant: told again.
+    child.reset().unwrap();
+    assert_eq!(run_to_exit(&child), ExitReason::GuestExit(0));
+    assert_eq!(mailbox_u64(&child, mailbox::VSOCK_LAST_OP), OP_RST);
+    assert_eq!(mailbox_u64(&child, mailbox::VSOCK_RESETS), 1);
+    // Sockets go with their VMs.
+    drop(child);
+    assert!(!child_socket.exists());
+    drop((vm, restored));
+    assert!(!uds.exists());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_connection_to_a_port_nobody_listens_on_is_reset_and_host_junk_is_dropped() {
+    let (dir, uds) = setup("vsock-refused");
+    let (vm, _) = guest_vm(
+        Workload::Vsock,
+        vsock_config(&uds),
+        &[(mailbox::PARAM0, PORT + 1), (mailbox::PARAM1, 1)],
+    );
+    // Host programs that connect to the VM's socket and say nothing useful are dropped.
+    for junk in [&b"HELLO\n"[..], b"CONNECT nope\n", &[b'x'; 100]] {
+        let mut s = std::os::unix::net::UnixStream::connect(&uds).unwrap();
+        s.write_all(junk).unwrap();
+    }
+    assert_eq!(
+        run_to_exit(&vm),
+        ExitReason::GuestExit(guests::drivers::VSOCK_FAILED_STEP + 1)
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn bad_vsock_configurations_are_clear_errors() {
+    let dir = temp_dir("vsock-bad");
+    for (vsock, why) in [
+        (
+            VsockConfig {
+                guest_cid: 2,
+                uds_path: dir.join("a.sock"),
+            },
+            "CID",
+        ),
+        (
+            VsockConfig {
+                guest_cid: 3,
+                uds_path: dir.join("missing-dir/a.sock"),
+            },
+            "cannot listen",
+        ),
+    ] {
+        let cfg = VmConfig {
+            vsock: Some(vsock),
+            ..config(16)
+        };
+        let err = Vm::new(cfg, vmfork::devices::SerialSink::Discard)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(err.contains(why), "{err}");
+    }
+    // The path is taken by a live VM: the second one is refused, the first keeps it.
+    let uds = dir.join("taken.sock");
+    let first = Vm::new(vsock_config(&uds), vmfork::devices::SerialSink::Discard).unwrap();
+    let err = Vm::new(vsock_config(&uds), vmfork::devices::SerialSink::Discard)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(err.contains("cannot listen"), "{err}");
+    assert!(uds.exists());
+    drop(first);
+    let _ = std::fs::remove_dir_all(dir);
+}
