@@ -1,6 +1,6 @@
-//! A hostile guest driving a virtio device (the entropy device, or a disk when the first byte
-//! is odd): any sequence of register writes, guest memory writes (descriptor tables, rings,
-//! request headers) and queue notifies. The device must never panic, and must
+//! A hostile guest driving a virtio device (the first byte picks the entropy device, a disk or
+//! a vsock): any sequence of register writes, guest memory writes (descriptor tables, rings,
+//! request headers, packets) and queue notifies. The device must never panic, and must
 //! never touch host memory outside guest RAM: the RAM sits between inaccessible guard pages, so
 //! a stray access is a crash the fuzzer reports.
 #![no_main]
@@ -13,6 +13,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegio
 use vmfork::devices::virtio::mmio::MmioTransport;
 use vmfork::devices::virtio::block::{Block, DiskConfig};
 use vmfork::devices::virtio::rng::Rng;
+use vmfork::devices::virtio::vsock::{Vsock, VsockConfig};
 use vmfork::devices::virtio::VirtioDevice;
 use vmfork::devices::Signals;
 
@@ -76,15 +77,24 @@ fn disk_image() -> &'static std::path::Path {
     })
 }
 
-fn make_device(disk: bool) -> Box<dyn VirtioDevice> {
-    if disk {
-        let config = DiskConfig {
-            path: disk_image().to_path_buf(),
-            read_only: false,
-        };
-        Box::new(Block::open(&config).unwrap())
-    } else {
-        Box::new(Rng)
+fn make_device(kind: u8) -> Box<dyn VirtioDevice> {
+    match kind % 3 {
+        1 => {
+            let config = DiskConfig {
+                path: disk_image().to_path_buf(),
+                read_only: false,
+            };
+            Box::new(Block::open(&config).unwrap())
+        }
+        // No listener (no worker is started); guest connections find no host socket.
+        2 => Box::new(
+            Vsock::new(&VsockConfig {
+                guest_cid: 3,
+                uds_path: std::env::temp_dir().join("vmfork-fuzz-no-such.sock"),
+            })
+            .unwrap(),
+        ),
+        _ => Box::new(Rng),
     }
 }
 
@@ -92,9 +102,8 @@ fuzz_target!(|data: &[u8]| {
     let Some((&first, data)) = data.split_first() else {
         return;
     };
-    let disk = first & 1 == 1;
     let ram = GuardedRam::new();
-    let device_under_test = make_device(disk);
+    let device_under_test = make_device(first);
     let device = MmioTransport::new(0, device_under_test, None, Signals::default()).unwrap();
     let mut ops = data.chunks_exact(8);
     for op in &mut ops {
@@ -114,12 +123,16 @@ fuzz_target!(|data: &[u8]| {
                 let at = (offset << 4) + u64::from(op[3] & 0xf);
                 let _ = ram.memory.write_obj(value, GuestAddress(at));
             }
-            // A queue notify served (the transport raises it; the VMM serves it).
-            _ => device.serve(usize::from(op[3] % 2), &ram.memory),
+            // A queue notify served (the transport raises it; the VMM serves it), and what a
+            // device worker serves.
+            _ => {
+                device.serve(usize::from(op[3] % 3), &ram.memory);
+                device.serve_host(&ram.memory);
+            }
         }
     }
     // The state saved after any of this loads back into a fresh device.
     let saved = device.save();
-    let fresh = MmioTransport::new(0, make_device(disk), None, Signals::default()).unwrap();
+    let fresh = MmioTransport::new(0, make_device(first), None, Signals::default()).unwrap();
     fresh.load(&saved).unwrap();
 });

@@ -6,7 +6,7 @@ use clap::Args;
 use guests::Workload;
 use std::path::PathBuf;
 use vmfork::boot::{BootSpec, Kernel};
-use vmfork::devices::DiskConfig;
+use vmfork::devices::{DiskConfig, VsockConfig};
 use vmfork::VmConfig;
 
 /// What to boot and how big the VM is.
@@ -39,6 +39,24 @@ pub struct GuestArgs {
     /// written: the guest's writes stay in the VM's copy-on-write layer (snapshots keep them).
     #[arg(long = "disk", value_parser = parse_disk)]
     pub disks: Vec<DiskConfig>,
+    /// A virtio-vsock, as CID,PATH: guests reach host sockets PATH_<port>; the VM listens at
+    /// PATH (forks at PATH.<id>) for `CONNECT <port>` from host programs.
+    #[arg(long, value_parser = parse_vsock)]
+    pub vsock: Option<VsockConfig>,
+}
+
+pub fn parse_vsock(text: &str) -> Result<VsockConfig, String> {
+    let (cid, path) = text
+        .split_once(',')
+        .ok_or_else(|| format!("'{text}' is not CID,PATH"))?;
+    let guest_cid = parse_number(cid)?;
+    if path.is_empty() {
+        return Err("an empty vsock socket path".into());
+    }
+    Ok(VsockConfig {
+        guest_cid,
+        uds_path: PathBuf::from(path),
+    })
 }
 
 pub fn parse_disk(text: &str) -> Result<DiskConfig, String> {
@@ -111,6 +129,7 @@ impl GuestArgs {
             vcpus,
             mem_bytes: self.mem,
             disks: self.disks.clone(),
+            vsock: self.vsock.clone(),
             ..VmConfig::default()
         })
     }

@@ -75,6 +75,8 @@ struct BootRequest {
     /// virtio-blk disks: [{"path": "disk.img", "read_only": false}].
     #[serde(default)]
     disks: Vec<vmfork::devices::DiskConfig>,
+    /// A virtio-vsock: {"guest_cid": 3, "uds_path": "v.sock"}.
+    vsock: Option<vmfork::devices::VsockConfig>,
     /// Leave the VM stopped after loading it.
     #[serde(default)]
     paused: bool,
@@ -98,6 +100,9 @@ pub fn boot_from_json(
         for disk in &mut r.disks {
             disk.path = dir.resolve(&disk.path)?;
         }
+        if let Some(vsock) = &mut r.vsock {
+            vsock.uds_path = dir.resolve(&vsock.uds_path)?;
+        }
     }
     boot_request(r).map_err(vmfork::Error::Invalid)
 }
@@ -119,6 +124,7 @@ fn boot_request(r: BootRequest) -> CliResult<Vm> {
         vcpus: r.vcpus.unwrap_or(1),
         params,
         disks: r.disks,
+        vsock: r.vsock,
     };
     let (sink, _) = SerialSink::buffer();
     let vm = Vm::boot(guest.config()?, sink, &guest.boot_spec()?).map_err(|e| e.to_string())?;

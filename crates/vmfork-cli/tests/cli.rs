@@ -56,6 +56,37 @@ fn run_a_disk_driver_on_a_disk_image_and_a_read_only_one() {
 }
 
 #[test]
+fn run_a_vsock_driver_against_a_host_echo_socket() {
+    use std::io::{Read, Write};
+    let dir = std::env::temp_dir().join(format!("vmfork-cli-vsock-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let uds = dir.join("v.sock");
+    let listener =
+        std::os::unix::net::UnixListener::bind(format!("{}_5000", uds.display())).unwrap();
+    std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 256];
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 || s.write_all(&buf[..n]).is_err() {
+                return;
+            }
+        }
+    });
+    let vsock = format!("3,{}", uds.display());
+    let o = vmfork(&[
+        "run", "--guest", "vsock", "--vsock", &vsock, "--param", "0=5000", "--param", "1=10",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(!uds.exists(), "the VM's socket is left behind");
+    // A socket path that cannot be bound: one clear error, nothing left behind.
+    let bad = format!("3,{}/missing/v.sock", dir.display());
+    let o = vmfork(&["run", "--guest", "vsock", "--vsock", &bad]);
+    assert_ne!(o.status.code(), Some(0));
+    assert!(stderr(&o).contains("cannot listen"), "{}", stderr(&o));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
 fn bad_input_gets_one_clear_line_and_a_nonzero_exit() {
     let dir = std::env::temp_dir().join(format!("vmfork-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -103,6 +134,14 @@ fn bad_input_gets_one_clear_line_and_a_nonzero_exit() {
         (
             vec!["run", "--guest", "disk", "--disk", "/dev/null"],
             "not a regular file",
+        ),
+        (
+            vec!["run", "--guest", "vsock", "--vsock", "nope"],
+            "is not CID,PATH",
+        ),
+        (
+            vec!["run", "--guest", "vsock", "--vsock", "2,/tmp/x.sock"],
+            "CID 2 must be 3",
         ),
     ] {
         let o = vmfork(&args);

@@ -1,7 +1,7 @@
 //! The devices suite: virtio-blk throughput from a guest driver (4 KiB and 64 KiB requests,
 //! one per notify) beside the same block sizes read from and written to the image file by the
-//! host, and fork latency of a VM with a disk (idle, and writing its disk while forked) beside
-//! one without.
+//! host, fork latency of a VM with a disk (idle, and writing its disk while forked) beside one
+//! without, and the round trip of 8 bytes through virtio-vsock to a host echo socket.
 
 use super::{BenchArgs, Report};
 use crate::CliResult;
@@ -171,12 +171,12 @@ fn run_in(dir: &Path, args: BenchArgs, report: &mut Report) -> CliResult<()> {
         }
     }
 
-    // Fork latency: the same paused 256 MiB guests with and without a disk (the disk guest
-    // has written to it), then a guest writing its disk as fast as it can while it is forked.
+    // Fork latency: the same paused 256 MiB guest (same memory, same pages dirtied) with and
+    // without a disk, then a guest writing its disk as fast as it can while it is forked.
     let without = vm(Workload::Entropy, None, &[])?;
     without.run_to_ready(Duration::from_secs(30)).map_err(err)?;
     without.fork(&ForkOptions::default()).map_err(err)?; // the first fork freezes the RAM file
-    let with = vm(Workload::Disk, Some(&image), &[(mailbox::PARAM1, 7)])?;
+    let with = vm(Workload::Entropy, Some(&image), &[])?;
     with.run_to_ready(Duration::from_secs(30)).map_err(err)?;
     with.fork(&ForkOptions::default()).map_err(err)?;
     let runs = args.runs.max(20);
@@ -210,6 +210,7 @@ fn run_in(dir: &Path, args: BenchArgs, report: &mut Report) -> CliResult<()> {
         .read_u64(MAILBOX + mailbox::PROGRESS)
         .map_err(err)?;
     busy.stop();
+    vsock_round_trips(dir, report)?;
     report.add(
         "fork_with_busy_disk_latency_us_p50",
         latency,
@@ -219,5 +220,68 @@ fn run_in(dir: &Path, args: BenchArgs, report: &mut Report) -> CliResult<()> {
             ("guest_writes_4k_while_forked", json!(done)),
         ],
     );
+    Ok(())
+}
+
+/// TSC ticks per microsecond, measured against the monotonic clock.
+fn tsc_per_us() -> f64 {
+    // SAFETY: rdtsc has no memory effects.
+    let read = || unsafe { core::arch::x86_64::_rdtsc() };
+    let (t, c) = (Instant::now(), read());
+    std::thread::sleep(Duration::from_millis(100));
+    (read() - c) as f64 / (t.elapsed().as_secs_f64() * 1e6)
+}
+
+/// The `vsock` guest's echoes through a host socket: each round trip timed by the guest's TSC.
+fn vsock_round_trips(dir: &Path, report: &mut Report) -> CliResult<()> {
+    const PORT: u64 = 5000;
+    const TRIPS: u64 = 2000;
+    let uds = dir.join("v.sock");
+    let listener = std::os::unix::net::UnixListener::bind(format!("{}_{PORT}", uds.display()))
+        .map_err(|e| e.to_string())?;
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = stream.read(&mut buf) {
+                    if n == 0 || stream.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let config = VmConfig {
+        vsock: Some(vmfork::devices::VsockConfig {
+            guest_cid: 3,
+            uds_path: uds,
+        }),
+        ..VmConfig::default()
+    };
+    let vm = Vm::boot(
+        config,
+        SerialSink::Discard,
+        &BootSpec::new(Kernel::Elf(Workload::Vsock.elf())),
+    )
+    .map_err(err)?;
+    vm.ram()
+        .write_u64(MAILBOX + mailbox::PARAM0, PORT)
+        .map_err(err)?;
+    vm.ram()
+        .write_u64(MAILBOX + mailbox::PARAM1, TRIPS)
+        .map_err(err)?;
+    vm.run_to_ready(Duration::from_secs(60)).map_err(err)?;
+    let per_us = tsc_per_us();
+    let mut samples = Vec::with_capacity(TRIPS as usize);
+    for i in 0..TRIPS {
+        let at = guests::drivers::vsock_buffers::ROUND_TRIPS + i * 8;
+        samples.push(vm.ram().read_u64(at).map_err(err)? as f64 / per_us);
+    }
+    let (p50, p99) = super::p50_p99(&mut samples);
+    let params = [("round_trips", json!(TRIPS)), ("payload_bytes", json!(8))];
+    report.add("vsock_round_trip_us_p50", p50, "us", &params);
+    report.add("vsock_round_trip_us_p99", p99, "us", &params);
     Ok(())
 }
