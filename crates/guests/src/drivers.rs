@@ -411,8 +411,8 @@ pub const DEFAULT_DISKBENCH_BYTES: u64 = 4096;
 
 /// `diskbench`: sets up the virtio-blk in slot 1 and makes PARAM2 requests of PARAM0 bytes
 /// (a multiple of 512, at most 64 KiB; default 4 KiB) one after another, reads when PARAM1 is 0
-/// and writes otherwise, through sectors 0 on (wrapping at the disk's end), counting them in
-/// PROGRESS; exits 0, or [`DISK_FAILED_STEP`] + 1 when a request fails. One request per
+/// and writes otherwise (each write's first 8 bytes its number, from 1), through sectors 0 on
+/// (wrapping at the disk's end), counting them in PROGRESS; exits 0, or [`DISK_FAILED_STEP`] + 1 when a request fails. One request per
 /// notify, interrupts never acknowledged (it polls): the device's cost per request.
 pub fn diskbench() -> Result<Vec<u8>, IcedError> {
     let mut d = Driver::new()?;
@@ -454,6 +454,12 @@ pub fn diskbench() -> Result<Vec<u8>, IcedError> {
     a.jbe(fits)?;
     a.xor(r11d, r11d)?;
     a.set_label(&mut fits)?;
+    // The request's number (PROGRESS + 1) in the buffer's first 8 bytes: a written disk says
+    // which request wrote each chunk.
+    a.mov(rax, qword_ptr(r15 + mailbox::PROGRESS as i32))?;
+    a.inc(rax)?;
+    a.mov(rdx, DMA_BUFFER)?;
+    a.mov(qword_ptr(rdx), rax)?;
     a.push(r11)?;
     a.mov(eax, r13d)?;
     a.mov(rdi, DMA_BUFFER)?;

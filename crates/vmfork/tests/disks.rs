@@ -331,3 +331,99 @@ fn a_fuzzing_reset_drops_disk_writes_too() {
     }
     let _ = std::fs::remove_dir_all(path.parent().unwrap());
 }
+
+#[test]
+fn no_disk_write_of_a_destroyed_family_reaches_the_next_one() {
+    let (path, bytes) = image("disk-families");
+    const SECRET: u64 = 0x5ec2_e75e_c2e7_5ec2;
+    {
+        let (root, _) = guest_vm(
+            Workload::Disk,
+            disk_config(&path, false),
+            &[(mailbox::PARAM1, SECRET)],
+        );
+        root.run_to_ready(Duration::from_secs(30)).unwrap();
+        let forks: Vec<Vm> = (0..4)
+            .map(|_| root.fork(&ForkOptions::default()).unwrap())
+            .collect();
+        for f in &forks {
+            assert_eq!(run_after_ready(f, SECRET), ExitReason::GuestExit(0));
+        }
+    }
+    // The next family (on the shells the first gave back) sees the image, not the secrets.
+    let (root, _) = guest_vm(
+        Workload::Disk,
+        disk_config(&path, false),
+        &[(mailbox::PARAM1, 1)],
+    );
+    root.run_to_ready(Duration::from_secs(30)).unwrap();
+    let fork = root.fork(&ForkOptions::default()).unwrap();
+    assert_eq!(run_after_ready(&fork, 2), ExitReason::GuestExit(0));
+    assert_eq!(read(&fork, REREAD_BEFORE, 4096), stamp(1));
+    assert_eq!(
+        read(&fork, FOUND_AFTER, 4096),
+        sector(&bytes, DISK_SECTOR_AFTER)
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), bytes);
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}
+
+#[test]
+fn concurrent_forks_of_a_guest_writing_its_disk_take_disk_and_memory_at_one_instant() {
+    use vmfork::devices::virtio::block::disk::Disk;
+    use vmfork::devices::virtio::DeviceSpecific;
+    let (path, _) = image("disk-instant");
+    let chunks = (IMAGE_BYTES / 4096) as u64;
+    let (parent, _) = guest_vm(
+        Workload::Diskbench,
+        disk_config(&path, false),
+        &[
+            (mailbox::PARAM0, 4096),
+            (mailbox::PARAM1, 1),
+            (mailbox::PARAM2, u64::MAX),
+        ],
+    );
+    parent.start().unwrap();
+    let stamp_of = |disk: &Disk, chunk: u64| {
+        let mut b = [0u8; 8];
+        disk.read(chunk * 4096, &mut b).unwrap();
+        u64::from_le_bytes(b)
+    };
+    let checked = std::sync::atomic::AtomicU64::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..2 {
+            s.spawn(|| {
+                for _ in 0..15 {
+                    let child = parent.fork(&ForkOptions::default()).unwrap();
+                    let p = child.ram().read_u64(MAILBOX + mailbox::PROGRESS).unwrap();
+                    let state = child.device_state();
+                    let DeviceSpecific::Block(block) = &state.virtio[1].device else {
+                        panic!("slot 1 is not the disk");
+                    };
+                    let disk = Disk::new(block.instant.clone().unwrap());
+                    if p == 0 {
+                        continue;
+                    }
+                    // The last counted write is on the disk; at most the one after it (done,
+                    // not yet counted) is too; nothing later.
+                    assert_eq!(stamp_of(&disk, (p - 1) % chunks), p, "at {p}");
+                    // (A chunk never written holds the image's bytes: far above any count.)
+                    let written_before = |stamp: u64, limit: u64| {
+                        stamp > 1 << 40 || stamp.saturating_add(chunks) <= limit
+                    };
+                    let next = stamp_of(&disk, p % chunks);
+                    assert!(
+                        next == p + 1 || written_before(next, p + 1),
+                        "at {p}: {next}"
+                    );
+                    let after = stamp_of(&disk, (p + 1) % chunks);
+                    assert!(written_before(after, p + 2), "at {p}: {after}");
+                    checked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    parent.stop();
+    assert!(checked.into_inner() > 0, "the guest never got going");
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}
