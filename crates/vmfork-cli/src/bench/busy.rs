@@ -9,8 +9,6 @@ use serde_json::json;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use vmfork::boot::{BootSpec, Kernel};
-use vmfork::devices::SerialSink;
 use vmfork::vm::pool;
 use vmfork::{ForkOptions, SnapshotOptions, Vm, VmConfig};
 
@@ -39,15 +37,7 @@ fn running_vm(workload: Workload, params: &[(u64, u64)]) -> CliResult<Vm> {
         mem_bytes: MEM_MIB << 20,
         ..VmConfig::default()
     };
-    let vm = Vm::boot(
-        config,
-        SerialSink::Discard,
-        &BootSpec::new(Kernel::Elf(workload.elf())),
-    )
-    .map_err(err)?;
-    for &(field, value) in params {
-        vm.ram().write_u64(MAILBOX + field, value).map_err(err)?;
-    }
+    let vm = super::guest_vm(workload, config, params)?;
     vm.start().map_err(err)?;
     Ok(vm)
 }

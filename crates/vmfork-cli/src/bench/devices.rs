@@ -11,8 +11,7 @@ use serde_json::json;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use vmfork::boot::{BootSpec, Kernel};
-use vmfork::devices::{DiskConfig, SerialSink};
+use vmfork::devices::DiskConfig;
 use vmfork::{ExitReason, ForkOptions, Vm, VmConfig};
 
 const IMAGE_MIB: u64 = 64;
@@ -32,16 +31,7 @@ fn vm(workload: Workload, disk: Option<&Path>, params: &[(u64, u64)]) -> CliResu
             .collect(),
         ..VmConfig::default()
     };
-    let vm = Vm::boot(
-        config,
-        SerialSink::Discard,
-        &BootSpec::new(Kernel::Elf(workload.elf())),
-    )
-    .map_err(err)?;
-    for &(offset, value) in params {
-        vm.ram().write_u64(MAILBOX + offset, value).map_err(err)?;
-    }
-    Ok(vm)
+    super::guest_vm(workload, config, params)
 }
 
 fn mb_per_s(bytes: u64, took: Duration) -> f64 {
@@ -260,18 +250,11 @@ fn vsock_round_trips(dir: &Path, report: &mut Report) -> CliResult<()> {
         }),
         ..VmConfig::default()
     };
-    let vm = Vm::boot(
+    let vm = super::guest_vm(
+        Workload::Vsock,
         config,
-        SerialSink::Discard,
-        &BootSpec::new(Kernel::Elf(Workload::Vsock.elf())),
-    )
-    .map_err(err)?;
-    vm.ram()
-        .write_u64(MAILBOX + mailbox::PARAM0, PORT)
-        .map_err(err)?;
-    vm.ram()
-        .write_u64(MAILBOX + mailbox::PARAM1, TRIPS)
-        .map_err(err)?;
+        &[(mailbox::PARAM0, PORT), (mailbox::PARAM1, TRIPS)],
+    )?;
     vm.run_to_ready(Duration::from_secs(60)).map_err(err)?;
     let per_us = tsc_per_us();
     let mut samples = Vec::with_capacity(TRIPS as usize);

@@ -10,6 +10,29 @@ mod snapshot;
 
 use crate::CliResult;
 use clap::{Args, Subcommand};
+
+/// A built-in guest booted (not started) with `config`, its mailbox `params` (offset, value)
+/// written, its console discarded.
+fn guest_vm(
+    workload: guests::Workload,
+    config: vmfork::VmConfig,
+    params: &[(u64, u64)],
+) -> CliResult<vmfork::Vm> {
+    use vmfork::boot::{BootSpec, Kernel};
+    let err = |e: vmfork::Error| e.to_string();
+    let vm = vmfork::Vm::boot(
+        config,
+        vmfork::devices::SerialSink::Discard,
+        &BootSpec::new(Kernel::Elf(workload.elf())),
+    )
+    .map_err(err)?;
+    for &(offset, value) in params {
+        vm.ram()
+            .write_u64(guests::layout::MAILBOX + offset, value)
+            .map_err(err)?;
+    }
+    Ok(vm)
+}
 use serde::Serialize;
 use serde_json::{Map, Value};
 

@@ -160,6 +160,42 @@ impl DiskInstant {
     }
 }
 
+/// The part of an access `[offset, offset + len)` that falls in one chunk.
+struct Piece {
+    chunk: u64,
+    /// Where in the chunk it starts.
+    within: u64,
+    /// Where in the caller's buffer it starts, and its length.
+    done: usize,
+    len: usize,
+}
+
+impl Piece {
+    fn range(&self) -> std::ops::Range<usize> {
+        self.done..self.done + self.len
+    }
+}
+
+/// Splits an access into its chunks, in order.
+fn pieces(offset: u64, len: usize) -> impl Iterator<Item = Piece> {
+    let mut done = 0usize;
+    std::iter::from_fn(move || {
+        (done < len).then(|| {
+            let at = offset + done as u64;
+            let within = at % CHUNK;
+            let n = ((CHUNK - within) as usize).min(len - done);
+            let piece = Piece {
+                chunk: at / CHUNK,
+                within,
+                done,
+                len: n,
+            };
+            done += n;
+            piece
+        })
+    })
+}
+
 /// A VM's disk: an instant below, and the VM's own writes on top.
 #[derive(Debug)]
 pub struct Disk {
@@ -201,13 +237,9 @@ impl Disk {
     /// Reads `buf.len()` bytes at `offset`.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.check(offset, buf.len())?;
-        let mut done = 0usize;
-        while done < buf.len() {
-            let at = offset + done as u64;
-            let chunk = at / CHUNK;
-            let within = at % CHUNK;
-            let n = ((CHUNK - within) as usize).min(buf.len() - done);
-            let part = &mut buf[done..done + n];
+        for piece in pieces(offset, buf.len()) {
+            let part = &mut buf[piece.range()];
+            let (chunk, within) = (piece.chunk, piece.within);
             match self
                 .top
                 .as_ref()
@@ -216,10 +248,13 @@ impl Disk {
                 Some((top, slot)) => top.file.read_exact_at(part, slot + within)?,
                 None => match self.below.source(chunk) {
                     Some((layer, slot)) => layer.file.read_exact_at(part, slot + within)?,
-                    None => self.below.base.file.read_exact_at(part, at)?,
+                    None => self
+                        .below
+                        .base
+                        .file
+                        .read_exact_at(part, chunk * CHUNK + within)?,
                 },
             }
-            done += n;
         }
         Ok(())
     }
@@ -227,13 +262,9 @@ impl Disk {
     /// Writes `data` at `offset` into the top layer, copying up partly written chunks.
     pub fn write(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
         self.check(offset, data.len())?;
-        let mut done = 0usize;
-        while done < data.len() {
-            let at = offset + done as u64;
-            let chunk = at / CHUNK;
-            let within = at % CHUNK;
-            let n = ((CHUNK - within) as usize).min(data.len() - done);
-            let part = &data[done..done + n];
+        for piece in pieces(offset, data.len()) {
+            let part = &data[piece.range()];
+            let (chunk, within) = (piece.chunk, piece.within);
             let existing = self
                 .top
                 .as_ref()
@@ -242,10 +273,10 @@ impl Disk {
                 Some(slot) => self.top_layer()?.file.write_all_at(part, slot + within)?,
                 None => {
                     let mut whole = [0u8; CHUNK as usize];
-                    if n as u64 != CHUNK {
+                    if part.len() as u64 != CHUNK {
                         self.read(chunk * CHUNK, &mut whole)?;
                     }
-                    whole[within as usize..within as usize + n].copy_from_slice(part);
+                    whole[within as usize..within as usize + part.len()].copy_from_slice(part);
                     let top = self.top_layer()?;
                     let slot = top.end;
                     top.file.write_all_at(&whole, slot)?;
@@ -253,7 +284,6 @@ impl Disk {
                     top.chunks.insert(chunk, slot);
                 }
             }
-            done += n;
         }
         Ok(())
     }
