@@ -1,5 +1,5 @@
-//! A hostile guest driving a virtio device (the first byte picks the entropy device, a disk or
-//! a vsock): any sequence of register writes, guest memory writes (descriptor tables, rings,
+//! A hostile guest driving a virtio device (the first byte picks the entropy device, a disk, a
+//! vsock or a network device without its tap): any sequence of register writes, guest memory writes (descriptor tables, rings,
 //! request headers, packets) and queue notifies. The device must never panic, and must
 //! never touch host memory outside guest RAM: the RAM sits between inaccessible guard pages, so
 //! a stray access is a crash the fuzzer reports.
@@ -12,6 +12,7 @@ use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 use vmfork::devices::virtio::mmio::MmioTransport;
 use vmfork::devices::virtio::block::{Block, DiskConfig};
+use vmfork::devices::virtio::net::{Net, NetConfig, NetState};
 use vmfork::devices::virtio::rng::Rng;
 use vmfork::devices::virtio::vsock::{Vsock, VsockConfig};
 use vmfork::devices::virtio::VirtioDevice;
@@ -78,7 +79,7 @@ fn disk_image() -> &'static std::path::Path {
 }
 
 fn make_device(kind: u8) -> Box<dyn VirtioDevice> {
-    match kind % 3 {
+    match kind % 4 {
         1 => {
             let config = DiskConfig {
                 path: disk_image().to_path_buf(),
@@ -91,6 +92,18 @@ fn make_device(kind: u8) -> Box<dyn VirtioDevice> {
             Vsock::new(&VsockConfig {
                 guest_cid: 3,
                 uds_path: std::env::temp_dir().join("vmfork-fuzz-no-such.sock"),
+            })
+            .unwrap(),
+        ),
+        // Frames the guest sends go nowhere; the parsing is what is fuzzed.
+        3 => Box::new(
+            Net::from_state(&NetState {
+                config: NetConfig {
+                    tap: "vmf-fuzz".into(),
+                    mac: None,
+                    keep_mac: true,
+                },
+                mac: [2, 0, 0, 0, 0, 1],
             })
             .unwrap(),
         ),

@@ -236,6 +236,46 @@ impl Driver {
         a.ret()
     }
 
+    /// Emits `push(rsi = queue page, edi = queue index, r9 = buffer, ecx = length, edx =
+    /// flags) -> eax = the available index after it`: descriptor 0 of the queue made available
+    /// (one buffer at a time per queue), the queue notified.
+    fn emit_push(&mut self, label: &mut CodeLabel) -> Result<(), IcedError> {
+        let a = &mut self.g.a;
+        a.set_label(label)?;
+        a.mov(qword_ptr(rsi), r9)?;
+        a.mov(dword_ptr(rsi + 8), ecx)?;
+        a.mov(word_ptr(rsi + 12), dx)?;
+        a.mov(word_ptr(rsi + 14), 0)?;
+        a.movzx(eax, word_ptr(rsi + 0x102))?;
+        a.mov(r8d, eax)?;
+        a.and(r8d, (VIRTQ_SIZE - 1) as i32)?;
+        a.mov(word_ptr(rsi + r8 * 2 + 0x104), 0)?;
+        a.inc(eax)?;
+        a.mov(word_ptr(rsi + 0x102), ax)?;
+        a.mov(dword_ptr(r14 + QUEUE_NOTIFY), edi)?;
+        a.ret()
+    }
+
+    /// Emits `wait_used(rsi = queue page, eax = index to reach)`: polls the used ring (an
+    /// asynchronous device answers from its worker), at most `limit` times.
+    fn emit_wait_used(&mut self, label: &mut CodeLabel, limit: u32) -> Result<(), IcedError> {
+        let a = &mut self.g.a;
+        a.set_label(label)?;
+        a.mov(ecx, limit)?;
+        let mut poll = a.create_label();
+        let mut reached = a.create_label();
+        a.set_label(&mut poll)?;
+        a.cmp(word_ptr(rsi + 0x202), ax)?;
+        a.je(reached)?;
+        a.pause()?;
+        a.dec(ecx)?;
+        a.jnz(poll)?;
+        a.mov(eax, fail::NO_COMPLETION as u32)?;
+        a.jmp(self.fail)?;
+        a.set_label(&mut reached)?;
+        a.ret()
+    }
+
     fn finish(mut self) -> Result<Vec<u8>, IcedError> {
         self.g.a.set_label(&mut self.fail)?;
         self.g.a.jmp(self.g.exit)?;
@@ -614,37 +654,9 @@ pub fn vsock() -> Result<Vec<u8>, IcedError> {
     a.mov(qword_ptr(r15 + mailbox::VSOCK_RESETS as i32), rax)?;
     d.g.exit_with(0)?;
 
+    d.emit_push(&mut push)?;
+    d.emit_wait_used(&mut wait_used, VSOCK_POLL_LIMIT)?;
     let a = &mut d.g.a;
-    // push(rsi = queue page, edi = queue index, r9 = buffer, ecx = length, edx = flags)
-    //   -> eax = the available index after it: descriptor 0 made available, queue notified.
-    a.set_label(&mut push)?;
-    a.mov(qword_ptr(rsi), r9)?;
-    a.mov(dword_ptr(rsi + 8), ecx)?;
-    a.mov(word_ptr(rsi + 12), dx)?;
-    a.mov(word_ptr(rsi + 14), 0)?;
-    a.movzx(eax, word_ptr(rsi + 0x102))?;
-    a.mov(r8d, eax)?;
-    a.and(r8d, (VIRTQ_SIZE - 1) as i32)?;
-    a.mov(word_ptr(rsi + r8 * 2 + 0x104), 0)?;
-    a.inc(eax)?;
-    a.mov(word_ptr(rsi + 0x102), ax)?;
-    a.mov(dword_ptr(r14 + QUEUE_NOTIFY), edi)?;
-    a.ret()?;
-    // wait_used(rsi = queue page, eax = index to reach)
-    a.set_label(&mut wait_used)?;
-    a.mov(ecx, VSOCK_POLL_LIMIT)?;
-    let mut poll = a.create_label();
-    let mut reached = a.create_label();
-    a.set_label(&mut poll)?;
-    a.cmp(word_ptr(rsi + 0x202), ax)?;
-    a.je(reached)?;
-    a.pause()?;
-    a.dec(ecx)?;
-    a.jnz(poll)?;
-    a.mov(eax, fail::NO_COMPLETION as u32)?;
-    a.jmp(d.fail)?;
-    a.set_label(&mut reached)?;
-    a.ret()?;
     // send(eax = op, ecx = payload length): the packet at TX, our fwd_cnt = rbp.
     a.set_label(&mut send)?;
     a.mov(r9, TX)?;
@@ -676,5 +688,103 @@ pub fn vsock() -> Result<Vec<u8>, IcedError> {
     a.call(push)?;
     a.pop(rax)?;
     a.ret()?;
+    d.finish()
+}
+
+/// `net`'s buffers: the rx buffer (re-posted after each frame) and the tx frame.
+pub mod net_buffers {
+    use crate::layout::DMA_BUFFER;
+    pub const RX: u64 = DMA_BUFFER;
+    pub const RX_LEN: u32 = 2048;
+    pub const TX: u64 = DMA_BUFFER + 0x1000;
+}
+
+/// The ethertype `net` sends and listens for (IEEE local experimental).
+pub const NET_ETHERTYPE: u16 = 0x88b5;
+const NET_POLL_LIMIT: u32 = 1 << 30;
+
+/// `net`: finds the virtio-net, stores its MAC (mailbox NET_MAC, six bytes), posts an rx
+/// buffer, writes the ready port (where a test forks it), reads the MAC again (NET_MAC_AFTER: a
+/// fork's own), broadcasts one frame of [`NET_ETHERTYPE`] carrying PARAM0, then waits for a
+/// frame of that type (others are skipped) and stores its payload in NET_RECEIVED and its
+/// source MAC in NET_FROM; exits 0.
+pub fn net() -> Result<Vec<u8>, IcedError> {
+    use net_buffers::*;
+    let mut d = Driver::new()?;
+    let mut push = d.g.a.create_label();
+    let mut wait_used = d.g.a.create_label();
+    let mut read_mac = d.g.a.create_label();
+    let (rx_q, tx_q) = (VIRTQ_DESC, VIRTQ_DESC + 0x1000);
+    d.set_up(1, 2)?;
+    let a = &mut d.g.a;
+    a.call(read_mac)?;
+    a.mov(qword_ptr(r15 + mailbox::NET_MAC as i32), rax)?;
+    a.mov(rsi, rx_q)?;
+    a.xor(edi, edi)?;
+    a.mov(r9, RX)?;
+    a.mov(ecx, RX_LEN)?;
+    a.mov(edx, 2u32)?;
+    a.call(push)?;
+    d.g.announce_ready()?;
+    let a = &mut d.g.a;
+    a.call(read_mac)?;
+    a.mov(qword_ptr(r15 + mailbox::NET_MAC_AFTER as i32), rax)?;
+    // The frame: a zero virtio_net_hdr, broadcast, our MAC, the ethertype, PARAM0, padding.
+    a.mov(rdi, TX)?;
+    a.push(rax)?;
+    a.xor(eax, eax)?;
+    a.mov(ecx, 10u32)?;
+    a.rep().stosq()?;
+    a.pop(rax)?;
+    a.mov(r9, TX)?;
+    a.mov(dword_ptr(r9 + 12), -1)?;
+    a.mov(word_ptr(r9 + 16), -1)?;
+    a.mov(dword_ptr(r9 + 18), eax)?;
+    a.shr(rax, 32)?;
+    a.mov(word_ptr(r9 + 22), ax)?;
+    a.mov(word_ptr(r9 + 24), NET_ETHERTYPE.swap_bytes() as i32)?;
+    a.mov(rax, qword_ptr(r15 + mailbox::PARAM0 as i32))?;
+    a.mov(qword_ptr(r9 + 26), rax)?;
+    a.mov(rsi, tx_q)?;
+    a.mov(edi, 1u32)?;
+    a.mov(ecx, 12 + 60)?;
+    a.xor(edx, edx)?;
+    a.call(push)?;
+    a.call(wait_used)?;
+    // Frames until one of ours.
+    let mut next = a.create_label();
+    let mut ours = a.create_label();
+    a.set_label(&mut next)?;
+    a.mov(rsi, rx_q)?;
+    a.movzx(eax, word_ptr(rsi + 0x102))?;
+    a.call(wait_used)?;
+    a.mov(r9, RX)?;
+    a.cmp(word_ptr(r9 + 24), NET_ETHERTYPE.swap_bytes() as i32)?;
+    a.je(ours)?;
+    a.mov(rsi, rx_q)?;
+    a.xor(edi, edi)?;
+    a.mov(ecx, RX_LEN)?;
+    a.mov(edx, 2u32)?;
+    a.call(push)?;
+    a.jmp(next)?;
+    a.set_label(&mut ours)?;
+    a.mov(rax, qword_ptr(r9 + 26))?;
+    a.mov(qword_ptr(r15 + mailbox::NET_RECEIVED as i32), rax)?;
+    a.mov(eax, dword_ptr(r9 + 18))?;
+    a.movzx(edx, word_ptr(r9 + 22))?;
+    a.shl(rdx, 32)?;
+    a.or(rax, rdx)?;
+    a.mov(qword_ptr(r15 + mailbox::NET_FROM as i32), rax)?;
+    d.g.exit_with(0)?;
+    let a = &mut d.g.a;
+    // read_mac() -> rax = the six bytes of the config space's MAC.
+    a.set_label(&mut read_mac)?;
+    a.mov(eax, dword_ptr(r14 + 0x100))?;
+    a.movzx(edx, word_ptr(r14 + 0x104))?;
+    a.shl(rdx, 32)?;
+    a.or(rax, rdx)?;
+    a.ret()?;
+    d.emit_push(&mut push)?;
+    d.emit_wait_used(&mut wait_used, NET_POLL_LIMIT)?;
     d.finish()
 }

@@ -79,4 +79,10 @@ pub mod mailbox {
     /// transport-reset events received.
     pub const VSOCK_LAST_OP: u64 = 0x70;
     pub const VSOCK_RESETS: u64 = 0x78;
+    /// `net`: its MAC before and after the ready port (six bytes each), the payload of the
+    /// frame it received and that frame's source MAC.
+    pub const NET_MAC: u64 = 0x80;
+    pub const NET_MAC_AFTER: u64 = 0x88;
+    pub const NET_RECEIVED: u64 = 0x90;
+    pub const NET_FROM: u64 = 0x98;
 }

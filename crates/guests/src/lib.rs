@@ -32,11 +32,12 @@ pub enum Workload {
     Disk,
     Diskbench,
     Vsock,
+    Net,
 }
 
 impl Workload {
     /// Every workload, in the order `vmfork guests` lists them.
-    pub const ALL: [Workload; 13] = [
+    pub const ALL: [Workload; 14] = [
         Workload::Hello,
         Workload::Counter,
         Workload::Memtouch,
@@ -50,6 +51,7 @@ impl Workload {
         Workload::Disk,
         Workload::Diskbench,
         Workload::Vsock,
+        Workload::Net,
     ];
 
     pub fn name(self) -> &'static str {
@@ -67,6 +69,7 @@ impl Workload {
             Workload::Disk => "disk",
             Workload::Diskbench => "diskbench",
             Workload::Vsock => "vsock",
+            Workload::Net => "net",
         }
     }
 
@@ -84,6 +87,7 @@ impl Workload {
             Workload::Disk => "virtio-blk driver (slot 1): reads PARAM0 bytes, writes PARAM1 to sector 8, writes the ready port, reads sector 8 again, writes PARAM2 to sector 16, reading each back; exits 0",
             Workload::Diskbench => "virtio-blk load (slot 1): PARAM2 requests of PARAM0 bytes (default 4096), reads (PARAM1 0) or writes, sequential; exits 0",
             Workload::Vsock => "virtio-vsock driver: connects to host port PARAM0, echoes PARAM1 counters, writes the ready port, sends one more; exits 0",
+            Workload::Net => "virtio-net driver: writes the ready port, broadcasts a frame carrying PARAM0, waits for one from another VM; exits 0",
             Workload::Entropy => "virtio-rng and generation-id driver: reads the generation id and PARAM0 random bytes, writes the ready port, reads both again, exits 0",
         }
     }
@@ -129,6 +133,7 @@ impl Workload {
             Workload::Disk => (drivers::disk(), Ring::User),
             Workload::Diskbench => (drivers::diskbench(), Ring::User),
             Workload::Vsock => (drivers::vsock(), Ring::User),
+            Workload::Net => (drivers::net(), Ring::User),
         };
         // The assembler input is fixed at compile time, so failure here is a bug in this crate.
         (code.expect("built-in workload assembles"), ring)

@@ -6,7 +6,7 @@ use clap::Args;
 use guests::Workload;
 use std::path::PathBuf;
 use vmfork::boot::{BootSpec, Kernel};
-use vmfork::devices::{DiskConfig, VsockConfig};
+use vmfork::devices::{DiskConfig, NetConfig, VsockConfig};
 use vmfork::VmConfig;
 
 /// What to boot and how big the VM is.
@@ -43,6 +43,31 @@ pub struct GuestArgs {
     /// PATH (forks at PATH.<id>) for `CONNECT <port>` from host programs.
     #[arg(long, value_parser = parse_vsock)]
     pub vsock: Option<VsockConfig>,
+    /// A virtio-net on a tap, as TAP[,MAC][,keep-mac]: forks get tap TAP-<id> and a new MAC
+    /// (unless keep-mac).
+    #[arg(long, value_parser = parse_net)]
+    pub net: Option<NetConfig>,
+}
+
+pub fn parse_net(text: &str) -> Result<NetConfig, String> {
+    let mut parts = text.split(',');
+    let tap = parts.next().unwrap_or_default();
+    if tap.is_empty() {
+        return Err("an empty tap name (TAP[,MAC][,keep-mac])".into());
+    }
+    let mut config = NetConfig {
+        tap: tap.into(),
+        mac: None,
+        keep_mac: false,
+    };
+    for part in parts {
+        if part == "keep-mac" {
+            config.keep_mac = true;
+        } else {
+            config.mac = Some(vmfork::devices::virtio::net::parse_mac(part)?);
+        }
+    }
+    Ok(config)
 }
 
 pub fn parse_vsock(text: &str) -> Result<VsockConfig, String> {
@@ -130,6 +155,7 @@ impl GuestArgs {
             mem_bytes: self.mem,
             disks: self.disks.clone(),
             vsock: self.vsock.clone(),
+            net: self.net.clone(),
             ..VmConfig::default()
         })
     }

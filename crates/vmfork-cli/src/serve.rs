@@ -77,6 +77,8 @@ struct BootRequest {
     disks: Vec<vmfork::devices::DiskConfig>,
     /// A virtio-vsock: {"guest_cid": 3, "uds_path": "v.sock"}.
     vsock: Option<vmfork::devices::VsockConfig>,
+    /// A virtio-net: {"tap": "vmf0", "mac": [2,0,0,0,0,1], "keep_mac": false}.
+    net: Option<vmfork::devices::NetConfig>,
     /// Leave the VM stopped after loading it.
     #[serde(default)]
     paused: bool,
@@ -125,6 +127,7 @@ fn boot_request(r: BootRequest) -> CliResult<Vm> {
         params,
         disks: r.disks,
         vsock: r.vsock,
+        net: r.net,
     };
     let (sink, _) = SerialSink::buffer();
     let vm = Vm::boot(guest.config()?, sink, &guest.boot_spec()?).map_err(|e| e.to_string())?;

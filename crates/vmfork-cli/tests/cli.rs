@@ -140,6 +140,14 @@ fn bad_input_gets_one_clear_line_and_a_nonzero_exit() {
             "is not CID,PATH",
         ),
         (
+            vec!["run", "--guest", "net", "--net", "vmfx0,zz:00"],
+            "is not a MAC",
+        ),
+        (
+            vec!["run", "--guest", "net", "--net", "this-name-is-too-long"],
+            "tap name",
+        ),
+        (
             vec!["run", "--guest", "vsock", "--vsock", "2,/tmp/x.sock"],
             "CID 2 must be 3",
         ),

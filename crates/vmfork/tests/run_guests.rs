@@ -137,6 +137,7 @@ fn many_vcpus_and_large_ram_boot() {
         irqchip: true,
         disks: Vec::new(),
         vsock: None,
+        net: None,
     };
     let (vm, serial) = guest_vm(Workload::Hello, cfg, &[]);
     assert_eq!(vm.ram().layout().regions.len(), 2);

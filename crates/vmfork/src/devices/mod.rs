@@ -25,6 +25,7 @@ pub use legacy::serial::{SerialRegisters, SERIAL_BASE, SERIAL_IRQ};
 pub use serial_sink::{stdout_closed, SerialBuffer, SerialSink, SERIAL_BUFFER_CAP};
 pub use virtio::block::DiskConfig;
 pub use virtio::mmio::VirtioState;
+pub use virtio::net::NetConfig;
 pub use virtio::vsock::VsockConfig;
 pub use vmgenid::{GenerationId, VMGENID_BASE};
 pub use vmm_ports::{EXIT_PORT, READY_PORT};
@@ -133,6 +134,14 @@ impl DeviceState {
             .collect()
     }
 
+    /// The network device these devices have, if any, and its MAC.
+    pub fn net(&self) -> Option<(NetConfig, [u8; 6])> {
+        self.virtio.iter().find_map(|v| match &v.device {
+            virtio::DeviceSpecific::Net(s) => Some((s.config.clone(), s.mac)),
+            _ => None,
+        })
+    }
+
     /// The vsock these devices have, if any.
     pub fn vsock(&self) -> Option<VsockConfig> {
         self.virtio.iter().find_map(|v| match &v.device {
@@ -152,13 +161,17 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct DeviceConfig<'a> {
     pub disks: &'a [DiskConfig],
     pub vsock: Option<&'a VsockConfig>,
+    pub net: Option<&'a NetConfig>,
 }
 
-/// The virtio devices of a new VM, by slot: the entropy device in slot 0, then the vsock (if
-/// any), then the disks.
+/// The virtio devices of a new VM, by slot: the entropy device in slot 0, then the vsock and
+/// the network device (if any), then the disks.
 fn virtio_devices(config: DeviceConfig<'_>) -> crate::Result<Vec<Box<dyn VirtioDevice>>> {
     let disks = config.disks;
-    let room = virtio::VIRTIO_SLOTS - 1 - usize::from(config.vsock.is_some());
+    let room = virtio::VIRTIO_SLOTS
+        - 1
+        - usize::from(config.vsock.is_some())
+        - usize::from(config.net.is_some());
     if disks.len() > room {
         return Err(crate::Error::Config(format!(
             "{} disks given; a VM takes at most {room}",
@@ -168,6 +181,9 @@ fn virtio_devices(config: DeviceConfig<'_>) -> crate::Result<Vec<Box<dyn VirtioD
     let mut devices: Vec<Box<dyn VirtioDevice>> = vec![Box::new(virtio::rng::Rng)];
     if let Some(vsock) = config.vsock {
         devices.push(Box::new(virtio::vsock::Vsock::new(vsock)?));
+    }
+    if let Some(net) = config.net {
+        devices.push(Box::new(virtio::net::Net::new(net)?));
     }
     for disk in disks {
         devices.push(Box::new(virtio::block::Block::open(disk)?));

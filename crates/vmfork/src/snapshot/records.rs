@@ -227,6 +227,7 @@ pub fn load_records(records: &[Record]) -> Result<LoadedState, String> {
         irqchip: c.irqchip,
         disks: Vec::new(),
         vsock: None,
+        net: None,
     };
     config.validate().map_err(|e| e.to_string())?;
     let layout = MemoryLayout::decode(single(RecordType::MemoryLayout)?)?;
@@ -304,6 +305,7 @@ pub fn load_records(records: &[Record]) -> Result<LoadedState, String> {
     let devices = DeviceState::decode_parts(&bodies)?;
     config.disks = devices.disks();
     config.vsock = devices.vsock();
+    config.net = devices.net().map(|(config, _)| config);
 
     Ok(LoadedState {
         id,

@@ -51,6 +51,8 @@ pub struct VmConfig {
     pub disks: Vec<crate::devices::DiskConfig>,
     /// A virtio-vsock bridged to Unix sockets.
     pub vsock: Option<crate::devices::VsockConfig>,
+    /// A virtio-net on a tap device.
+    pub net: Option<crate::devices::NetConfig>,
 }
 
 impl Default for VmConfig {
@@ -61,6 +63,7 @@ impl Default for VmConfig {
             irqchip: true,
             disks: Vec::new(),
             vsock: None,
+            net: None,
         }
     }
 }
@@ -594,6 +597,7 @@ impl Vm {
             crate::devices::DeviceConfig {
                 disks: &config.disks,
                 vsock: config.vsock.as_ref(),
+                net: config.net.as_ref(),
             },
         )?;
         Vm::assemble(VmParts {

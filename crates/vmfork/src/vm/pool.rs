@@ -59,6 +59,7 @@ impl Shape {
             mem_bytes: self.mem_bytes,
             disks: Vec::new(),
             vsock: None,
+            net: None,
         }
     }
 }

@@ -181,7 +181,10 @@ impl MmioTransport {
 
     /// Whether the device has a worker (a host side that changes it on its own).
     pub fn has_worker(&self) -> bool {
-        lock(&self.inner).device.device_type() == super::vsock::TYPE_VSOCK
+        matches!(
+            lock(&self.inner).device.device_type(),
+            super::vsock::TYPE_VSOCK | super::net::TYPE_NET
+        )
     }
 
     /// Starts the device's worker (if it has one) for this transport in the VM `memory` is.

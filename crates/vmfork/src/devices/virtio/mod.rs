@@ -9,6 +9,7 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 pub mod rng;
 #[cfg(test)]
 mod test_support;
@@ -27,6 +28,7 @@ pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
 pub const VIRTIO_SLOTS: usize = 8;
 
 /// virtio device ids (virtio 1.2, 5).
+pub const TYPE_NET: u32 = net::TYPE_NET;
 pub const TYPE_BLOCK: u32 = 2;
 pub const TYPE_RNG: u32 = 4;
 
@@ -78,6 +80,7 @@ pub enum DeviceSpecific {
     Rng,
     Block(block::BlockState),
     Vsock(vsock::VsockState),
+    Net(net::NetState),
 }
 
 impl DeviceSpecific {
@@ -87,6 +90,7 @@ impl DeviceSpecific {
             DeviceSpecific::Rng => Box::new(rng::Rng),
             DeviceSpecific::Block(state) => Box::new(block::Block::from_state(state)?),
             DeviceSpecific::Vsock(state) => Box::new(vsock::Vsock::from_state(state)?),
+            DeviceSpecific::Net(state) => Box::new(net::Net::from_state(state)?),
         })
     }
 }

@@ -681,27 +681,7 @@ impl VirtioDevice for Vsock {
             };
             self.listen(path)?;
         }
-        let epoll = Arc::clone(&self.epoll);
-        let stop = self.stop.as_raw_fd() as u64;
-        std::thread::Builder::new()
-            .name("vmfork-vsock".into())
-            .spawn(move || {
-                crate::confine::seccomp::confine_vmm_thread();
-                let mut events = vec![EpollEvent::default(); 32];
-                loop {
-                    match epoll.wait(-1, &mut events) {
-                        Ok(n) if events[..n].iter().any(|e| e.data() == stop) => return,
-                        Ok(_) => {}
-                        Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                        Err(_) => return,
-                    }
-                    if !worker.serve() {
-                        return;
-                    }
-                }
-            })
-            .map_err(|e| io_error("worker thread", e))?;
-        Ok(())
+        super::worker::spawn("vmfork-vsock", Arc::clone(&self.epoll), &self.stop, worker)
     }
 
     fn save(&mut self) -> DeviceSpecific {

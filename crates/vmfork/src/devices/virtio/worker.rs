@@ -35,3 +35,35 @@ impl WorkerHandle {
         true
     }
 }
+
+/// Starts a worker thread named `name` that waits on `epoll` and serves through `handle` at
+/// each wake-up, until `stop` is written or the VM or device is gone.
+pub fn spawn(
+    name: &str,
+    epoll: Arc<vmm_sys_util::epoll::Epoll>,
+    stop: &vmm_sys_util::eventfd::EventFd,
+    handle: WorkerHandle,
+) -> crate::Result<()> {
+    use std::os::fd::AsRawFd;
+    use vmm_sys_util::epoll::EpollEvent;
+    let stop = stop.as_raw_fd() as u64;
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            crate::confine::seccomp::confine_vmm_thread();
+            let mut events = vec![EpollEvent::default(); 32];
+            loop {
+                match epoll.wait(-1, &mut events) {
+                    Ok(n) if events[..n].iter().any(|e| e.data() == stop) => return,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(_) => return,
+                }
+                if !handle.serve() {
+                    return;
+                }
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| crate::Error::Config(format!("{name}: cannot start its thread: {e}")))
+}

@@ -1,0 +1,358 @@
+//! virtio-net (virtio 1.2, 5.1) on a host tap device: one rx and one tx queue, no offloads
+//! (frames carry a zeroed 12-byte virtio_net_hdr). Like the vsock it is served by a worker (the
+//! tap is waited on there; the guest's notify only wakes it).
+//!
+//! The tap and the MAC are the VM's network identity, so forks and restores get their own:
+//! a new tap named `<tap>-<VM id>` (cut to the 15 bytes an interface name holds) and, unless
+//! `keep_mac`, a new random locally administered MAC in the device's config space. Frames in
+//! flight are not forked. The interface goes away with the VM.
+
+pub mod tap;
+
+use super::worker::WorkerHandle;
+use super::{DeviceSpecific, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::memory::GuestMemory;
+use serde::{Deserialize, Serialize};
+use std::io::{ErrorKind, Read, Write};
+use std::sync::Arc;
+use tap::Tap;
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+/// virtio device id.
+pub const TYPE_NET: u32 = 1;
+const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+const RX: usize = 0;
+const TX: usize = 1;
+/// virtio_net_hdr_v1 (flags, gso_type, hdr_len, gso_size, csum_start, csum_offset,
+/// num_buffers).
+const NET_HDR: usize = 12;
+/// The largest frame taken from either side (no offloads: an MTU-sized frame and then some).
+const MAX_FRAME: usize = 65_550;
+
+/// How a VM's network device is given.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetConfig {
+    /// The root VM's tap interface (created if it does not exist); forks and restores get
+    /// `<tap>-<VM id>`.
+    pub tap: String,
+    /// The root VM's MAC; a random locally administered one if not given.
+    #[serde(default)]
+    pub mac: Option<[u8; 6]>,
+    /// Forks and restores keep the MAC they were made from instead of getting a new one.
+    #[serde(default)]
+    pub keep_mac: bool,
+}
+
+/// What a fork or snapshot carries of the network device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetState {
+    pub config: NetConfig,
+    pub mac: [u8; 6],
+}
+
+/// A random locally administered unicast MAC.
+pub fn random_mac() -> crate::Result<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    getrandom::fill(&mut mac)
+        .map_err(|e| crate::Error::Io(std::io::Error::other(format!("getrandom: {e}"))))?;
+    mac[0] = (mac[0] & 0xfe) | 0x02;
+    Ok(mac)
+}
+
+/// `<base>-<id>`, the base cut so the whole fits an interface name.
+fn fork_tap_name(base: &str, vm_id: u64) -> String {
+    let suffix = format!("-{vm_id}");
+    let keep = tap::MAX_NAME.saturating_sub(suffix.len()).min(base.len());
+    format!("{}{suffix}", &base[..keep])
+}
+
+fn io_error(what: &str, e: std::io::Error) -> crate::Error {
+    crate::Error::Config(format!("virtio-net: {what}: {e}"))
+}
+
+/// The network device.
+pub struct Net {
+    config: NetConfig,
+    mac: [u8; 6],
+    tap: Option<Tap>,
+    epoll: Arc<Epoll>,
+    kick: EventFd,
+    stop: EventFd,
+    /// A frame read from the tap that no rx buffer has taken yet.
+    pending: Option<Vec<u8>>,
+    buffer: Vec<u8>,
+}
+
+impl Net {
+    /// The root VM's device: its tap opened now (a clear error if it cannot be).
+    pub fn new(config: &NetConfig) -> crate::Result<Self> {
+        let mac = match config.mac {
+            Some(mac) if mac[0] & 1 == 0 => mac,
+            Some(mac) => {
+                return Err(crate::Error::Config(format!(
+                    "MAC {} is a multicast address",
+                    format_mac(&mac)
+                )))
+            }
+            None => random_mac()?,
+        };
+        let mut net = Self::build(config.clone(), mac)?;
+        let tap = Tap::open(&config.tap).map_err(|e| io_error("cannot open the tap", e))?;
+        net.watch(tap.fd());
+        net.tap = Some(tap);
+        Ok(net)
+    }
+
+    /// A fork's or restore's device: a new MAC (unless kept); its tap opens with its worker.
+    pub fn from_state(state: &NetState) -> crate::Result<Self> {
+        let mac = if state.config.keep_mac {
+            state.mac
+        } else {
+            random_mac()?
+        };
+        Self::build(state.config.clone(), mac)
+    }
+
+    fn build(config: NetConfig, mac: [u8; 6]) -> crate::Result<Self> {
+        let epoll = Epoll::new().map_err(|e| io_error("epoll", e))?;
+        let kick = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| io_error("eventfd", e))?;
+        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| io_error("eventfd", e))?;
+        let net = Self {
+            config,
+            mac,
+            tap: None,
+            epoll: Arc::new(epoll),
+            kick,
+            stop,
+            pending: None,
+            buffer: vec![0u8; MAX_FRAME],
+        };
+        net.watch_level(net.kick.as_raw_fd_u64());
+        net.watch_level(net.stop.as_raw_fd_u64());
+        Ok(net)
+    }
+
+    fn watch_level(&self, fd: u64) {
+        let _ = self.epoll.ctl(
+            ControlOperation::Add,
+            fd as i32,
+            EpollEvent::new(EventSet::IN, fd),
+        );
+    }
+
+    fn watch(&self, fd: i32) {
+        let event = EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, fd as u64);
+        let _ = self.epoll.ctl(ControlOperation::Add, fd, event);
+    }
+
+    /// The device's MAC.
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
+    /// The guest's frames, to the tap.
+    fn serve_tx(&mut self, queue: &mut Queue, memory: &GuestMemory) -> bool {
+        let mut used = false;
+        for _ in 0..queue.size() {
+            let Some(chain) = queue.pop_descriptor_chain(memory) else {
+                break;
+            };
+            let head = chain.head_index();
+            if let Ok(mut reader) = chain.reader(memory) {
+                let len = reader.available_bytes().min(MAX_FRAME);
+                let frame = &mut self.buffer[..len];
+                if len > NET_HDR && reader.read_exact(frame).is_ok() {
+                    if let Some(tap) = &self.tap {
+                        // A full tap queue drops the frame, as a congested link would.
+                        let _ = tap.write_frame(&frame[NET_HDR..]);
+                    }
+                }
+            }
+            if queue.add_used(memory, head, 0).is_err() {
+                break;
+            }
+            used = true;
+        }
+        used
+    }
+
+    /// The tap's frames, to the guest's rx buffers.
+    fn serve_rx(&mut self, queue: &mut Queue, memory: &GuestMemory) -> bool {
+        let mut used = false;
+        for _ in 0..queue.size() {
+            let frame = match self.pending.take() {
+                Some(frame) => frame,
+                None => {
+                    let Some(tap) = &self.tap else { break };
+                    match tap.read_frame(&mut self.buffer) {
+                        Ok(n) => self.buffer[..n].to_vec(),
+                        Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                        Err(_) => break, // WouldBlock, or the tap is gone
+                    }
+                }
+            };
+            let Some(chain) = queue.pop_descriptor_chain(memory) else {
+                self.pending = Some(frame);
+                break;
+            };
+            let head = chain.head_index();
+            let written = match chain.writer(memory) {
+                Ok(mut w) if w.available_bytes() >= NET_HDR + frame.len() => {
+                    let mut header = [0u8; NET_HDR];
+                    header[10] = 1; // num_buffers
+                    w.write_all(&header).is_ok() && w.write_all(&frame).is_ok()
+                }
+                // Too small a buffer for the frame: the frame is dropped.
+                _ => false,
+            };
+            let len = if written { NET_HDR + frame.len() } else { 0 };
+            if queue.add_used(memory, head, len as u32).is_err() {
+                break;
+            }
+            used = true;
+        }
+        used
+    }
+}
+
+trait RawFdU64 {
+    fn as_raw_fd_u64(&self) -> u64;
+}
+
+impl RawFdU64 for EventFd {
+    fn as_raw_fd_u64(&self) -> u64 {
+        use std::os::fd::AsRawFd;
+        self.as_raw_fd() as u64
+    }
+}
+
+/// `02:ab:...` for messages.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// A MAC written as six hex bytes separated by colons.
+pub fn parse_mac(text: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = text.split(':').collect();
+    let mut mac = [0u8; 6];
+    if parts.len() != 6 {
+        return Err(format!(
+            "'{text}' is not a MAC (six hex bytes, colon-separated)"
+        ));
+    }
+    for (byte, part) in mac.iter_mut().zip(parts) {
+        *byte = u8::from_str_radix(part, 16)
+            .map_err(|_| format!("'{text}' is not a MAC (six hex bytes, colon-separated)"))?;
+    }
+    Ok(mac)
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        let _ = self.stop.write(1);
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        TYPE_NET
+    }
+
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC
+    }
+
+    fn queue_max_sizes(&self) -> &'static [u16] {
+        &[256, 256]
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        for (i, byte) in data.iter_mut().enumerate() {
+            *byte = usize::try_from(offset)
+                .ok()
+                .and_then(|o| o.checked_add(i))
+                .and_then(|at| self.mac.get(at))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn serve_on_notify(&mut self, _index: usize) -> bool {
+        let _ = self.kick.write(1);
+        false
+    }
+
+    fn serve(&mut self, _index: usize, _queues: &mut [Queue], _memory: &GuestMemory) -> bool {
+        false // served by the worker (serve_host)
+    }
+
+    fn serve_host(&mut self, queues: &mut [Queue], memory: &GuestMemory) -> bool {
+        let _ = self.kick.read();
+        let mut used = false;
+        if let Some(tx) = queues.get_mut(TX) {
+            used |= self.serve_tx(tx, memory);
+        }
+        if let Some(rx) = queues.get_mut(RX) {
+            used |= self.serve_rx(rx, memory);
+        }
+        used
+    }
+
+    fn start_worker(&mut self, worker: WorkerHandle) -> crate::Result<()> {
+        if self.tap.is_none() {
+            let name = fork_tap_name(&self.config.tap, worker.vm_id);
+            let tap = Tap::open(&name).map_err(|e| io_error("cannot open the tap", e))?;
+            self.watch(tap.fd());
+            self.tap = Some(tap);
+        }
+        super::worker::spawn("vmfork-net", Arc::clone(&self.epoll), &self.stop, worker)
+    }
+
+    fn save(&mut self) -> DeviceSpecific {
+        DeviceSpecific::Net(NetState {
+            config: self.config.clone(),
+            mac: self.mac,
+        })
+    }
+
+    fn load(&mut self, state: &DeviceSpecific) -> crate::Result<()> {
+        let DeviceSpecific::Net(state) = state else {
+            return Err(crate::Error::Invalid(
+                "a network device's saved state is another device's".into(),
+            ));
+        };
+        if state.config != self.config {
+            return Err(crate::Error::Invalid(
+                "saved network state is for another network configuration".into(),
+            ));
+        }
+        // The MAC and tap are this VM's identity and stay; a frame waiting is dropped.
+        self.pending = None;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_macs() {
+        assert_eq!(fork_tap_name("vmf0", 17), "vmf0-17");
+        assert_eq!(fork_tap_name("a-very-long-tap", 123456), "a-very-l-123456");
+        assert!(fork_tap_name("a-very-long-tap", 123456).len() <= tap::MAX_NAME);
+        let mac = random_mac().unwrap();
+        assert_eq!(mac[0] & 3, 2, "locally administered unicast");
+        assert_eq!(parse_mac(&format_mac(&mac)).unwrap(), mac);
+        assert!(parse_mac("01:02:03").is_err());
+        assert!(parse_mac("zz:02:03:04:05:06").is_err());
+        for bad in ["", "this-name-is-too-long", "sp ace", "a/b"] {
+            assert!(Tap::open(bad).is_err(), "{bad:?}");
+        }
+    }
+}
