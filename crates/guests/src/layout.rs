@@ -85,4 +85,11 @@ pub mod mailbox {
     pub const NET_MAC_AFTER: u64 = 0x88;
     pub const NET_RECEIVED: u64 = 0x90;
     pub const NET_FROM: u64 = 0x98;
+    /// `assist`: the two compare-exchanges' ZF, the 16 bytes the second found, the address
+    /// after its int3 and the return address its #BP handler was given.
+    pub const ASSIST_FIRST: u64 = 0xa0;
+    pub const ASSIST_SECOND: u64 = 0xa8;
+    pub const ASSIST_FOUND: u64 = 0xb0;
+    pub const ASSIST_AFTER: u64 = 0xc0;
+    pub const ASSIST_BP_RIP: u64 = 0xc8;
 }

@@ -33,11 +33,12 @@ pub enum Workload {
     Diskbench,
     Vsock,
     Net,
+    Assist,
 }
 
 impl Workload {
     /// Every workload, in the order `vmfork guests` lists them.
-    pub const ALL: [Workload; 14] = [
+    pub const ALL: [Workload; 15] = [
         Workload::Hello,
         Workload::Counter,
         Workload::Memtouch,
@@ -52,6 +53,7 @@ impl Workload {
         Workload::Diskbench,
         Workload::Vsock,
         Workload::Net,
+        Workload::Assist,
     ];
 
     pub fn name(self) -> &'static str {
@@ -70,6 +72,7 @@ impl Workload {
             Workload::Diskbench => "diskbench",
             Workload::Vsock => "vsock",
             Workload::Net => "net",
+            Workload::Assist => "assist",
         }
     }
 
@@ -88,6 +91,7 @@ impl Workload {
             Workload::Diskbench => "virtio-blk load (slot 1): PARAM2 requests of PARAM0 bytes (default 4096), reads (PARAM1 0) or writes, sequential; exits 0",
             Workload::Vsock => "virtio-vsock driver: connects to host port PARAM0, echoes PARAM1 counters, writes the ready port, sends one more; exits 0",
             Workload::Net => "virtio-net driver: writes the ready port, broadcasts a frame carrying PARAM0, waits for one from another VM; exits 0",
+            Workload::Assist => "ring 0: lock cmpxchg16b (a hit and a miss) and int3 with its own handler, results in the mailbox; exits 0",
             Workload::Entropy => "virtio-rng and generation-id driver: reads the generation id and PARAM0 random bytes, writes the ready port, reads both again, exits 0",
         }
     }
@@ -134,6 +138,7 @@ impl Workload {
             Workload::Diskbench => (drivers::diskbench(), Ring::User),
             Workload::Vsock => (drivers::vsock(), Ring::User),
             Workload::Net => (drivers::net(), Ring::User),
+            Workload::Assist => (workloads::assist(), Ring::Kernel),
         };
         // The assembler input is fixed at compile time, so failure here is a bug in this crate.
         (code.expect("built-in workload assembles"), ring)

@@ -548,3 +548,78 @@ pub(crate) fn string_after(g: &mut Asm, text: &[u8]) -> Result<CodeLabel, IcedEr
     g.a.set_label(&mut after)?;
     Ok(label)
 }
+
+/// `assist`'s 16-byte values: the one it plants, and the one it swaps in.
+pub const ASSIST_PLANTED: u128 = 0x1111_2222_3333_4444_5555_6666_7777_8888;
+pub const ASSIST_SWAPPED: u128 = 0x9999_aaaa_bbbb_cccc_dddd_eeee_ffff_0001;
+/// Where `assist`'s 16-byte value lives (mailbox page, 16-aligned).
+pub const ASSIST_VALUE: u64 = MAILBOX + 0x100;
+
+/// `assist` (ring 0): the instructions some hosts' KVM cannot emulate at ring 0, each checked.
+/// `lock cmpxchg16b` that succeeds (mailbox ASSIST_FIRST = ZF) and one that fails
+/// (ASSIST_SECOND = ZF, ASSIST_FOUND = the 16 bytes it loaded), then `int3` with its own #BP
+/// handler, which stores the return address it was given (ASSIST_BP_RIP) beside the address
+/// after the int3 (ASSIST_AFTER); exits 0.
+pub fn assist() -> Result<Vec<u8>, IcedError> {
+    let mut a = CodeAssembler::new(64)?;
+    let mut handler = a.create_label();
+    let mut idtr = a.create_label();
+    let mut after = a.create_label();
+    let split = |v: u128| (v as u64, (v >> 64) as u64);
+    let (planted_low, planted_high) = split(ASSIST_PLANTED);
+    let (swapped_low, swapped_high) = split(ASSIST_SWAPPED);
+    a.lidt(ptr(idtr))?;
+    a.mov(r15, MAILBOX)?;
+    a.mov(rax, planted_low)?;
+    a.mov(qword_ptr(r15 + 0x100), rax)?;
+    a.mov(rdx, planted_high)?;
+    a.mov(qword_ptr(r15 + 0x108), rdx)?;
+    a.mov(rbx, swapped_low)?;
+    a.mov(rcx, swapped_high)?;
+    a.lock().cmpxchg16b(xmmword_ptr(r15 + 0x100))?;
+    a.setz(r8b)?;
+    a.movzx(r8d, r8b)?;
+    a.mov(qword_ptr(r15 + mailbox::ASSIST_FIRST), r8)?;
+    a.mov(rax, planted_low)?;
+    a.mov(rdx, planted_high)?;
+    a.lock().cmpxchg16b(xmmword_ptr(r15 + 0x100))?;
+    a.setz(r8b)?;
+    a.movzx(r8d, r8b)?;
+    a.mov(qword_ptr(r15 + mailbox::ASSIST_SECOND), r8)?;
+    a.mov(qword_ptr(r15 + mailbox::ASSIST_FOUND), rax)?;
+    a.mov(qword_ptr(r15 + mailbox::ASSIST_FOUND + 8), rdx)?;
+    a.lea(rax, ptr(after))?;
+    a.mov(qword_ptr(r15 + mailbox::ASSIST_AFTER), rax)?;
+    a.int3()?;
+    a.set_label(&mut after)?;
+    a.xor(eax, eax)?;
+    a.mov(dx, EXIT_PORT as u32)?;
+    a.out(dx, al)?;
+    a.hlt()?;
+    a.set_label(&mut handler)?;
+    a.mov(rax, qword_ptr(rsp))?;
+    a.mov(qword_ptr(r15 + mailbox::ASSIST_BP_RIP), rax)?;
+    a.iretq()?;
+    a.set_label(&mut idtr)?;
+    a.dw(&[4 * 16 - 1])?;
+    a.dq(&[IDLE_IDT])?;
+    let assembled = a.assemble_options(
+        USER_CODE,
+        iced_x86::BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
+    )?;
+    let handler = assembled.label_ip(&handler)?;
+    let mut image = assembled.inner.code_buffer;
+    assert!(
+        image.len() <= (IDLE_IDT - USER_CODE) as usize,
+        "assist code too large"
+    );
+    image.resize((IDLE_IDT - USER_CODE) as usize, 0);
+    // Vectors 0-3, each an interrupt gate to the handler (only #BP is expected).
+    for _ in 0..4 {
+        let low =
+            (handler & 0xFFFF) | (0x08 << 16) | (0x8E << 40) | (((handler >> 16) & 0xFFFF) << 48);
+        image.extend_from_slice(&low.to_le_bytes());
+        image.extend_from_slice(&(handler >> 32).to_le_bytes());
+    }
+    Ok(image)
+}

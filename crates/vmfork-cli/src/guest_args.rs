@@ -47,6 +47,10 @@ pub struct GuestArgs {
     /// (unless keep-mac).
     #[arg(long, value_parser = parse_net)]
     pub net: Option<NetConfig>,
+    /// Complete the instructions KVM's emulator refuses (cmpxchg16b, int3) on hosts that
+    /// emulate guest ring 0 (nested paravirtual KVM); not needed on bare metal.
+    #[arg(long)]
+    pub emulation_assist: bool,
 }
 
 pub fn parse_net(text: &str) -> Result<NetConfig, String> {
@@ -156,6 +160,7 @@ impl GuestArgs {
             disks: self.disks.clone(),
             vsock: self.vsock.clone(),
             net: self.net.clone(),
+            emulation_assist: self.emulation_assist,
             ..VmConfig::default()
         })
     }

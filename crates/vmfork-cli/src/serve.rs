@@ -79,6 +79,9 @@ struct BootRequest {
     vsock: Option<vmfork::devices::VsockConfig>,
     /// A virtio-net: {"tap": "vmf0", "mac": [2,0,0,0,0,1], "keep_mac": false}.
     net: Option<vmfork::devices::NetConfig>,
+    /// Complete the instructions KVM's emulator refuses (hosts that emulate ring 0).
+    #[serde(default)]
+    emulation_assist: bool,
     /// Leave the VM stopped after loading it.
     #[serde(default)]
     paused: bool,
@@ -128,6 +131,7 @@ fn boot_request(r: BootRequest) -> CliResult<Vm> {
         disks: r.disks,
         vsock: r.vsock,
         net: r.net,
+        emulation_assist: r.emulation_assist,
     };
     let (sink, _) = SerialSink::buffer();
     let vm = Vm::boot(guest.config()?, sink, &guest.boot_spec()?).map_err(|e| e.to_string())?;

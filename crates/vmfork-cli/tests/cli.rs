@@ -1026,6 +1026,10 @@ fn serve_keeps_to_its_data_directory_and_runs_unprivileged() {
     std::fs::write(data.join("disk.img"), vec![0u8; 1 << 20]).unwrap();
     let reply = post_vm(r#"{"guest":"disk","disks":[{"path":"disk.img"}],"paused":true}"#);
     assert!(reply.starts_with("HTTP/1.1 201"), "{reply}");
+    assert!(
+        reply.contains(r#""type": "block""#) && reply.contains("disk.img"),
+        "{reply}"
+    );
     let disk_vm = daemon.first_vm();
     let reply = post(
         &daemon.sock,

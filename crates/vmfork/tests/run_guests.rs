@@ -138,6 +138,7 @@ fn many_vcpus_and_large_ram_boot() {
         disks: Vec::new(),
         vsock: None,
         net: None,
+        emulation_assist: false,
     };
     let (vm, serial) = guest_vm(Workload::Hello, cfg, &[]);
     assert_eq!(vm.ram().layout().regions.len(), 2);

@@ -73,6 +73,13 @@ fn a_guest_connects_to_the_host_and_forks_and_restores_find_their_connections_re
     let child = vm.fork(&ForkOptions::default()).unwrap();
     let child_socket = PathBuf::from(format!("{}.{}", uds.display(), child.id()));
     assert!(child_socket.exists(), "{}", child_socket.display());
+    // Listings say where each VM listens.
+    let listed = child.describe_devices();
+    assert_eq!(listed["virtio"][1]["type"], "vsock");
+    assert_eq!(
+        listed["virtio"][1]["socket"],
+        child_socket.display().to_string()
+    );
     let dir_snap = dir.join("snap");
     let restored = snapshot_and_restore(&vm, &dir_snap);
     assert_eq!(run_to_exit(&child), ExitReason::GuestExit(0));

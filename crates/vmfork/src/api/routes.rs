@@ -216,6 +216,7 @@ pub fn describe(vm: &Vm) -> Value {
         "mem_bytes": vm.config().mem_bytes,
         "private_memory_bytes": private,
         "exit": vm.exit_reason().map(|r| r.to_string()),
+        "devices": vm.describe_devices(),
     })
 }
 

@@ -355,6 +355,21 @@ impl Devices {
         Ok(())
     }
 
+    /// The virtio devices by slot, and the generation id, as a listing shows them.
+    pub fn describe(&self) -> serde_json::Value {
+        let id: String = self
+            .generation
+            .save()
+            .id
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        serde_json::json!({
+            "generation_id": id,
+            "virtio": self.virtio.iter().map(|t| t.describe()).collect::<Vec<_>>(),
+        })
+    }
+
     /// Holds every device worker off until the guard drops (see the field).
     pub fn quiesce(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
         self.quiesce.write().unwrap_or_else(|p| p.into_inner())

@@ -428,6 +428,36 @@ impl GuestRam {
             .map_err(|e| Error::Memory(format!("write at {addr:#x}: {e}")))
     }
 
+    /// Atomically compares the 16 bytes at `addr` (16-aligned) with `expected` and, if they
+    /// are equal, stores `new`; returns what was found. A guest's `lock cmpxchg16b`, for the
+    /// emulation assist (the other vCPUs may be running: it must be one atomic access).
+    pub fn compare_exchange_u128(&self, addr: u64, expected: u128, new: u128) -> Result<u128> {
+        use vm_memory::bitmap::Bitmap;
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        if !addr.is_multiple_of(16) {
+            return Err(Error::Memory(format!(
+                "a 16-byte compare-exchange at {addr:#x} is not 16-aligned"
+            )));
+        }
+        self.check(addr, 16)?;
+        let _writing = self.readers();
+        let (region, at) = self
+            .memory
+            .to_region_addr(GuestAddress(addr))
+            .ok_or_else(|| Error::Memory(format!("{addr:#x} is outside guest RAM")))?;
+        let host = region
+            .get_host_address(at)
+            .map_err(|e| Error::Memory(format!("compare-exchange at {addr:#x}: {e}")))?;
+        // SAFETY: `host` points at 16 bytes of guest RAM (checked above, and 16-aligned as the
+        // guest address is and the mapping is page-aligned), mapped for as long as `self`; the
+        // access is one atomic instruction, whatever the guest does meanwhile.
+        let found = unsafe { compare_exchange_16(host.cast::<u128>(), expected, new) };
+        if found == expected {
+            region.bitmap().mark_dirty(at.0 as usize, 16);
+        }
+        Ok(found)
+    }
+
     pub fn read_u64(&self, addr: u64) -> Result<u64> {
         let mut b = [0u8; 8];
         self.read(addr, &mut b)?;
@@ -471,6 +501,30 @@ fn describe_layout(layout: &MemoryLayout) -> String {
         .join(", ")
 }
 
+/// `lock cmpxchg16b` on `dst`: the value found there (and `new` stored if it was `expected`).
+///
+/// # Safety
+/// `dst` must be valid for a 16-byte atomic read and write and 16-aligned.
+unsafe fn compare_exchange_16(dst: *mut u128, expected: u128, new: u128) -> u128 {
+    let (mut low, mut high) = (expected as u64, (expected >> 64) as u64);
+    // SAFETY: the caller's contract for `dst`; rbx (reserved by the compiler) is swapped in and
+    // restored around the instruction.
+    unsafe {
+        std::arch::asm!(
+            "xchg {new_low}, rbx",
+            "lock cmpxchg16b xmmword ptr [{dst}]",
+            "mov rbx, {new_low}",
+            dst = in(reg) dst,
+            new_low = inout(reg) new as u64 => _,
+            in("rcx") (new >> 64) as u64,
+            inout("rax") low,
+            inout("rdx") high,
+            options(nostack),
+        );
+    }
+    u128::from(low) | u128::from(high) << 64
+}
+
 fn build_guest_memory(layout: &MemoryLayout, mapping: &HostMapping) -> Result<GuestMemory> {
     let mut regions = Vec::new();
     for r in &layout.regions {
@@ -495,6 +549,38 @@ fn build_guest_memory(layout: &MemoryLayout, mapping: &HostMapping) -> Result<Gu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_sixteen_byte_compare_exchange_is_one_atomic_access_and_marks_the_page_dirty() {
+        let ram = GuestRam::new(8 << 20).unwrap();
+        let at = 0x1230;
+        let old = 0x1111_2222_3333_4444_5555_6666_7777_8888u128;
+        ram.write(at, &old.to_le_bytes()).unwrap();
+        let mut dirty = DirtyPages::new(ram.size());
+        ram.take_vmm_dirty(&mut dirty);
+        // A mismatch changes nothing and says what is there.
+        assert_eq!(ram.compare_exchange_u128(at, 5, 6).unwrap(), old);
+        let mut now = [0u8; 16];
+        ram.read(at, &mut now).unwrap();
+        assert_eq!(u128::from_le_bytes(now), old);
+        let mut dirty = DirtyPages::new(ram.size());
+        ram.take_vmm_dirty(&mut dirty);
+        assert_eq!(dirty.offsets().count(), 0);
+        // A match stores the new value and the page is dirty (resets and forks see it).
+        assert_eq!(ram.compare_exchange_u128(at, old, 7).unwrap(), old);
+        ram.read(at, &mut now).unwrap();
+        assert_eq!(u128::from_le_bytes(now), 7);
+        ram.take_vmm_dirty(&mut dirty);
+        assert_eq!(dirty.offsets().collect::<Vec<_>>(), [0x1000]);
+        assert!(
+            ram.compare_exchange_u128(at + 8, 0, 0).is_err(),
+            "misaligned"
+        );
+        assert!(
+            ram.compare_exchange_u128(8 << 20, 0, 0).is_err(),
+            "outside RAM"
+        );
+    }
 
     #[test]
     fn layout_splits_around_the_mmio_hole() {

@@ -228,6 +228,7 @@ pub fn load_records(records: &[Record]) -> Result<LoadedState, String> {
         disks: Vec::new(),
         vsock: None,
         net: None,
+        emulation_assist: false,
     };
     config.validate().map_err(|e| e.to_string())?;
     let layout = MemoryLayout::decode(single(RecordType::MemoryLayout)?)?;

@@ -2,6 +2,7 @@
 //! resumes and stops them.
 
 mod control;
+pub mod emulation_assist;
 mod exit;
 mod kick;
 mod kvm_system;
@@ -53,6 +54,9 @@ pub struct VmConfig {
     pub vsock: Option<crate::devices::VsockConfig>,
     /// A virtio-net on a tap device.
     pub net: Option<crate::devices::NetConfig>,
+    /// Complete the instructions KVM's emulator refuses (for hosts that emulate guest ring 0;
+    /// see `vm::emulation_assist`).
+    pub emulation_assist: bool,
 }
 
 impl Default for VmConfig {
@@ -64,6 +68,7 @@ impl Default for VmConfig {
             disks: Vec::new(),
             vsock: None,
             net: None,
+            emulation_assist: false,
         }
     }
 }
@@ -144,6 +149,8 @@ pub(crate) struct VmShared {
     pub(crate) msr_indices: Vec<u32>,
     pub(crate) serial: Option<SerialBuffer>,
     pub(crate) id: u64,
+    /// Instructions the emulation assist completed.
+    assisted: std::sync::atomic::AtomicU64,
     /// The pooled shell's reserved range `ram` is placed in.
     ram_range: Option<Arc<AddressRange>>,
 }
@@ -316,6 +323,7 @@ impl Vm {
                 msr_indices: parts.shell.msr_indices,
                 serial: parts.serial,
                 id: NEXT_VM_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                assisted: std::sync::atomic::AtomicU64::new(0),
             }),
             threads: Mutex::new(Vec::new()),
         };
@@ -365,6 +373,13 @@ impl Vm {
     /// The in-memory serial console, when the VM prints into one (forks do by default).
     pub fn serial(&self) -> Option<&SerialBuffer> {
         self.shared.serial.as_ref()
+    }
+}
+
+impl VmShared {
+    /// The assist's counter when the assist is on.
+    fn assist(&self) -> Option<&std::sync::atomic::AtomicU64> {
+        self.config.emulation_assist.then_some(&self.assisted)
     }
 }
 
@@ -744,6 +759,7 @@ impl Vm {
             &self.shared.devices,
             &self.shared.ram,
             &self.shared.control,
+            self.shared.assist(),
             limits,
         );
         if vcpu.get_kvm_run().kvm_valid_regs != 0 {
@@ -916,6 +932,19 @@ impl Vm {
     }
 
     /// Saves every device's state.
+    /// The VM's devices as a listing shows them (generation id; each virtio device's kind and
+    /// host side: image, socket, tap, MAC). Unlike [`Self::device_state`] it freezes nothing.
+    /// How many instructions the emulation assist completed for this VM.
+    pub fn assisted_instructions(&self) -> u64 {
+        self.shared
+            .assisted
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn describe_devices(&self) -> serde_json::Value {
+        self.shared.devices.describe()
+    }
+
     pub fn device_state(&self) -> crate::devices::DeviceState {
         self.shared.devices.save()
     }
@@ -1041,6 +1070,7 @@ fn vcpu_thread(shared: Arc<VmShared>, index: usize) {
             &shared.devices,
             &shared.ram,
             &shared.control,
+            shared.assist(),
             limits,
         );
         match event {

@@ -60,6 +60,7 @@ impl Shape {
             disks: Vec::new(),
             vsock: None,
             net: None,
+            emulation_assist: false,
         }
     }
 }

@@ -24,6 +24,8 @@ impl RunEvent {
 /// KVM's `KVM_SYSTEM_EVENT_*` types.
 const SYSTEM_EVENT_SHUTDOWN: u32 = 1;
 const SYSTEM_EVENT_RESET: u32 = 2;
+/// KVM_INTERNAL_ERROR_EMULATION: the instruction emulator refused an instruction.
+const SUBERROR_EMULATION: u32 = 1;
 /// The #BP exception vector, reported in KVM's debug exit for an `int3`.
 const BP_VECTOR: u32 = 3;
 
@@ -44,6 +46,7 @@ pub fn run_vcpu(
     devices: &Devices,
     ram: &GuestRam,
     control: &RunControl,
+    assist: Option<&std::sync::atomic::AtomicU64>,
     limits: RunLimits,
 ) -> RunEvent {
     loop {
@@ -127,9 +130,19 @@ pub fn run_vcpu(
             }
             VcpuExit::InternalError => {
                 let suberror = internal_suberror(vcpu);
+                let mut why = String::new();
+                if let (Some(count), SUBERROR_EMULATION) = (assist, suberror) {
+                    match super::emulation_assist::complete(vcpu, ram) {
+                        Ok(()) => {
+                            count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            continue;
+                        }
+                        Err(e) => why = format!("; {e}"),
+                    }
+                }
                 return RunEvent::exit(ExitReason::InternalError {
                     detail: format!(
-                        "KVM internal error, suberror {suberror} ({})",
+                        "KVM internal error, suberror {suberror} ({}){why}",
                         describe_suberror(suberror)
                     ),
                     dump: dump(index, vcpu),

@@ -179,6 +179,11 @@ impl MmioTransport {
         }
     }
 
+    /// What a listing shows of the device.
+    pub fn describe(&self) -> serde_json::Value {
+        lock(&self.inner).device.describe()
+    }
+
     /// Whether the device has a worker (a host side that changes it on its own).
     pub fn has_worker(&self) -> bool {
         matches!(

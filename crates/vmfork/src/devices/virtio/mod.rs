@@ -66,6 +66,9 @@ pub trait VirtioDevice: Send {
     fn serve_host(&mut self, _queues: &mut [Queue], _memory: &GuestMemory) -> bool {
         false
     }
+    /// What a listing shows of the device: its kind and host-side identity (image, socket,
+    /// tap, MAC).
+    fn describe(&self) -> serde_json::Value;
     /// The device-specific state a fork or snapshot carries (a disk freezes its writes so far
     /// into the state: the instant both sides go on from).
     fn save(&mut self) -> DeviceSpecific;

@@ -58,6 +58,10 @@ impl VirtioDevice for Rng {
         used
     }
 
+    fn describe(&self) -> serde_json::Value {
+        serde_json::json!({"type": "rng"})
+    }
+
     fn save(&mut self) -> DeviceSpecific {
         DeviceSpecific::Rng
     }

@@ -684,6 +684,15 @@ impl VirtioDevice for Vsock {
         super::worker::spawn("vmfork-vsock", Arc::clone(&self.epoll), &self.stop, worker)
     }
 
+    fn describe(&self) -> serde_json::Value {
+        serde_json::json!({
+            "type": "vsock",
+            "guest_cid": self.config.guest_cid,
+            "socket": self.listen_path,
+            "connections": self.connections.len(),
+        })
+    }
+
     fn save(&mut self) -> DeviceSpecific {
         DeviceSpecific::Vsock(VsockState {
             config: self.config.clone(),

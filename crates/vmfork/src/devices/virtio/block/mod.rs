@@ -267,6 +267,15 @@ impl VirtioDevice for Block {
         used
     }
 
+    fn describe(&self) -> serde_json::Value {
+        serde_json::json!({
+            "type": "block",
+            "image": self.config.path,
+            "read_only": self.config.read_only,
+            "sectors": self.disk.size() / SECTOR,
+        })
+    }
+
     fn save(&mut self) -> DeviceSpecific {
         DeviceSpecific::Block(BlockState {
             config: self.config.clone(),

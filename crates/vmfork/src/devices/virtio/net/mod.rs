@@ -313,6 +313,14 @@ impl VirtioDevice for Net {
         super::worker::spawn("vmfork-net", Arc::clone(&self.epoll), &self.stop, worker)
     }
 
+    fn describe(&self) -> serde_json::Value {
+        serde_json::json!({
+            "type": "net",
+            "tap": self.tap.as_ref().map(|t| t.name().to_string()),
+            "mac": format_mac(&self.mac),
+        })
+    }
+
     fn save(&mut self) -> DeviceSpecific {
         DeviceSpecific::Net(NetState {
             config: self.config.clone(),

@@ -1,0 +1,156 @@
+//! The emulation assist: on hosts whose KVM emulates guest ring 0 (nested, paravirtual KVM),
+//! its instruction emulator refuses a few instructions a kernel uses (`lock cmpxchg16b`,
+//! `int3`) and the vCPU stops with an emulation failure. With the assist on, the VMM decodes
+//! the instruction at the guest's RIP (iced-x86) and completes it itself: the 16-byte
+//! compare-exchange as one atomic host instruction on guest memory, `int3` as the #BP it
+//! raises. Off by default: on bare-metal KVM these instructions never reach the VMM.
+
+use crate::introspect::{walk, PagingMode};
+use crate::memory::{GuestRam, PAGE_SIZE};
+use crate::x86::CR4_PSE;
+use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic, OpKind, Register};
+use kvm_bindings::{kvm_regs, kvm_sregs};
+use kvm_ioctls::VcpuFd;
+
+/// The #BP vector.
+const BP_VECTOR: u8 = 3;
+/// RFLAGS.ZF.
+const RFLAGS_ZF: u64 = 1 << 6;
+
+/// Tries to complete the instruction the vCPU stopped at; `Err` says why it could not (the
+/// emulation failure then stands).
+pub fn complete(vcpu: &VcpuFd, ram: &GuestRam) -> Result<(), String> {
+    let mut regs = vcpu.get_regs().map_err(|e| format!("KVM_GET_REGS: {e}"))?;
+    let sregs = vcpu
+        .get_sregs()
+        .map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
+    let instruction = decode_at_rip(&regs, &sregs, ram)?;
+    let next = regs.rip.wrapping_add(instruction.len() as u64);
+    match instruction.mnemonic() {
+        Mnemonic::Cmpxchg16b if instruction.op0_kind() == OpKind::Memory => {
+            let linear = effective_address(&instruction, &regs, &sregs)?;
+            let physical = translate(&sregs, ram, linear)?;
+            let expected = u128::from(regs.rax) | u128::from(regs.rdx) << 64;
+            let new = u128::from(regs.rbx) | u128::from(regs.rcx) << 64;
+            let found = ram
+                .compare_exchange_u128(physical, expected, new)
+                .map_err(|e| e.to_string())?;
+            if found == expected {
+                regs.rflags |= RFLAGS_ZF;
+            } else {
+                regs.rflags &= !RFLAGS_ZF;
+                regs.rax = found as u64;
+                regs.rdx = (found >> 64) as u64;
+            }
+            regs.rip = next;
+            vcpu.set_regs(&regs)
+                .map_err(|e| format!("KVM_SET_REGS: {e}"))
+        }
+        Mnemonic::Int3 => {
+            // A trap: the handler sees the address after the int3.
+            regs.rip = next;
+            vcpu.set_regs(&regs)
+                .map_err(|e| format!("KVM_SET_REGS: {e}"))?;
+            let mut events = vcpu
+                .get_vcpu_events()
+                .map_err(|e| format!("KVM_GET_VCPU_EVENTS: {e}"))?;
+            events.exception.injected = 1;
+            events.exception.nr = BP_VECTOR;
+            events.exception.has_error_code = 0;
+            events.exception.error_code = 0;
+            vcpu.set_vcpu_events(&events)
+                .map_err(|e| format!("KVM_SET_VCPU_EVENTS: {e}"))
+        }
+        other => Err(format!(
+            "the assist does not complete {other:?} (at {:#x})",
+            regs.rip
+        )),
+    }
+}
+
+fn translate(sregs: &kvm_sregs, ram: &GuestRam, linear: u64) -> Result<u64, String> {
+    let mode = PagingMode::from_registers(sregs.cr0, sregs.cr4, sregs.efer);
+    walk(mode, sregs.cr4 & CR4_PSE != 0, sregs.cr3, linear, |a| {
+        ram.read_u64(a)
+    })
+    .map_err(|e| e.to_string())
+}
+
+/// The instruction at CS:RIP, read through the guest's page tables.
+fn decode_at_rip(
+    regs: &kvm_regs,
+    sregs: &kvm_sregs,
+    ram: &GuestRam,
+) -> Result<Instruction, String> {
+    let linear = sregs.cs.base.wrapping_add(regs.rip);
+    let mut bytes = [0u8; 15];
+    // The instruction may end on the next page; read what the first page holds, then the rest
+    // if that page is mapped.
+    let first = ((PAGE_SIZE - linear % PAGE_SIZE) as usize).min(bytes.len());
+    ram.read(translate(sregs, ram, linear)?, &mut bytes[..first])
+        .map_err(|e| e.to_string())?;
+    let mut len = first;
+    if first < bytes.len() {
+        if let Ok(next) = translate(sregs, ram, linear + first as u64) {
+            if ram.read(next, &mut bytes[first..]).is_ok() {
+                len = bytes.len();
+            }
+        }
+    }
+    let bitness = if sregs.cs.l != 0 {
+        64
+    } else if sregs.cs.db != 0 {
+        32
+    } else {
+        16
+    };
+    let mut decoder = Decoder::with_ip(bitness, &bytes[..len], regs.rip, DecoderOptions::NONE);
+    let instruction = decoder.decode();
+    if instruction.is_invalid() {
+        return Err(format!("no valid instruction at {:#x}", regs.rip));
+    }
+    Ok(instruction)
+}
+
+fn register(regs: &kvm_regs, r: Register) -> Result<u64, String> {
+    Ok(match r.full_register() {
+        Register::None => 0,
+        Register::RAX => regs.rax,
+        Register::RBX => regs.rbx,
+        Register::RCX => regs.rcx,
+        Register::RDX => regs.rdx,
+        Register::RSI => regs.rsi,
+        Register::RDI => regs.rdi,
+        Register::RSP => regs.rsp,
+        Register::RBP => regs.rbp,
+        Register::R8 => regs.r8,
+        Register::R9 => regs.r9,
+        Register::R10 => regs.r10,
+        Register::R11 => regs.r11,
+        Register::R12 => regs.r12,
+        Register::R13 => regs.r13,
+        Register::R14 => regs.r14,
+        Register::R15 => regs.r15,
+        other => return Err(format!("an address built on {other:?}")),
+    })
+}
+
+/// The linear address of the instruction's memory operand.
+fn effective_address(i: &Instruction, regs: &kvm_regs, sregs: &kvm_sregs) -> Result<u64, String> {
+    let segment = match i.memory_segment() {
+        Register::FS => sregs.fs.base,
+        Register::GS => sregs.gs.base,
+        _ => 0,
+    };
+    // RIP-relative operands come decoded as absolute (iced adds the next RIP).
+    let base = if i.memory_base() == Register::RIP {
+        0
+    } else {
+        register(regs, i.memory_base())?
+    };
+    let index = register(regs, i.memory_index())?.wrapping_mul(u64::from(i.memory_index_scale()));
+    Ok(segment
+        .wrapping_add(base)
+        .wrapping_add(index)
+        .wrapping_add(i.memory_displacement64()))
+}
