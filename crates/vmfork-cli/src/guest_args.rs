@@ -5,6 +5,7 @@ use crate::CliResult;
 use clap::Args;
 use guests::Workload;
 use std::path::PathBuf;
+use vmfork::boot::CpuFeature;
 use vmfork::boot::{BootSpec, Kernel};
 use vmfork::devices::{DiskConfig, NetConfig, VsockConfig};
 use vmfork::VmConfig;
@@ -51,6 +52,17 @@ pub struct GuestArgs {
     /// emulate guest ring 0 (nested paravirtual KVM); not needed on bare metal.
     #[arg(long)]
     pub emulation_assist: bool,
+    /// CPU features the guest does not see (CPUID bits cleared), comma-separated: xsave,
+    /// avx512, rdrand, rdseed, tsx.
+    #[arg(long, value_delimiter = ',', value_parser = parse_cpu_feature)]
+    pub hide_cpu: Vec<CpuFeature>,
+}
+
+pub fn parse_cpu_feature(name: &str) -> Result<CpuFeature, String> {
+    CpuFeature::from_name(name).ok_or_else(|| {
+        let names: Vec<_> = CpuFeature::ALL.iter().map(|f| f.name()).collect();
+        format!("unknown CPU feature '{name}' (known: {})", names.join(", "))
+    })
 }
 
 pub fn parse_net(text: &str) -> Result<NetConfig, String> {
@@ -161,6 +173,7 @@ impl GuestArgs {
             vsock: self.vsock.clone(),
             net: self.net.clone(),
             emulation_assist: self.emulation_assist,
+            hide_cpu_features: self.hide_cpu.clone(),
             ..VmConfig::default()
         })
     }

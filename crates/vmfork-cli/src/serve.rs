@@ -82,6 +82,9 @@ struct BootRequest {
     /// Complete the instructions KVM's emulator refuses (hosts that emulate ring 0).
     #[serde(default)]
     emulation_assist: bool,
+    /// CPU features the guest does not see: ["xsave", "avx512", "rdrand", "rdseed", "tsx"].
+    #[serde(default)]
+    hide_cpu_features: Vec<vmfork::boot::CpuFeature>,
     /// Leave the VM stopped after loading it.
     #[serde(default)]
     paused: bool,
@@ -132,6 +135,7 @@ fn boot_request(r: BootRequest) -> CliResult<Vm> {
         vsock: r.vsock,
         net: r.net,
         emulation_assist: r.emulation_assist,
+        hide_cpu: r.hide_cpu_features,
     };
     let (sink, _) = SerialSink::buffer();
     let vm = Vm::boot(guest.config()?, sink, &guest.boot_spec()?).map_err(|e| e.to_string())?;

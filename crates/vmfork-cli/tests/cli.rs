@@ -148,6 +148,10 @@ fn bad_input_gets_one_clear_line_and_a_nonzero_exit() {
             "tap name",
         ),
         (
+            vec!["run", "--guest", "hello", "--hide-cpu", "xsave,sse9"],
+            "unknown CPU feature 'sse9'",
+        ),
+        (
             vec!["run", "--guest", "vsock", "--vsock", "2,/tmp/x.sock"],
             "CID 2 must be 3",
         ),

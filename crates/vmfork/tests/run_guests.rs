@@ -139,6 +139,7 @@ fn many_vcpus_and_large_ram_boot() {
         vsock: None,
         net: None,
         emulation_assist: false,
+        hide_cpu_features: Vec::new(),
     };
     let (vm, serial) = guest_vm(Workload::Hello, cfg, &[]);
     assert_eq!(vm.ram().layout().regions.len(), 2);

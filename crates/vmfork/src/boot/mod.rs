@@ -6,10 +6,11 @@
 //! its setup header) and a flat binary (entered in long mode at its load address).
 
 mod cpu_setup;
-mod cpuid;
+pub(crate) mod cpuid;
 
 pub use cpu_setup::setup_boot_vcpu;
 pub(crate) use cpuid::vcpu_cpuid;
+pub use cpuid::CpuFeature;
 
 use crate::error::{Error, Result};
 use crate::memory::{GuestRam, MMIO_HOLE_START};

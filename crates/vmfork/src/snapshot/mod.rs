@@ -439,6 +439,16 @@ impl Target {
     }
 }
 
+/// The CPU features the snapshot's VM was made without, from its saved CPUID: its restores
+/// take shells with the same CPUID.
+fn hidden_cpu_features(loaded: &mut LoadedState) -> Result<()> {
+    if let Some(vcpu) = loaded.state.vcpus.first() {
+        let supported = &crate::vm::KvmSystem::get()?.supported_cpuid;
+        loaded.config.hide_cpu_features = crate::boot::cpuid::hidden_in(&vcpu.cpuid, supported);
+    }
+    Ok(())
+}
+
 fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
@@ -643,6 +653,7 @@ impl Snapshot {
         })?;
         let (header, mut loaded, records) = read_state(path, BufReader::new(state), |_| Ok(()))?;
         disks::open_disk_files(path, &mut loaded.state)?;
+        hidden_cpu_features(&mut loaded)?;
         if loaded.memory.name != MEMORY_FILE {
             return Err(problem(
                 path,
@@ -725,7 +736,7 @@ impl Snapshot {
     pub fn from_stream(path: &Path, input: impl Read) -> Result<Self> {
         let memfd = create_memfd("vmfork-restore", 0)?;
         let mut highest = 0u64;
-        let (header, loaded, records) = read_state(path, input, |record| {
+        let (header, mut loaded, records) = read_state(path, input, |record| {
             let body = &record.body;
             let bad = || {
                 problem(
@@ -767,6 +778,7 @@ impl Snapshot {
                 "this stream's memory is in a separate file; open its directory instead",
             ));
         }
+        hidden_cpu_features(&mut loaded)?;
         if disks::has_disks(&loaded.state) {
             return Err(problem(
                 path,

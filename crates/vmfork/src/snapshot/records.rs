@@ -229,6 +229,7 @@ pub fn load_records(records: &[Record]) -> Result<LoadedState, String> {
         vsock: None,
         net: None,
         emulation_assist: false,
+        hide_cpu_features: Vec::new(),
     };
     config.validate().map_err(|e| e.to_string())?;
     let layout = MemoryLayout::decode(single(RecordType::MemoryLayout)?)?;

@@ -57,6 +57,8 @@ pub struct VmConfig {
     /// Complete the instructions KVM's emulator refuses (for hosts that emulate guest ring 0;
     /// see `vm::emulation_assist`).
     pub emulation_assist: bool,
+    /// CPU features the guest does not see (CPUID bits cleared).
+    pub hide_cpu_features: Vec<crate::boot::CpuFeature>,
 }
 
 impl Default for VmConfig {
@@ -69,6 +71,7 @@ impl Default for VmConfig {
             vsock: None,
             net: None,
             emulation_assist: false,
+            hide_cpu_features: Vec::new(),
         }
     }
 }
@@ -236,7 +239,12 @@ pub(crate) fn create_shell(config: &VmConfig, memory: Option<ShellMemory<'_>>) -
     let mut vcpus = Vec::with_capacity(config.vcpus as usize);
     for i in 0..config.vcpus {
         let vcpu = fd.create_vcpu(u64::from(i)).kvm("KVM_CREATE_VCPU")?;
-        let cpuid = boot::vcpu_cpuid(&system.supported_cpuid, i, config.vcpus);
+        let cpuid = boot::vcpu_cpuid(
+            &system.supported_cpuid,
+            i,
+            config.vcpus,
+            &config.hide_cpu_features,
+        );
         vcpu.set_cpuid2(&cpuid).kvm("KVM_SET_CPUID2")?;
         if config.irqchip {
             set_lapic_lint(&vcpu)?;

@@ -34,13 +34,14 @@ const REAPERS: usize = 8;
 /// How often the filler looks for idle shells still mapping RAM of a family that is gone.
 const SWEEP_INTERVAL: Duration = Duration::from_millis(200);
 
-/// What makes shells interchangeable: vCPU count (CPUID depends on it), the irqchip, and the
-/// RAM size the memslots are laid out for.
+/// What makes shells interchangeable: vCPU count and hidden CPU features (CPUID depends on
+/// them), the irqchip, and the RAM size the memslots are laid out for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct Shape {
     vcpus: u8,
     irqchip: bool,
     mem_bytes: u64,
+    hidden_cpu_features: u32,
 }
 
 impl Shape {
@@ -49,6 +50,7 @@ impl Shape {
             vcpus: config.vcpus,
             irqchip: config.irqchip,
             mem_bytes: config.mem_bytes,
+            hidden_cpu_features: crate::boot::CpuFeature::mask(&config.hide_cpu_features),
         }
     }
 
@@ -61,6 +63,10 @@ impl Shape {
             vsock: None,
             net: None,
             emulation_assist: false,
+            hide_cpu_features: crate::boot::CpuFeature::ALL
+                .into_iter()
+                .filter(|f| self.hidden_cpu_features & (1 << *f as u32) != 0)
+                .collect(),
         }
     }
 }
