@@ -92,4 +92,5 @@ pub mod mailbox {
     pub const ASSIST_FOUND: u64 = 0xb0;
     pub const ASSIST_AFTER: u64 = 0xc0;
     pub const ASSIST_BP_RIP: u64 = 0xc8;
+    pub const ASSIST_FLAGS: u64 = 0xd0;
 }

@@ -557,7 +557,8 @@ pub const ASSIST_VALUE: u64 = MAILBOX + 0x100;
 
 /// `assist` (ring 0): the instructions some hosts' KVM cannot emulate at ring 0, each checked.
 /// `lock cmpxchg16b` that succeeds (mailbox ASSIST_FIRST = ZF) and one that fails
-/// (ASSIST_SECOND = ZF, ASSIST_FOUND = the 16 bytes it loaded), then `int3` with its own #BP
+/// (ASSIST_SECOND = ZF, ASSIST_FOUND = the 16 bytes it loaded), `stac` and `clac` (ASSIST_FLAGS:
+/// RFLAGS after clac in the low half, after stac in the high half), then `int3` with its own #BP
 /// handler, which stores the return address it was given (ASSIST_BP_RIP) beside the address
 /// after the int3 (ASSIST_AFTER); exits 0.
 pub fn assist() -> Result<Vec<u8>, IcedError> {
@@ -588,6 +589,16 @@ pub fn assist() -> Result<Vec<u8>, IcedError> {
     a.mov(qword_ptr(r15 + mailbox::ASSIST_SECOND), r8)?;
     a.mov(qword_ptr(r15 + mailbox::ASSIST_FOUND), rax)?;
     a.mov(qword_ptr(r15 + mailbox::ASSIST_FOUND + 8), rdx)?;
+    // SMAP's switch: RFLAGS.AC set by stac, cleared by clac (CR4.SMAP need not be on).
+    a.stac()?;
+    a.pushfq()?;
+    a.clac()?;
+    a.pushfq()?;
+    a.pop(rax)?;
+    a.pop(rdx)?;
+    a.shl(rdx, 32)?;
+    a.or(rax, rdx)?;
+    a.mov(qword_ptr(r15 + mailbox::ASSIST_FLAGS), rax)?;
     a.lea(rax, ptr(after))?;
     a.mov(qword_ptr(r15 + mailbox::ASSIST_AFTER), rax)?;
     a.int3()?;

@@ -1,5 +1,5 @@
-//! The emulation assist: a ring-0 guest runs `lock cmpxchg16b` (a hit and a miss) and `int3`
-//! with its own #BP handler. With the assist every result is right on any host; without it a
+//! The emulation assist: a ring-0 guest runs `lock cmpxchg16b` (a hit and a miss), `stac` and
+//! `clac`, and `int3` with its own #BP handler. With the assist every result is right on any host; without it a
 //! host that emulates ring 0 (nested paravirtual KVM) stops the guest with an emulation
 //! failure, and bare-metal KVM runs it natively.
 
@@ -31,6 +31,10 @@ fn check_results(vm: &Vm) {
     assert_eq!(u128_at(vm, MAILBOX + mailbox::ASSIST_FOUND), ASSIST_SWAPPED);
     assert_eq!(u128_at(vm, ASSIST_VALUE), ASSIST_SWAPPED);
     assert_ne!(ASSIST_PLANTED, ASSIST_SWAPPED);
+    let flags = mailbox_u64(vm, mailbox::ASSIST_FLAGS);
+    const AC: u64 = 1 << 18;
+    assert_eq!((flags >> 32) & AC, AC, "stac set RFLAGS.AC");
+    assert_eq!(flags & AC, 0, "clac cleared it");
     let after = mailbox_u64(vm, mailbox::ASSIST_AFTER);
     assert_ne!(after, 0);
     assert_eq!(

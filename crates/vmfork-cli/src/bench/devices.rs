@@ -201,6 +201,7 @@ fn run_in(dir: &Path, args: BenchArgs, report: &mut Report) -> CliResult<()> {
         .map_err(err)?;
     busy.stop();
     vsock_round_trips(dir, report)?;
+    super::linux::run(report)?;
     report.add(
         "fork_with_busy_disk_latency_us_p50",
         latency,

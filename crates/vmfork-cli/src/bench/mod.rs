@@ -6,6 +6,7 @@ mod busy;
 mod devices;
 mod fork;
 mod fuzz;
+mod linux;
 mod snapshot;
 
 use crate::CliResult;

@@ -1,9 +1,9 @@
 //! The emulation assist: on hosts whose KVM emulates guest ring 0 (nested, paravirtual KVM),
 //! its instruction emulator refuses a few instructions a kernel uses (`lock cmpxchg16b`,
-//! `int3`) and the vCPU stops with an emulation failure. With the assist on, the VMM decodes
-//! the instruction at the guest's RIP (iced-x86) and completes it itself: the 16-byte
-//! compare-exchange as one atomic host instruction on guest memory, `int3` as the #BP it
-//! raises. Off by default: on bare-metal KVM these instructions never reach the VMM.
+//! `int3`, `clac`/`stac`) and the vCPU stops with an emulation failure. With the assist on, the
+//! VMM decodes the instruction at the guest's RIP (iced-x86) and completes it itself: the
+//! 16-byte compare-exchange as one atomic host instruction on guest memory, `int3` as the #BP
+//! it raises, `clac`/`stac` on RFLAGS.AC. Off by default: on bare-metal KVM these instructions never reach the VMM.
 
 use crate::introspect::{walk, PagingMode};
 use crate::memory::{GuestRam, PAGE_SIZE};
@@ -14,8 +14,9 @@ use kvm_ioctls::VcpuFd;
 
 /// The #BP vector.
 const BP_VECTOR: u8 = 3;
-/// RFLAGS.ZF.
+/// RFLAGS.ZF and RFLAGS.AC.
 const RFLAGS_ZF: u64 = 1 << 6;
+const RFLAGS_AC: u64 = 1 << 18;
 
 /// Tries to complete the instruction the vCPU stopped at; `Err` says why it could not (the
 /// emulation failure then stands).
@@ -60,6 +61,17 @@ pub fn complete(vcpu: &VcpuFd, ram: &GuestRam) -> Result<(), String> {
             events.exception.error_code = 0;
             vcpu.set_vcpu_events(&events)
                 .map_err(|e| format!("KVM_SET_VCPU_EVENTS: {e}"))
+        }
+        // SMAP's access switch around a kernel's user copies.
+        Mnemonic::Clac | Mnemonic::Stac => {
+            if instruction.mnemonic() == Mnemonic::Clac {
+                regs.rflags &= !RFLAGS_AC;
+            } else {
+                regs.rflags |= RFLAGS_AC;
+            }
+            regs.rip = next;
+            vcpu.set_regs(&regs)
+                .map_err(|e| format!("KVM_SET_REGS: {e}"))
         }
         other => Err(format!(
             "the assist does not complete {other:?} (at {:#x})",
