@@ -93,4 +93,9 @@ pub mod mailbox {
     pub const ASSIST_AFTER: u64 = 0xc0;
     pub const ASSIST_BP_RIP: u64 = 0xc8;
     pub const ASSIST_FLAGS: u64 = 0xd0;
+    /// `assist`: popcnt and tzcnt of ASSIST_BITS_INPUT, popcnt of its value's low half. (No
+    /// lzcnt: this development host's KVM emulates it, wrongly, as bsr.)
+    pub const ASSIST_POPCNT: u64 = 0xd8;
+    pub const ASSIST_TZCNT: u64 = 0xe0;
+    pub const ASSIST_POPCNT_MEMORY: u64 = 0xf0;
 }

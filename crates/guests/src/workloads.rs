@@ -552,6 +552,8 @@ pub(crate) fn string_after(g: &mut Asm, text: &[u8]) -> Result<CodeLabel, IcedEr
 /// `assist`'s 16-byte values: the one it plants, and the one it swaps in.
 pub const ASSIST_PLANTED: u128 = 0x1111_2222_3333_4444_5555_6666_7777_8888;
 pub const ASSIST_SWAPPED: u128 = 0x9999_aaaa_bbbb_cccc_dddd_eeee_ffff_0001;
+/// What `assist` counts the bits of (and the low 32 bits of its 16-byte value, from memory).
+pub const ASSIST_BITS_INPUT: u64 = 0x0000_f0f0_0000_0f00;
 /// Where `assist`'s 16-byte value lives (mailbox page, 16-aligned).
 pub const ASSIST_VALUE: u64 = MAILBOX + 0x100;
 
@@ -589,6 +591,14 @@ pub fn assist() -> Result<Vec<u8>, IcedError> {
     a.mov(qword_ptr(r15 + mailbox::ASSIST_SECOND), r8)?;
     a.mov(qword_ptr(r15 + mailbox::ASSIST_FOUND), rax)?;
     a.mov(qword_ptr(r15 + mailbox::ASSIST_FOUND + 8), rdx)?;
+    // Bit counts, from a register and from memory.
+    a.mov(rax, ASSIST_BITS_INPUT)?;
+    a.popcnt(rbx, rax)?;
+    a.mov(qword_ptr(r15 + mailbox::ASSIST_POPCNT), rbx)?;
+    a.tzcnt(rbx, rax)?;
+    a.mov(qword_ptr(r15 + mailbox::ASSIST_TZCNT), rbx)?;
+    a.popcnt(ebx, dword_ptr(r15 + 0x100))?;
+    a.mov(qword_ptr(r15 + mailbox::ASSIST_POPCNT_MEMORY), rbx)?;
     // SMAP's switch: RFLAGS.AC set by stac, cleared by clac (CR4.SMAP need not be on).
     a.stac()?;
     a.pushfq()?;

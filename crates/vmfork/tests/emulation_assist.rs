@@ -31,6 +31,19 @@ fn check_results(vm: &Vm) {
     assert_eq!(u128_at(vm, MAILBOX + mailbox::ASSIST_FOUND), ASSIST_SWAPPED);
     assert_eq!(u128_at(vm, ASSIST_VALUE), ASSIST_SWAPPED);
     assert_ne!(ASSIST_PLANTED, ASSIST_SWAPPED);
+    let bits = guests::workloads::ASSIST_BITS_INPUT;
+    assert_eq!(
+        mailbox_u64(vm, mailbox::ASSIST_POPCNT),
+        u64::from(bits.count_ones())
+    );
+    assert_eq!(
+        mailbox_u64(vm, mailbox::ASSIST_TZCNT),
+        u64::from(bits.trailing_zeros())
+    );
+    assert_eq!(
+        mailbox_u64(vm, mailbox::ASSIST_POPCNT_MEMORY),
+        u64::from((ASSIST_SWAPPED as u32).count_ones())
+    );
     let flags = mailbox_u64(vm, mailbox::ASSIST_FLAGS);
     const AC: u64 = 1 << 18;
     assert_eq!((flags >> 32) & AC, AC, "stac set RFLAGS.AC");

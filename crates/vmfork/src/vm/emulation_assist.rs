@@ -17,6 +17,9 @@ const BP_VECTOR: u8 = 3;
 /// RFLAGS.ZF and RFLAGS.AC.
 const RFLAGS_ZF: u64 = 1 << 6;
 const RFLAGS_AC: u64 = 1 << 18;
+const RFLAGS_CF: u64 = 1;
+/// CF, PF, AF, ZF, SF, OF.
+const RFLAGS_ARITHMETIC: u64 = 0x8d5;
 
 /// Tries to complete the instruction the vCPU stopped at; `Err` says why it could not (the
 /// emulation failure then stands).
@@ -68,6 +71,39 @@ pub fn complete(vcpu: &VcpuFd, ram: &GuestRam) -> Result<(), String> {
                 regs.rflags &= !RFLAGS_AC;
             } else {
                 regs.rflags |= RFLAGS_AC;
+            }
+            regs.rip = next;
+            vcpu.set_regs(&regs)
+                .map_err(|e| format!("KVM_SET_REGS: {e}"))
+        }
+        // Bit counts (a kernel patches them in where the CPU has them).
+        Mnemonic::Popcnt | Mnemonic::Lzcnt | Mnemonic::Tzcnt => {
+            let bits = instruction.op0_register().size() as u32 * 8;
+            let source = read_source(&instruction, &regs, &sregs, ram, bits)?;
+            let (result, carry) = match instruction.mnemonic() {
+                Mnemonic::Popcnt => (u64::from(source.count_ones()), false),
+                Mnemonic::Lzcnt => {
+                    let n = u64::from(source.leading_zeros()) - u64::from(64 - bits);
+                    (n, source == 0)
+                }
+                _ => (
+                    u64::from(source.trailing_zeros()).min(u64::from(bits)),
+                    source == 0,
+                ),
+            };
+            write_register(&mut regs, instruction.op0_register(), result)?;
+            // popcnt: ZF for a zero source, the others clear; lzcnt/tzcnt: CF for a zero source,
+            // ZF for a zero result.
+            regs.rflags &= !RFLAGS_ARITHMETIC;
+            let zf = match instruction.mnemonic() {
+                Mnemonic::Popcnt => source == 0,
+                _ => result == 0,
+            };
+            if zf {
+                regs.rflags |= RFLAGS_ZF;
+            }
+            if carry {
+                regs.rflags |= RFLAGS_CF;
             }
             regs.rip = next;
             vcpu.set_regs(&regs)
@@ -145,6 +181,71 @@ fn register(regs: &kvm_regs, r: Register) -> Result<u64, String> {
         Register::R15 => regs.r15,
         other => return Err(format!("an address built on {other:?}")),
     })
+}
+
+/// The instruction's second operand (a register or memory) as a `bits`-wide value.
+fn read_source(
+    i: &Instruction,
+    regs: &kvm_regs,
+    sregs: &kvm_sregs,
+    ram: &GuestRam,
+    bits: u32,
+) -> Result<u64, String> {
+    let mask = if bits == 64 {
+        u64::MAX
+    } else {
+        (1u64 << bits) - 1
+    };
+    let value = match i.op1_kind() {
+        OpKind::Register => register(regs, i.op1_register())?,
+        OpKind::Memory => {
+            let linear = effective_address(i, regs, sregs)?;
+            let mut bytes = [0u8; 8];
+            let len = (bits / 8) as usize;
+            // (An operand crossing a page is read page by page.)
+            for (k, byte) in bytes[..len].iter_mut().enumerate() {
+                let at = translate(sregs, ram, linear.wrapping_add(k as u64))?;
+                let mut b = [0u8; 1];
+                ram.read(at, &mut b).map_err(|e| e.to_string())?;
+                *byte = b[0];
+            }
+            u64::from_le_bytes(bytes)
+        }
+        other => return Err(format!("an operand of kind {other:?}")),
+    };
+    Ok(value & mask)
+}
+
+/// Writes a general register as the instruction would: a 32-bit write clears the upper half,
+/// a 16-bit one keeps it.
+fn write_register(regs: &mut kvm_regs, r: Register, value: u64) -> Result<(), String> {
+    let full = r.full_register();
+    let slot = match full {
+        Register::RAX => &mut regs.rax,
+        Register::RBX => &mut regs.rbx,
+        Register::RCX => &mut regs.rcx,
+        Register::RDX => &mut regs.rdx,
+        Register::RSI => &mut regs.rsi,
+        Register::RDI => &mut regs.rdi,
+        Register::RSP => &mut regs.rsp,
+        Register::RBP => &mut regs.rbp,
+        Register::R8 => &mut regs.r8,
+        Register::R9 => &mut regs.r9,
+        Register::R10 => &mut regs.r10,
+        Register::R11 => &mut regs.r11,
+        Register::R12 => &mut regs.r12,
+        Register::R13 => &mut regs.r13,
+        Register::R14 => &mut regs.r14,
+        Register::R15 => &mut regs.r15,
+        other => return Err(format!("a write to {other:?}")),
+    };
+    *slot = match r.size() {
+        8 => value,
+        4 => value & 0xffff_ffff,
+        2 => (*slot & !0xffff) | (value & 0xffff),
+        _ => return Err(format!("a write to {r:?}")),
+    };
+    Ok(())
 }
 
 /// The linear address of the instruction's memory operand.
