@@ -599,6 +599,8 @@ pub fn assist() -> Result<Vec<u8>, IcedError> {
     a.mov(qword_ptr(r15 + mailbox::ASSIST_TZCNT), rbx)?;
     a.popcnt(ebx, dword_ptr(r15 + 0x100))?;
     a.mov(qword_ptr(r15 + mailbox::ASSIST_POPCNT_MEMORY), rbx)?;
+    // fwait with no x87 exception pending: nothing happens.
+    a.wait()?;
     // SMAP's switch: RFLAGS.AC set by stac, cleared by clac (CR4.SMAP need not be on).
     a.stac()?;
     a.pushfq()?;

@@ -1,6 +1,6 @@
 //! The emulation assist: on hosts whose KVM emulates guest ring 0 (nested, paravirtual KVM),
 //! its instruction emulator refuses a few instructions a kernel uses (`lock cmpxchg16b`,
-//! `int3`, `clac`/`stac`) and the vCPU stops with an emulation failure. With the assist on, the
+//! `int3`, `clac`/`stac`, `popcnt`, `fwait`) and the vCPU stops with an emulation failure. With the assist on, the
 //! VMM decodes the instruction at the guest's RIP (iced-x86) and completes it itself: the
 //! 16-byte compare-exchange as one atomic host instruction on guest memory, `int3` as the #BP
 //! it raises, `clac`/`stac` on RFLAGS.AC. Off by default: on bare-metal KVM these instructions never reach the VMM.
@@ -12,8 +12,11 @@ use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic, OpKind, Register}
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use kvm_ioctls::VcpuFd;
 
-/// The #BP vector.
+/// The #BP and #MF vectors.
 const BP_VECTOR: u8 = 3;
+const MF_VECTOR: u8 = 16;
+/// The x87 status word's exception summary bit.
+const FSW_ES: u16 = 1 << 7;
 /// RFLAGS.ZF and RFLAGS.AC.
 const RFLAGS_ZF: u64 = 1 << 6;
 const RFLAGS_AC: u64 = 1 << 18;
@@ -65,6 +68,17 @@ pub fn complete(vcpu: &VcpuFd, ram: &GuestRam) -> Result<(), String> {
             vcpu.set_vcpu_events(&events)
                 .map_err(|e| format!("KVM_SET_VCPU_EVENTS: {e}"))
         }
+        // fwait: raises #MF for a pending unmasked x87 exception, else does nothing.
+        Mnemonic::Wait => {
+            let fpu = vcpu.get_fpu().map_err(|e| format!("KVM_GET_FPU: {e}"))?;
+            regs.rip = next;
+            vcpu.set_regs(&regs)
+                .map_err(|e| format!("KVM_SET_REGS: {e}"))?;
+            if fpu.fsw & FSW_ES != 0 {
+                inject(vcpu, MF_VECTOR)?;
+            }
+            Ok(())
+        }
         // SMAP's access switch around a kernel's user copies.
         Mnemonic::Clac | Mnemonic::Stac => {
             if instruction.mnemonic() == Mnemonic::Clac {
@@ -114,6 +128,19 @@ pub fn complete(vcpu: &VcpuFd, ram: &GuestRam) -> Result<(), String> {
             regs.rip
         )),
     }
+}
+
+/// Delivers exception `vector` (no error code) before the next instruction.
+fn inject(vcpu: &VcpuFd, vector: u8) -> Result<(), String> {
+    let mut events = vcpu
+        .get_vcpu_events()
+        .map_err(|e| format!("KVM_GET_VCPU_EVENTS: {e}"))?;
+    events.exception.injected = 1;
+    events.exception.nr = vector;
+    events.exception.has_error_code = 0;
+    events.exception.error_code = 0;
+    vcpu.set_vcpu_events(&events)
+        .map_err(|e| format!("KVM_SET_VCPU_EVENTS: {e}"))
 }
 
 fn translate(sregs: &kvm_sregs, ram: &GuestRam, linear: u64) -> Result<u64, String> {
