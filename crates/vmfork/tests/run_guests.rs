@@ -143,6 +143,15 @@ fn many_vcpus_and_large_ram_boot() {
     };
     let (vm, serial) = guest_vm(Workload::Hello, cfg, &[]);
     assert_eq!(vm.ram().layout().regions.len(), 2);
+    // The MP table in the EBDA lists the 8 CPUs (with the bus, IOAPIC and interrupt lines).
+    let mut mp = [0u8; 64];
+    vm.ram().read(0x9_fc00, &mut mp).unwrap();
+    assert_eq!(&mp[..4], b"_MP_");
+    assert_eq!(&mp[16..20], b"PCMP");
+    assert_eq!(
+        u16::from_le_bytes([mp[16 + 34], mp[16 + 35]]),
+        8 + 1 + 1 + 24 + 2
+    );
     assert_eq!(run_to_exit(&vm), ExitReason::GuestExit(0));
     assert!(serial.text().starts_with("Hello"));
 }

@@ -7,6 +7,7 @@
 
 mod cpu_setup;
 pub(crate) mod cpuid;
+pub mod mptable;
 
 pub use cpu_setup::setup_boot_vcpu;
 pub(crate) use cpuid::vcpu_cpuid;

@@ -666,6 +666,10 @@ impl Vm {
             None => spec,
         };
         let entry = boot::load(&self.shared.ram, spec)?;
+        // CPUs, IOAPIC and interrupt routing for guests without ACPI (Linux's SMP bring-up).
+        if self.shared.config.irqchip {
+            boot::mptable::write(&self.shared.ram, self.shared.config.vcpus)?;
+        }
         let vcpu = self.shared.vcpu(0)?;
         boot::setup_boot_vcpu(&vcpu, &self.shared.ram, entry)
     }
