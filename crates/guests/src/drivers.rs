@@ -166,18 +166,8 @@ impl Driver {
         a.mov(word_ptr(rdx + 2), r10w)?; // publish (stores stay in order on x86)
         a.mov(dword_ptr(r14 + QUEUE_NOTIFY), 0)?;
         a.mov(rdx, VIRTQ_USED)?;
-        a.mov(ecx, POLL_LIMIT)?;
-        let mut poll = a.create_label();
-        let mut done = a.create_label();
-        a.set_label(&mut poll)?;
-        a.cmp(word_ptr(rdx + 2), r10w)?;
-        a.je(done)?;
-        a.pause()?;
-        a.dec(ecx)?;
-        a.jnz(poll)?;
-        a.mov(eax, fail::NO_COMPLETION as u32)?;
-        a.jmp(self.fail)?;
-        a.set_label(&mut done)?;
+        self.emit_poll(word_ptr(rdx + 2), r10w, POLL_LIMIT)?;
+        let a = &mut self.g.a;
         if ack {
             a.mov(ecx, dword_ptr(r14 + INTERRUPT_STATUS))?;
             a.mov(dword_ptr(r14 + INTERRUPT_ACK), ecx)?;
@@ -259,13 +249,25 @@ impl Driver {
     /// Emits `wait_used(rsi = queue page, eax = index to reach)`: polls the used ring (an
     /// asynchronous device answers from its worker), at most `limit` times.
     fn emit_wait_used(&mut self, label: &mut CodeLabel, limit: u32) -> Result<(), IcedError> {
+        self.g.a.set_label(label)?;
+        self.emit_poll(word_ptr(rsi + 0x202), ax, limit)?;
+        self.g.a.ret()
+    }
+
+    /// Emits a loop polling the 16-bit used index at `used` until it equals `target` (ecx
+    /// counts down from `limit`; at zero the driver fails with NO_COMPLETION).
+    fn emit_poll(
+        &mut self,
+        used: AsmMemoryOperand,
+        target: AsmRegister16,
+        limit: u32,
+    ) -> Result<(), IcedError> {
         let a = &mut self.g.a;
-        a.set_label(label)?;
         a.mov(ecx, limit)?;
         let mut poll = a.create_label();
         let mut reached = a.create_label();
         a.set_label(&mut poll)?;
-        a.cmp(word_ptr(rsi + 0x202), ax)?;
+        a.cmp(used, target)?;
         a.je(reached)?;
         a.pause()?;
         a.dec(ecx)?;
@@ -273,7 +275,7 @@ impl Driver {
         a.mov(eax, fail::NO_COMPLETION as u32)?;
         a.jmp(self.fail)?;
         a.set_label(&mut reached)?;
-        a.ret()
+        a.nop()
     }
 
     fn finish(mut self) -> Result<Vec<u8>, IcedError> {

@@ -90,14 +90,7 @@ impl DeviceMmio for VmGenId {
         page[REG_STATUS as usize..][..4].copy_from_slice(&state.status.to_le_bytes());
         page[REG_ID as usize..][..ID_LEN as usize].copy_from_slice(&state.id);
         // Any width at any offset; past the registers reads as zero.
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|at| page.get(at))
-                .copied()
-                .unwrap_or(0);
-        }
+        super::virtio::read_bytes(&page, offset, data);
     }
 
     fn mmio_write(&self, _base: MmioAddress, offset: MmioAddressOffset, data: &[u8]) {

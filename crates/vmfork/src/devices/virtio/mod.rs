@@ -76,6 +76,19 @@ pub trait VirtioDevice: Send {
     fn load(&mut self, state: &DeviceSpecific) -> crate::Result<()>;
 }
 
+/// Copies the bytes of a config space (or any small register file) `config` at `offset` into
+/// `data`, at any width; bytes past its end read as zero.
+pub(crate) fn read_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, byte) in data.iter_mut().enumerate() {
+        *byte = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|at| config.get(at))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
 /// Device-specific state, by device kind.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DeviceSpecific {

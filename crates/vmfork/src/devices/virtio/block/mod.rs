@@ -237,14 +237,7 @@ impl VirtioDevice for Block {
         config[..8].copy_from_slice(&(self.disk.size() / SECTOR).to_le_bytes());
         config[8..12].copy_from_slice(&SIZE_MAX.to_le_bytes());
         config[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|at| config.get(at))
-                .copied()
-                .unwrap_or(0);
-        }
+        super::read_bytes(&config, offset, data);
     }
 
     fn serve(&mut self, index: usize, queues: &mut [Queue], memory: &GuestMemory) -> bool {

@@ -272,14 +272,7 @@ impl VirtioDevice for Net {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|at| self.mac.get(at))
-                .copied()
-                .unwrap_or(0);
-        }
+        super::read_bytes(&self.mac, offset, data);
     }
 
     fn serve_on_notify(&mut self, _index: usize) -> bool {
