@@ -98,4 +98,8 @@ pub mod mailbox {
     pub const ASSIST_POPCNT: u64 = 0xd8;
     pub const ASSIST_TZCNT: u64 = 0xe0;
     pub const ASSIST_POPCNT_MEMORY: u64 = 0xf0;
+    /// `assist`: MXCSR as stored first (low half) and after loading ASSIST_MXCSR_LOADED (the
+    /// value loaded in the high half of ASSIST_MXCSR).
+    pub const ASSIST_MXCSR: u64 = 0xf8;
+    pub const ASSIST_MXCSR_AFTER: u64 = 0x200;
 }

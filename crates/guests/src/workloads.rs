@@ -554,6 +554,8 @@ pub const ASSIST_PLANTED: u128 = 0x1111_2222_3333_4444_5555_6666_7777_8888;
 pub const ASSIST_SWAPPED: u128 = 0x9999_aaaa_bbbb_cccc_dddd_eeee_ffff_0001;
 /// What `assist` counts the bits of (and the low 32 bits of its 16-byte value, from memory).
 pub const ASSIST_BITS_INPUT: u64 = 0x0000_f0f0_0000_0f00;
+/// The MXCSR `assist` loads (all exceptions masked, round toward zero).
+pub const ASSIST_MXCSR_LOADED: u32 = 0x7f80;
 /// Where `assist`'s 16-byte value lives (mailbox page, 16-aligned).
 pub const ASSIST_VALUE: u64 = MAILBOX + 0x100;
 
@@ -601,6 +603,12 @@ pub fn assist() -> Result<Vec<u8>, IcedError> {
     a.mov(qword_ptr(r15 + mailbox::ASSIST_POPCNT_MEMORY), rbx)?;
     // fwait with no x87 exception pending: nothing happens.
     a.wait()?;
+    // MXCSR through memory: store it, load a changed one, store it again.
+    a.stmxcsr(dword_ptr(r15 + mailbox::ASSIST_MXCSR))?;
+    a.mov(eax, ASSIST_MXCSR_LOADED)?;
+    a.mov(dword_ptr(r15 + mailbox::ASSIST_MXCSR + 4), eax)?;
+    a.ldmxcsr(dword_ptr(r15 + mailbox::ASSIST_MXCSR + 4))?;
+    a.stmxcsr(dword_ptr(r15 + mailbox::ASSIST_MXCSR_AFTER))?;
     // SMAP's switch: RFLAGS.AC set by stac, cleared by clac (CR4.SMAP need not be on).
     a.stac()?;
     a.pushfq()?;

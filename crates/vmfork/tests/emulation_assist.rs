@@ -44,6 +44,12 @@ fn check_results(vm: &Vm) {
         mailbox_u64(vm, mailbox::ASSIST_POPCNT_MEMORY),
         u64::from((ASSIST_SWAPPED as u32).count_ones())
     );
+    let mxcsr = mailbox_u64(vm, mailbox::ASSIST_MXCSR) as u32;
+    assert_eq!(mxcsr, 0x1f80, "the power-on MXCSR");
+    assert_eq!(
+        mailbox_u64(vm, mailbox::ASSIST_MXCSR_AFTER) as u32,
+        guests::workloads::ASSIST_MXCSR_LOADED
+    );
     let flags = mailbox_u64(vm, mailbox::ASSIST_FLAGS);
     const AC: u64 = 1 << 18;
     assert_eq!((flags >> 32) & AC, AC, "stac set RFLAGS.AC");

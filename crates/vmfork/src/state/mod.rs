@@ -1,7 +1,7 @@
 //! The saved state of every stateful part of a VM. Fork, snapshot and migration all move VM
 //! state through these types: a fork saves and loads them in memory, a snapshot through a file.
 
-mod vcpu;
+pub(crate) mod vcpu;
 
 pub(crate) use vcpu::probe_msrs;
 pub use vcpu::{CpuRegisters, VcpuState};

@@ -103,9 +103,7 @@ impl VcpuState {
             )));
         }
         xsave.region.copy_from_slice(&self.xsave);
-        // SAFETY: `kvm_xsave` is the legacy 4 KiB buffer; KVM copies at most that much because
-        // vmfork never enables dynamic XSAVE features (KVM_CAP_XSAVE2 sizing).
-        unsafe { vcpu.set_xsave(&xsave) }.kvm("KVM_SET_XSAVE")
+        set_xsave(vcpu, &xsave)
     }
 
     /// The value of MSR `index` in this state, if it was saved.
@@ -127,6 +125,13 @@ impl VcpuState {
             sregs: self.sregs,
         }
     }
+}
+
+/// KVM_SET_XSAVE with the legacy 4 KiB area.
+pub(crate) fn set_xsave(vcpu: &VcpuFd, xsave: &kvm_xsave) -> Result<()> {
+    // SAFETY: `kvm_xsave` is the legacy 4 KiB buffer; KVM copies at most that much because
+    // vmfork never enables dynamic XSAVE features (KVM_CAP_XSAVE2 sizing).
+    unsafe { vcpu.set_xsave(xsave) }.kvm("KVM_SET_XSAVE")
 }
 
 fn read_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_msr_entry>> {

@@ -1,6 +1,6 @@
 //! The emulation assist: on hosts whose KVM emulates guest ring 0 (nested, paravirtual KVM),
 //! its instruction emulator refuses a few instructions a kernel uses (`lock cmpxchg16b`,
-//! `int3`, `clac`/`stac`, `popcnt`, `fwait`) and the vCPU stops with an emulation failure. With the assist on, the
+//! `int3`, `clac`/`stac`, `popcnt`, `fwait`, `ldmxcsr`) and the vCPU stops with an emulation failure. With the assist on, the
 //! VMM decodes the instruction at the guest's RIP (iced-x86) and completes it itself: the
 //! 16-byte compare-exchange as one atomic host instruction on guest memory, `int3` as the #BP
 //! it raises, `clac`/`stac` on RFLAGS.AC. Off by default: on bare-metal KVM these instructions never reach the VMM.
@@ -15,6 +15,8 @@ use kvm_ioctls::VcpuFd;
 /// The #BP and #MF vectors.
 const BP_VECTOR: u8 = 3;
 const MF_VECTOR: u8 = 16;
+/// The SSE bit of an XSAVE header's XSTATE_BV.
+const XSTATE_SSE: u32 = 1 << 1;
 /// The x87 status word's exception summary bit.
 const FSW_ES: u16 = 1 << 7;
 /// RFLAGS.ZF and RFLAGS.AC.
@@ -78,6 +80,29 @@ pub fn complete(vcpu: &VcpuFd, ram: &GuestRam) -> Result<(), String> {
                 inject(vcpu, MF_VECTOR)?;
             }
             Ok(())
+        }
+        // The SSE control register, to and from memory.
+        Mnemonic::Ldmxcsr | Mnemonic::Stmxcsr => {
+            let linear = effective_address(&instruction, &regs, &sregs)?;
+            let physical = translate(&sregs, ram, linear)?;
+            // MXCSR as KVM keeps it: word 6 (byte 24) of the XSAVE area's legacy region.
+            let mut xsave = vcpu
+                .get_xsave()
+                .map_err(|e| format!("KVM_GET_XSAVE: {e}"))?;
+            if instruction.mnemonic() == Mnemonic::Ldmxcsr {
+                let mut word = [0u8; 4];
+                ram.read(physical, &mut word).map_err(|e| e.to_string())?;
+                xsave.region[6] = u32::from_le_bytes(word);
+                // XSTATE_BV (byte 512) must say the SSE state is there, or MXCSR is not taken.
+                xsave.region[128] |= XSTATE_SSE;
+                crate::state::vcpu::set_xsave(vcpu, &xsave).map_err(|e| e.to_string())?;
+            } else {
+                ram.write(physical, &xsave.region[6].to_le_bytes())
+                    .map_err(|e| e.to_string())?;
+            }
+            regs.rip = next;
+            vcpu.set_regs(&regs)
+                .map_err(|e| format!("KVM_SET_REGS: {e}"))
         }
         // SMAP's access switch around a kernel's user copies.
         Mnemonic::Clac | Mnemonic::Stac => {
