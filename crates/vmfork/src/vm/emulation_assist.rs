@@ -72,11 +72,15 @@ pub fn complete(vcpu: &VcpuFd, ram: &GuestRam) -> Result<(), String> {
         }
         // fwait: raises #MF for a pending unmasked x87 exception, else does nothing.
         Mnemonic::Wait => {
-            let fpu = vcpu.get_fpu().map_err(|e| format!("KVM_GET_FPU: {e}"))?;
+            // The x87 status word: bytes 2-3 of the XSAVE area (where KVM keeps it current).
+            let xsave = vcpu
+                .get_xsave()
+                .map_err(|e| format!("KVM_GET_XSAVE: {e}"))?;
+            let fsw = (xsave.region[0] >> 16) as u16;
             regs.rip = next;
             vcpu.set_regs(&regs)
                 .map_err(|e| format!("KVM_SET_REGS: {e}"))?;
-            if fpu.fsw & FSW_ES != 0 {
+            if fsw & FSW_ES != 0 {
                 inject(vcpu, MF_VECTOR)?;
             }
             Ok(())
