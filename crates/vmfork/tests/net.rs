@@ -108,6 +108,15 @@ fn vms_on_a_bridge_exchange_frames_and_their_forks_get_taps_and_macs_of_their_ow
         format!("{tap_b}-{}", b1.id()),
     );
     assert!(interface_exists(&tap_a1) && interface_exists(&tap_b1));
+    // The fork's driver is told its config space changed (the new MAC): a new config
+    // generation and the config-change interrupt bit.
+    let (parent_net, child_net) = (&a.device_state().virtio[1], &a1.device_state().virtio[1]);
+    assert_eq!(
+        child_net.config_generation,
+        parent_net.config_generation + 1
+    );
+    assert_eq!(child_net.interrupt_status & 2, 2);
+    assert_eq!(parent_net.interrupt_status & 2, 0);
 
     exchange(&a, &b);
     assert_eq!(mailbox_u64(&a, mailbox::NET_RECEIVED), 0xbbbb);

@@ -402,6 +402,9 @@ impl Devices {
     /// Raises the interrupts of changes the devices were built with (a new generation id).
     pub fn announce(&self) {
         self.generation.announce();
+        for transport in &self.virtio {
+            transport.announce();
+        }
     }
 
     /// Whether any device may have changed since the last [`Self::load_state`]: one was

@@ -52,8 +52,9 @@ pub const STATUS_DRIVER_OK: u32 = 4;
 pub const STATUS_FEATURES_OK: u32 = 8;
 pub const STATUS_FAILED: u32 = 0x80;
 
-/// Interrupt status: a used buffer was added.
+/// Interrupt status: a used buffer was added; the config space changed.
 pub const INTERRUPT_USED_BUFFER: u32 = 1;
+pub const INTERRUPT_CONFIG_CHANGED: u32 = 2;
 
 /// The transport's registers and its device's state, as a fork or snapshot carries them.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -208,6 +209,20 @@ impl MmioTransport {
         lock(&self.inner).device.start_worker(handle)
     }
 
+    /// Raises the line for a config change (after the irqchip state is in, the line reaches the
+    /// guest; raising it earlier is harmless: the status bit stays set for the driver).
+    fn announce_config_change(&self) {
+        raise(&self.irq);
+    }
+
+    /// Raises the interrupt again for a config change still unacknowledged (a new VM's devices,
+    /// once its irqchip state is loaded).
+    pub fn announce(&self) {
+        if lock(&self.inner).interrupt_status & INTERRUPT_CONFIG_CHANGED != 0 {
+            raise(&self.irq);
+        }
+    }
+
     /// Back to the power-on state (what a slot missing from saved state loads).
     pub fn power_on(&self) {
         let mut inner = lock(&self.inner);
@@ -277,6 +292,12 @@ impl MmioTransport {
         inner.queue_select = state.queue_select;
         inner.interrupt_status = state.interrupt_status;
         inner.config_generation = state.config_generation;
+        if inner.device.config_changed(&state.device) {
+            // The driver re-reads a config space whose generation moved (virtio 1.2, 4.2.2.1).
+            inner.config_generation = inner.config_generation.wrapping_add(1);
+            inner.interrupt_status |= INTERRUPT_CONFIG_CHANGED;
+            self.announce_config_change();
+        }
         inner.queues = queues;
         Ok(())
     }

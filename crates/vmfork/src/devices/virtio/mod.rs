@@ -72,6 +72,11 @@ pub trait VirtioDevice: Send {
     /// The device-specific state a fork or snapshot carries (a disk freezes its writes so far
     /// into the state: the instant both sides go on from).
     fn save(&mut self) -> DeviceSpecific;
+    /// Whether the config space differs from what the loaded state had (a fork's new MAC):
+    /// the transport then bumps the config generation and raises a config-change interrupt.
+    fn config_changed(&self, _loaded: &DeviceSpecific) -> bool {
+        false
+    }
     /// Loads device-specific state saved by [`Self::save`].
     fn load(&mut self, state: &DeviceSpecific) -> crate::Result<()>;
 }

@@ -321,6 +321,10 @@ impl VirtioDevice for Net {
         })
     }
 
+    fn config_changed(&self, loaded: &DeviceSpecific) -> bool {
+        matches!(loaded, DeviceSpecific::Net(s) if s.mac != self.mac)
+    }
+
     fn load(&mut self, state: &DeviceSpecific) -> crate::Result<()> {
         let DeviceSpecific::Net(state) = state else {
             return Err(crate::Error::Invalid(
