@@ -52,6 +52,9 @@ pub const STATUS_DRIVER_OK: u32 = 4;
 pub const STATUS_FEATURES_OK: u32 = 8;
 pub const STATUS_FAILED: u32 = 0x80;
 
+/// The ring feature: descriptors pointing to a table of descriptors.
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+
 /// Interrupt status: a used buffer was added; the config space changed.
 pub const INTERRUPT_USED_BUFFER: u32 = 1;
 pub const INTERRUPT_CONFIG_CHANGED: u32 = 2;
@@ -271,9 +274,7 @@ impl MmioTransport {
             )));
         }
         // Before FEATURES_OK the driver may have written anything; after, only what was offered.
-        if state.status & STATUS_FEATURES_OK != 0
-            && state.driver_features & !inner.device.features() != 0
-        {
+        if state.status & STATUS_FEATURES_OK != 0 && state.driver_features & !inner.offered() != 0 {
             return Err(crate::Error::Invalid(format!(
                 "virtio slot {}: saved driver features {:#x} were never offered",
                 self.slot, state.driver_features
@@ -304,6 +305,12 @@ impl MmioTransport {
 }
 
 impl Inner {
+    /// What the driver may accept: the device's features, and indirect descriptors (the
+    /// split-ring code follows them for every device, bounds-checked like the rest).
+    fn offered(&self) -> u64 {
+        self.device.features() | VIRTIO_RING_F_INDIRECT_DESC
+    }
+
     fn selected_queue(&mut self) -> Option<&mut Queue> {
         self.queues.get_mut(self.queue_select as usize)
     }
@@ -337,7 +344,7 @@ impl Inner {
         }
         let added = value & !self.status;
         if added & STATUS_FEATURES_OK != 0 {
-            let offered = self.device.features();
+            let offered = self.offered();
             if self.driver_features & !offered != 0
                 || self.driver_features & VIRTIO_F_VERSION_1 == 0
             {
@@ -350,7 +357,7 @@ impl Inner {
     }
 
     fn read(&self, offset: u64) -> u32 {
-        let features = self.device.features();
+        let features = self.offered();
         match offset {
             REG_MAGIC => MAGIC,
             REG_VERSION => VERSION,

@@ -386,6 +386,50 @@ mod tests {
     }
 
     #[test]
+    fn a_request_through_an_indirect_table_is_served_and_a_nested_one_is_refused() {
+        let (path, (t, memory)) = disk(false);
+        write(&t, super::super::mmio::REG_DEVICE_FEATURES_SEL, 0);
+        assert_ne!(
+            read(&t, super::super::mmio::REG_DEVICE_FEATURES) & (1 << 28),
+            0
+        );
+        const TABLE: u64 = 0x6000;
+        const INDIRECT: u16 = 4;
+        let put = |at: u64, (addr, len, flags, next): (u64, u32, u16, u16)| {
+            memory.write_obj(addr, GuestAddress(at)).unwrap();
+            memory.write_obj(len, GuestAddress(at + 8)).unwrap();
+            memory.write_obj(flags, GuestAddress(at + 12)).unwrap();
+            memory.write_obj(next, GuestAddress(at + 14)).unwrap();
+        };
+        memory.write_obj(T_IN, GuestAddress(HEADER)).unwrap();
+        memory.write_obj(3u64, GuestAddress(HEADER + 8)).unwrap();
+        put(TABLE, (HEADER, 16, NEXT, 1));
+        put(TABLE + 16, (DATA, 512, WRITE | NEXT, 2));
+        put(TABLE + 32, (STATUS, 1, WRITE, 0));
+        memory.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+        assert_eq!(
+            offer(&t, &memory, &[(0, TABLE, 48, INDIRECT, 0)], 0),
+            Some(513)
+        );
+        assert_eq!(memory.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), S_OK);
+        assert_eq!(
+            memory.read_obj::<u8>(GuestAddress(DATA)).unwrap(),
+            (3 * 512) as u8
+        );
+        // An indirect descriptor inside the table (the chain ends before it), or a table that
+        // is not whole descriptors: the request does not succeed, and nothing is written
+        // outside the guest's own buffers.
+        put(TABLE + 32, (TABLE, 48, INDIRECT, 0));
+        for len in [48, 40] {
+            memory.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+            let got = offer(&t, &memory, &[(0, TABLE, len, INDIRECT, 0)], 0);
+            assert_ne!(got, Some(513), "table of {len} bytes");
+            assert_eq!(memory.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0xff);
+        }
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
     fn a_read_only_disk_says_so_and_refuses_writes() {
         let (path, (t, memory)) = disk(true);
         write(&t, super::super::mmio::REG_DEVICE_FEATURES_SEL, 0);
