@@ -307,13 +307,20 @@ pub fn idle() -> Result<Vec<u8>, IcedError> {
         "idle code too large"
     );
     image.resize((IDLE_IDT - USER_CODE) as usize, 0);
-    for _ in 0..256 {
-        let low =
-            (handler & 0xFFFF) | (0x08 << 16) | (0x8E << 40) | (((handler >> 16) & 0xFFFF) << 48);
-        image.extend_from_slice(&low.to_le_bytes());
-        image.extend_from_slice(&(handler >> 32).to_le_bytes());
-    }
+    image.extend(interrupt_gates(handler, 256));
     Ok(image)
+}
+
+/// An IDT of `count` vectors, each a present 64-bit interrupt gate (DPL 0, kernel code
+/// segment) to `handler`.
+fn interrupt_gates(handler: u64, count: usize) -> Vec<u8> {
+    let low = (handler & 0xFFFF) | (0x08 << 16) | (0x8E << 40) | (((handler >> 16) & 0xFFFF) << 48);
+    let gate: Vec<u8> = low
+        .to_le_bytes()
+        .into_iter()
+        .chain((handler >> 32).to_le_bytes())
+        .collect();
+    gate.repeat(count)
 }
 
 /// Where `dirty`'s generation loop starts: before it (boot code, or its first instructions)
@@ -645,12 +652,7 @@ pub fn assist() -> Result<Vec<u8>, IcedError> {
         "assist code too large"
     );
     image.resize((IDLE_IDT - USER_CODE) as usize, 0);
-    // Vectors 0-3, each an interrupt gate to the handler (only #BP is expected).
-    for _ in 0..4 {
-        let low =
-            (handler & 0xFFFF) | (0x08 << 16) | (0x8E << 40) | (((handler >> 16) & 0xFFFF) << 48);
-        image.extend_from_slice(&low.to_le_bytes());
-        image.extend_from_slice(&(handler >> 32).to_le_bytes());
-    }
+    // Vectors 0-3 (only #BP is expected).
+    image.extend(interrupt_gates(handler, 4));
     Ok(image)
 }

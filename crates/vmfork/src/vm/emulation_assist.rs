@@ -216,27 +216,38 @@ fn decode_at_rip(
     Ok(instruction)
 }
 
-fn register(regs: &kvm_regs, r: Register) -> Result<u64, String> {
-    Ok(match r.full_register() {
-        Register::None => 0,
-        Register::RAX => regs.rax,
-        Register::RBX => regs.rbx,
-        Register::RCX => regs.rcx,
-        Register::RDX => regs.rdx,
-        Register::RSI => regs.rsi,
-        Register::RDI => regs.rdi,
-        Register::RSP => regs.rsp,
-        Register::RBP => regs.rbp,
-        Register::R8 => regs.r8,
-        Register::R9 => regs.r9,
-        Register::R10 => regs.r10,
-        Register::R11 => regs.r11,
-        Register::R12 => regs.r12,
-        Register::R13 => regs.r13,
-        Register::R14 => regs.r14,
-        Register::R15 => regs.r15,
-        other => return Err(format!("an address built on {other:?}")),
+/// The 64-bit general register `full` in `regs`.
+fn slot(regs: &mut kvm_regs, full: Register) -> Option<&mut u64> {
+    Some(match full {
+        Register::RAX => &mut regs.rax,
+        Register::RBX => &mut regs.rbx,
+        Register::RCX => &mut regs.rcx,
+        Register::RDX => &mut regs.rdx,
+        Register::RSI => &mut regs.rsi,
+        Register::RDI => &mut regs.rdi,
+        Register::RSP => &mut regs.rsp,
+        Register::RBP => &mut regs.rbp,
+        Register::R8 => &mut regs.r8,
+        Register::R9 => &mut regs.r9,
+        Register::R10 => &mut regs.r10,
+        Register::R11 => &mut regs.r11,
+        Register::R12 => &mut regs.r12,
+        Register::R13 => &mut regs.r13,
+        Register::R14 => &mut regs.r14,
+        Register::R15 => &mut regs.r15,
+        _ => return None,
     })
+}
+
+/// The value of register `r` (its full 64 bits; none reads as 0), for an address or operand.
+fn register(regs: &kvm_regs, r: Register) -> Result<u64, String> {
+    if r == Register::None {
+        return Ok(0);
+    }
+    let mut copy = *regs;
+    slot(&mut copy, r.full_register())
+        .map(|v| *v)
+        .ok_or_else(|| format!("an address built on {r:?}"))
 }
 
 /// The instruction's second operand (a register or memory) as a `bits`-wide value.
@@ -275,25 +286,8 @@ fn read_source(
 /// Writes a general register as the instruction would: a 32-bit write clears the upper half,
 /// a 16-bit one keeps it.
 fn write_register(regs: &mut kvm_regs, r: Register, value: u64) -> Result<(), String> {
-    let full = r.full_register();
-    let slot = match full {
-        Register::RAX => &mut regs.rax,
-        Register::RBX => &mut regs.rbx,
-        Register::RCX => &mut regs.rcx,
-        Register::RDX => &mut regs.rdx,
-        Register::RSI => &mut regs.rsi,
-        Register::RDI => &mut regs.rdi,
-        Register::RSP => &mut regs.rsp,
-        Register::RBP => &mut regs.rbp,
-        Register::R8 => &mut regs.r8,
-        Register::R9 => &mut regs.r9,
-        Register::R10 => &mut regs.r10,
-        Register::R11 => &mut regs.r11,
-        Register::R12 => &mut regs.r12,
-        Register::R13 => &mut regs.r13,
-        Register::R14 => &mut regs.r14,
-        Register::R15 => &mut regs.r15,
-        other => return Err(format!("a write to {other:?}")),
+    let Some(slot) = slot(regs, r.full_register()) else {
+        return Err(format!("a write to {r:?}"));
     };
     *slot = match r.size() {
         8 => value,

@@ -12,7 +12,7 @@
 //! the guest only wakes it); a stream's bytes are written to the host as they come and read
 //! from it only as far as the guest's credit goes.
 
-use super::worker::WorkerHandle;
+use super::worker::{Wakeup, WorkerHandle};
 use super::{DeviceSpecific, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::memory::GuestMemory;
 use serde::{Deserialize, Serialize};
@@ -21,10 +21,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::EventFd;
 
 /// virtio device id.
 pub const TYPE_VSOCK: u32 = 19;
@@ -182,9 +179,7 @@ pub struct Vsock {
     listener: Option<UnixListener>,
     /// Whether this device is the root VM's (built from the config, not from saved state).
     root: bool,
-    epoll: Arc<Epoll>,
-    kick: EventFd,
-    stop: EventFd,
+    wakeup: Wakeup,
     connections: HashMap<(u32, u32), Connection>,
     /// Host sockets that connected to the listener and have not said `CONNECT P` yet.
     handshakes: Vec<(UnixStream, Vec<u8>)>,
@@ -219,26 +214,12 @@ impl Vsock {
     }
 
     fn build(config: VsockConfig, root: bool) -> crate::Result<Self> {
-        let epoll = Epoll::new().map_err(|e| io_error("epoll", e))?;
-        let kick = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| io_error("eventfd", e))?;
-        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| io_error("eventfd", e))?;
-        for fd in [kick.as_raw_fd(), stop.as_raw_fd()] {
-            epoll
-                .ctl(
-                    ControlOperation::Add,
-                    fd,
-                    EpollEvent::new(EventSet::IN, fd as u64),
-                )
-                .map_err(|e| io_error("epoll", e))?;
-        }
         Ok(Self {
             config,
             listen_path: None,
             listener: None,
             root,
-            epoll: Arc::new(epoll),
-            kick,
-            stop,
+            wakeup: Wakeup::new().map_err(|e| io_error("its worker's wake-up", e))?,
             connections: HashMap::new(),
             handshakes: Vec::new(),
             control: VecDeque::new(),
@@ -250,11 +231,6 @@ impl Vsock {
     /// The socket this VM listens on for host-initiated connections.
     pub fn listen_path(&self) -> Option<&Path> {
         self.listen_path.as_deref()
-    }
-
-    fn watch(&self, fd: i32) {
-        let event = EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, fd as u64);
-        let _ = self.epoll.ctl(ControlOperation::Add, fd, event);
     }
 
     fn listen(&mut self, path: PathBuf) -> crate::Result<()> {
@@ -272,7 +248,7 @@ impl Vsock {
         listener
             .set_nonblocking(true)
             .map_err(|e| io_error("listener", e))?;
-        self.watch(listener.as_raw_fd());
+        self.wakeup.watch(listener.as_raw_fd());
         self.listener = Some(listener);
         self.listen_path = Some(path);
         Ok(())
@@ -321,7 +297,7 @@ impl Vsock {
                 {
                     continue;
                 }
-                self.watch(stream.as_raw_fd());
+                self.wakeup.watch(stream.as_raw_fd());
                 self.handshakes.push((stream, Vec::new()));
             }
         }
@@ -421,7 +397,7 @@ impl Vsock {
             self.control.push_back(rst);
             return;
         };
-        self.watch(stream.as_raw_fd());
+        self.wakeup.watch(stream.as_raw_fd());
         let mut c = Connection::new(stream, h.src_port, h.dst_port);
         c.established = true;
         c.peer_buf_alloc = h.buf_alloc;
@@ -601,7 +577,6 @@ impl Vsock {
 
 impl Drop for Vsock {
     fn drop(&mut self) {
-        let _ = self.stop.write(1);
         if let Some(path) = &self.listen_path {
             let _ = std::fs::remove_file(path);
         }
@@ -627,7 +602,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn serve_on_notify(&mut self, _index: usize) -> bool {
-        let _ = self.kick.write(1);
+        self.wakeup.kick();
         false
     }
 
@@ -636,7 +611,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn serve_host(&mut self, queues: &mut [Queue], memory: &GuestMemory) -> bool {
-        let _ = self.kick.read();
+        self.wakeup.take_kick();
         let mut used = false;
         if self.reset_event {
             if let Some(queue) = queues.get_mut(EVENT) {
@@ -674,7 +649,7 @@ impl VirtioDevice for Vsock {
             };
             self.listen(path)?;
         }
-        super::worker::spawn("vmfork-vsock", Arc::clone(&self.epoll), &self.stop, worker)
+        self.wakeup.spawn("vmfork-vsock", worker)
     }
 
     fn describe(&self) -> serde_json::Value {
@@ -706,7 +681,7 @@ impl VirtioDevice for Vsock {
         // Back to an instant whose connections are gone: the guest is told.
         self.drop_connections();
         self.reset_event = true;
-        let _ = self.kick.write(1);
+        self.wakeup.kick();
         Ok(())
     }
 }

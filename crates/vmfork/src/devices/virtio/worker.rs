@@ -36,9 +36,70 @@ impl WorkerHandle {
     }
 }
 
+/// What a device with a worker waits on: an epoll set holding the kick (the guest notified a
+/// queue), the stop (the device is gone) and the device's host descriptors. Dropping it stops
+/// the worker.
+pub struct Wakeup {
+    epoll: Arc<vmm_sys_util::epoll::Epoll>,
+    kick: vmm_sys_util::eventfd::EventFd,
+    stop: vmm_sys_util::eventfd::EventFd,
+}
+
+impl Wakeup {
+    pub fn new() -> std::io::Result<Self> {
+        use std::os::fd::AsRawFd;
+        use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+        use vmm_sys_util::eventfd::EventFd;
+        let epoll = Epoll::new()?;
+        let kick = EventFd::new(libc::EFD_NONBLOCK)?;
+        let stop = EventFd::new(libc::EFD_NONBLOCK)?;
+        for fd in [kick.as_raw_fd(), stop.as_raw_fd()] {
+            epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, fd as u64),
+            )?;
+        }
+        Ok(Self {
+            epoll: Arc::new(epoll),
+            kick,
+            stop,
+        })
+    }
+
+    /// Wakes the worker on input at `fd` (edge-triggered: the device reads until it would
+    /// block, or until the guest has no room, and a later kick serves the rest).
+    pub fn watch(&self, fd: std::os::fd::RawFd) {
+        use vmm_sys_util::epoll::{ControlOperation, EpollEvent, EventSet};
+        let event = EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, fd as u64);
+        let _ = self.epoll.ctl(ControlOperation::Add, fd, event);
+    }
+
+    /// Wakes the worker (a queue notify).
+    pub fn kick(&self) {
+        let _ = self.kick.write(1);
+    }
+
+    /// Clears the kick before serving.
+    pub fn take_kick(&self) {
+        let _ = self.kick.read();
+    }
+
+    /// Starts the worker thread named `name`, serving through `handle` at each wake-up.
+    pub fn spawn(&self, name: &str, handle: WorkerHandle) -> crate::Result<()> {
+        spawn(name, Arc::clone(&self.epoll), &self.stop, handle)
+    }
+}
+
+impl Drop for Wakeup {
+    fn drop(&mut self) {
+        let _ = self.stop.write(1);
+    }
+}
+
 /// Starts a worker thread named `name` that waits on `epoll` and serves through `handle` at
 /// each wake-up, until `stop` is written or the VM or device is gone.
-pub fn spawn(
+fn spawn(
     name: &str,
     epoll: Arc<vmm_sys_util::epoll::Epoll>,
     stop: &vmm_sys_util::eventfd::EventFd,

@@ -9,16 +9,13 @@
 
 pub mod tap;
 
-use super::worker::WorkerHandle;
+use super::worker::{Wakeup, WorkerHandle};
 use super::{DeviceSpecific, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::memory::GuestMemory;
 use serde::{Deserialize, Serialize};
 use std::io::{ErrorKind, Read, Write};
-use std::sync::Arc;
 use tap::Tap;
 use virtio_queue::{Queue, QueueT};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::EventFd;
 
 /// virtio device id.
 pub const TYPE_NET: u32 = 1;
@@ -77,9 +74,7 @@ pub struct Net {
     config: NetConfig,
     mac: [u8; 6],
     tap: Option<Tap>,
-    epoll: Arc<Epoll>,
-    kick: EventFd,
-    stop: EventFd,
+    wakeup: Wakeup,
     /// A frame read from the tap that no rx buffer has taken yet.
     pending: Option<Vec<u8>>,
     buffer: Vec<u8>,
@@ -100,7 +95,7 @@ impl Net {
         };
         let mut net = Self::build(config.clone(), mac)?;
         let tap = Tap::open(&config.tap).map_err(|e| io_error("cannot open the tap", e))?;
-        net.watch(tap.fd());
+        net.wakeup.watch(tap.fd());
         net.tap = Some(tap);
         Ok(net)
     }
@@ -116,35 +111,14 @@ impl Net {
     }
 
     fn build(config: NetConfig, mac: [u8; 6]) -> crate::Result<Self> {
-        let epoll = Epoll::new().map_err(|e| io_error("epoll", e))?;
-        let kick = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| io_error("eventfd", e))?;
-        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| io_error("eventfd", e))?;
-        let net = Self {
+        Ok(Self {
             config,
             mac,
             tap: None,
-            epoll: Arc::new(epoll),
-            kick,
-            stop,
+            wakeup: Wakeup::new().map_err(|e| io_error("its worker's wake-up", e))?,
             pending: None,
             buffer: vec![0u8; MAX_FRAME],
-        };
-        net.watch_level(net.kick.as_raw_fd_u64());
-        net.watch_level(net.stop.as_raw_fd_u64());
-        Ok(net)
-    }
-
-    fn watch_level(&self, fd: u64) {
-        let _ = self.epoll.ctl(
-            ControlOperation::Add,
-            fd as i32,
-            EpollEvent::new(EventSet::IN, fd),
-        );
-    }
-
-    fn watch(&self, fd: i32) {
-        let event = EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, fd as u64);
-        let _ = self.epoll.ctl(ControlOperation::Add, fd, event);
+        })
     }
 
     /// The device's MAC.
@@ -217,17 +191,6 @@ impl Net {
     }
 }
 
-trait RawFdU64 {
-    fn as_raw_fd_u64(&self) -> u64;
-}
-
-impl RawFdU64 for EventFd {
-    fn as_raw_fd_u64(&self) -> u64 {
-        use std::os::fd::AsRawFd;
-        self.as_raw_fd() as u64
-    }
-}
-
 /// `02:ab:...` for messages.
 pub fn format_mac(mac: &[u8; 6]) -> String {
     mac.iter()
@@ -252,12 +215,6 @@ pub fn parse_mac(text: &str) -> Result<[u8; 6], String> {
     Ok(mac)
 }
 
-impl Drop for Net {
-    fn drop(&mut self) {
-        let _ = self.stop.write(1);
-    }
-}
-
 impl VirtioDevice for Net {
     fn device_type(&self) -> u32 {
         TYPE_NET
@@ -276,7 +233,7 @@ impl VirtioDevice for Net {
     }
 
     fn serve_on_notify(&mut self, _index: usize) -> bool {
-        let _ = self.kick.write(1);
+        self.wakeup.kick();
         false
     }
 
@@ -285,7 +242,7 @@ impl VirtioDevice for Net {
     }
 
     fn serve_host(&mut self, queues: &mut [Queue], memory: &GuestMemory) -> bool {
-        let _ = self.kick.read();
+        self.wakeup.take_kick();
         let mut used = false;
         if let Some(tx) = queues.get_mut(TX) {
             used |= self.serve_tx(tx, memory);
@@ -300,10 +257,10 @@ impl VirtioDevice for Net {
         if self.tap.is_none() {
             let name = fork_tap_name(&self.config.tap, worker.vm_id);
             let tap = Tap::open(&name).map_err(|e| io_error("cannot open the tap", e))?;
-            self.watch(tap.fd());
+            self.wakeup.watch(tap.fd());
             self.tap = Some(tap);
         }
-        super::worker::spawn("vmfork-net", Arc::clone(&self.epoll), &self.stop, worker)
+        self.wakeup.spawn("vmfork-net", worker)
     }
 
     fn describe(&self) -> serde_json::Value {
