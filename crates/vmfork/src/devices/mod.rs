@@ -221,6 +221,8 @@ pub struct Devices {
     /// A device was accessed (other than vmfork's exit and ready ports) since the last load:
     /// what a fuzzing reset checks before reloading device state.
     touched: std::sync::atomic::AtomicBool,
+    /// A device has a worker (fixed at construction: asked at every fuzzing reset).
+    has_workers: bool,
 }
 
 impl Devices {
@@ -319,6 +321,7 @@ impl Devices {
             serial,
             cmos,
             generation,
+            has_workers: virtio.iter().any(|t| t.has_worker()),
             virtio,
             quiesce: Arc::default(),
             touched: Default::default(),
@@ -410,8 +413,7 @@ impl Devices {
     /// Whether any device may have changed since the last [`Self::load_state`]: one was
     /// accessed, or one has a host side (a worker) that changes it on its own.
     pub fn touched(&self) -> bool {
-        self.touched.load(std::sync::atomic::Ordering::Acquire)
-            || self.virtio.iter().any(|t| t.has_worker())
+        self.touched.load(std::sync::atomic::Ordering::Acquire) || self.has_workers
     }
 
     fn touch(&self) {
