@@ -26,10 +26,13 @@ pub enum RecordType {
     Base = 9,
     /// This snapshot's id and creation time.
     SnapshotId = 10,
+    /// A disk's written chunks embedded in the stream; instance = virtio slot:
+    /// {first chunk u64, count u64, count × 4096 bytes}.
+    DiskChunks = 11,
 }
 
 impl RecordType {
-    pub const ALL: [RecordType; 11] = [
+    pub const ALL: [RecordType; 12] = [
         RecordType::End,
         RecordType::VmConfig,
         RecordType::MemoryLayout,
@@ -41,6 +44,7 @@ impl RecordType {
         RecordType::MemoryPages,
         RecordType::Base,
         RecordType::SnapshotId,
+        RecordType::DiskChunks,
     ];
 
     pub fn from_u32(v: u32) -> Option<Self> {
@@ -60,6 +64,7 @@ impl RecordType {
             RecordType::MemoryPages => "MEMORY_PAGES",
             RecordType::Base => "BASE",
             RecordType::SnapshotId => "SNAPSHOT_ID",
+            RecordType::DiskChunks => "DISK_CHUNKS",
         }
     }
 }

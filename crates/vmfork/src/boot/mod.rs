@@ -5,6 +5,7 @@
 //! a `boot_params` zero page in RSI), a Linux bzImage (its 64-bit entry, the zero page built on
 //! its setup header) and a flat binary (entered in long mode at its load address).
 
+pub mod acpi;
 mod cpu_setup;
 pub(crate) mod cpuid;
 pub mod mptable;
@@ -104,9 +105,22 @@ pub enum EntryPoint {
     LongMode { entry: u64, zero_page: u64 },
 }
 
-/// Loads `spec` into `ram` and writes the boot structures; returns how to enter it.
-pub fn load(ram: &GuestRam, spec: &BootSpec) -> Result<EntryPoint> {
+/// Loads `spec` into `ram` and writes the boot structures (with `platform`, the ACPI tables and
+/// the MP table that describe it); returns how to enter it.
+pub fn load(
+    ram: &GuestRam,
+    spec: &BootSpec,
+    platform: Option<&acpi::Platform>,
+) -> Result<EntryPoint> {
     let mem = ram.memory();
+    let rsdp = match platform {
+        Some(platform) => {
+            mptable::write(ram, platform.vcpus)?;
+            acpi::write(ram, platform)?;
+            Some(acpi::RSDP_ADDR)
+        }
+        None => None,
+    };
     let cmdline_addr = write_cmdline(ram, spec.cmdline.as_deref())?;
     let mut setup_header = None;
     let (entry, kernel_end) = match &spec.kernel {
@@ -163,7 +177,7 @@ pub fn load(ram: &GuestRam, spec: &BootSpec) -> Result<EntryPoint> {
     let e820 = e820_map(ram);
     match entry {
         (Some(pvh_entry), _) => {
-            write_pvh_start_info(ram, &e820, cmdline_addr, initrd)?;
+            write_pvh_start_info(ram, &e820, cmdline_addr, initrd, rsdp)?;
             Ok(EntryPoint::Pvh {
                 entry: pvh_entry,
                 start_info: layout::PVH_START_INFO,
@@ -177,6 +191,7 @@ pub fn load(ram: &GuestRam, spec: &BootSpec) -> Result<EntryPoint> {
                 spec.cmdline.as_deref(),
                 initrd,
                 setup_header,
+                rsdp,
             )?;
             Ok(EntryPoint::LongMode {
                 entry: elf_entry,
@@ -310,6 +325,7 @@ fn write_pvh_start_info(
     e820: &[(u64, u64, u32)],
     cmdline: Option<u64>,
     initrd: Option<(u64, u64)>,
+    rsdp: Option<u64>,
 ) -> Result<()> {
     use linux_loader::loader::elf::start_info::hvm_modlist_entry;
     const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
@@ -327,6 +343,7 @@ fn write_pvh_start_info(
         cmdline_paddr: cmdline.unwrap_or(0),
         memmap_paddr: layout::PVH_MEMMAP,
         memmap_entries: e820.len() as u32,
+        rsdp_paddr: rsdp.unwrap_or(0),
         ..Default::default()
     };
     let memmap: Vec<hvm_memmap_table_entry> = e820
@@ -354,6 +371,7 @@ fn write_zero_page(
     cmdline: Option<&str>,
     initrd: Option<(u64, u64)>,
     setup_header: Option<linux_loader::loader::bootparam::setup_header>,
+    rsdp: Option<u64>,
 ) -> Result<()> {
     const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
     const KERNEL_HDR_MAGIC: u32 = 0x5372_6448; // "HdrS"
@@ -381,6 +399,8 @@ fn write_zero_page(
         params.hdr.ramdisk_image = addr as u32;
         params.hdr.ramdisk_size = size as u32;
     }
+    // (Kernels that do not read it find the RSDP by scanning the BIOS area.)
+    params.acpi_rsdp_addr = rsdp.unwrap_or(0);
     for (i, &(addr, size, type_)) in e820.iter().enumerate().take(params.e820_table.len()) {
         params.e820_table[i] = boot_e820_entry {
             addr,

@@ -389,6 +389,11 @@ impl Devices {
 
     /// The kernel command line words that announce the virtio-mmio devices to Linux:
     /// `virtio_mmio.device=<size>@<base>:<irq>` per slot in use.
+    /// How many virtio-mmio slots are in use (from slot 0).
+    pub fn virtio_slots(&self) -> usize {
+        self.virtio.len()
+    }
+
     pub fn kernel_cmdline(&self) -> String {
         (0..self.virtio.len())
             .map(|slot| {

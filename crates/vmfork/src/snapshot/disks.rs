@@ -1,7 +1,8 @@
-//! Disks in snapshot directories: each disk's writes (every chunk its frozen layers hold, the
-//! newest copy of each) go to a sparse `disk-<slot>.bin` next to the memory file, at the
-//! instant the memory was frozen; the image below is referenced by path, never copied, and a
-//! restore refuses an image whose size or modification time changed since.
+//! Disks in snapshots: each disk's writes (every chunk its frozen layers hold, the newest copy
+//! of each), at the instant the memory was frozen, go to a sparse `disk-<slot>.bin` next to the
+//! memory file — or, in a stream (a pipe, a migration), into DISK_CHUNKS records. The image
+//! below is referenced by path, never copied, and a restore refuses an image whose size or
+//! modification time changed since.
 
 use super::problem;
 use crate::devices::virtio::block::disk::{BaseImage, DiskInstant, Layer, CHUNK};
@@ -10,9 +11,15 @@ use crate::devices::virtio::DeviceSpecific;
 use crate::error::Result;
 use crate::state::VmState;
 use std::collections::HashMap;
+use std::fs::File;
+use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
+use vmfork_format::{Record, RecordType, Writer};
+
+/// Most chunks one DISK_CHUNKS record carries (1 MiB).
+const CHUNKS_PER_RECORD: u64 = 256;
 
 /// The block devices of `state`, by slot.
 fn disks_mut(state: &mut VmState) -> impl Iterator<Item = (usize, &mut BlockState)> {
@@ -25,10 +32,6 @@ fn disks_mut(state: &mut VmState) -> impl Iterator<Item = (usize, &mut BlockStat
             DeviceSpecific::Block(b) => Some((slot, b)),
             _ => None,
         })
-}
-
-pub(crate) fn has_disks(state: &VmState) -> bool {
-    !state.devices.disks().is_empty()
 }
 
 /// Writes every disk's chunks into `dir` and names the files in `state`.
@@ -60,32 +63,38 @@ pub(crate) fn write_disk_files(dir: &Path, state: &mut VmState) -> Result<()> {
     Ok(())
 }
 
+/// Opens the image under a saved disk, refusing one that is not the image the VM had.
+fn open_image(dir: &Path, slot: usize, disk: &BlockState) -> Result<BaseImage> {
+    let image = &disk.config.path;
+    let base = BaseImage::open(image).map_err(|e| problem(dir, format!("disk {slot}: {e}")))?;
+    if base.size() / 512 != disk.capacity {
+        return Err(problem(
+            dir,
+            format!(
+                "disk {slot}: the image {} holds {} sectors; the snapshot's disk had {}",
+                image.display(),
+                base.size() / 512,
+                disk.capacity
+            ),
+        ));
+    }
+    if base.mtime_ns() != disk.image_mtime_ns {
+        return Err(problem(
+            dir,
+            format!(
+                "disk {slot}: the image {} was modified after the VM opened it; the \
+             snapshot's disk writes would land on other contents",
+                image.display()
+            ),
+        ));
+    }
+    Ok(base)
+}
+
 /// Opens every disk's image and its file in `dir`, giving `state` the disks to restore.
 pub(crate) fn open_disk_files(dir: &Path, state: &mut VmState) -> Result<()> {
     for (slot, disk) in disks_mut(state) {
-        let image = &disk.config.path;
-        let base = BaseImage::open(image).map_err(|e| problem(dir, format!("disk {slot}: {e}")))?;
-        if base.size() / 512 != disk.capacity {
-            return Err(problem(
-                dir,
-                format!(
-                    "disk {slot}: the image {} holds {} sectors; the snapshot's disk had {}",
-                    image.display(),
-                    base.size() / 512,
-                    disk.capacity
-                ),
-            ));
-        }
-        if base.mtime_ns() != disk.image_mtime_ns {
-            return Err(problem(
-                dir,
-                format!(
-                    "disk {slot}: the image {} was modified after the VM opened it; the \
-                     snapshot's disk writes would land on other contents",
-                    image.display()
-                ),
-            ));
-        }
+        let base = open_image(dir, slot, disk)?;
         let Some(overlay) = &disk.overlay else {
             return Err(problem(dir, format!("disk {slot}: no disk file named")));
         };
@@ -144,4 +153,133 @@ pub(crate) fn open_disk_files(dir: &Path, state: &mut VmState) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// Writes every disk's chunks into `writer` as DISK_CHUNKS records (a stream snapshot).
+pub(crate) fn write_disk_records<W: Write>(writer: &mut Writer<W>, state: &VmState) -> Result<()> {
+    let here = Path::new("-");
+    for (slot, disk) in state.devices.virtio.iter().enumerate() {
+        let DeviceSpecific::Block(disk) = &disk.device else {
+            continue;
+        };
+        let Some(instant) = &disk.instant else {
+            return Err(problem(here, format!("disk {slot} has no saved contents")));
+        };
+        let chunks = instant.written_chunks();
+        // Runs of consecutive chunks, each record at most CHUNKS_PER_RECORD long.
+        let mut start = 0;
+        while start < chunks.len() {
+            let first = chunks[start].0;
+            let mut end = start + 1;
+            while end < chunks.len()
+                && chunks[end].0 == first + (end - start) as u64
+                && ((end - start) as u64) < CHUNKS_PER_RECORD
+            {
+                end += 1;
+            }
+            let count = (end - start) as u64;
+            let mut body = vec![0u8; 16 + (count * CHUNK) as usize];
+            body[..8].copy_from_slice(&first.to_le_bytes());
+            body[8..16].copy_from_slice(&count.to_le_bytes());
+            for (i, &(_, layer, at)) in chunks[start..end].iter().enumerate() {
+                let from = 16 + i * CHUNK as usize;
+                layer
+                    .read_chunk(at, &mut body[from..from + CHUNK as usize])
+                    .map_err(|e| problem(here, format!("reading disk {slot}: {e}")))?;
+            }
+            writer
+                .record(RecordType::DiskChunks as u32, slot as u32, 0, &body)
+                .map_err(|e| problem(here, e))?;
+            start = end;
+        }
+    }
+    Ok(())
+}
+
+/// The disks' chunks read from a stream's DISK_CHUNKS records, by slot: a memfd each, holding
+/// the chunks in arrival order.
+#[derive(Default)]
+pub(crate) struct StreamDisks {
+    slots: HashMap<u32, (File, HashMap<u64, u64>)>,
+}
+
+impl StreamDisks {
+    /// Takes one DISK_CHUNKS record (checked against the disk once the state is known).
+    pub(crate) fn add(&mut self, path: &Path, record: &Record) -> Result<()> {
+        let body = &record.body;
+        let bad = || {
+            problem(
+                path,
+                format!("DISK_CHUNKS record at byte {} is malformed", record.offset),
+            )
+        };
+        let word = |at: usize| -> Result<u64> {
+            body.get(at..at + 8)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_le_bytes)
+                .ok_or_else(bad)
+        };
+        let (first, count) = (word(0)?, word(8)?);
+        let len = count.checked_mul(CHUNK).ok_or_else(bad)?;
+        if count == 0 || body.len() as u64 != 16 + len || first.checked_add(count).is_none() {
+            return Err(bad());
+        }
+        let (file, chunks) = match self.slots.entry(record.instance) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                let file = crate::memory::create_memfd("vmfork-stream-disk", 0)?;
+                v.insert((file, HashMap::new()))
+            }
+        };
+        let at = chunks.len() as u64 * CHUNK;
+        file.write_all_at(&body[16..], at)
+            .map_err(|e| problem(path, e))?;
+        for i in 0..count {
+            if chunks.insert(first + i, at + i * CHUNK).is_some() {
+                return Err(problem(
+                    path,
+                    format!(
+                        "DISK_CHUNKS for slot {} hold chunk {} twice",
+                        record.instance,
+                        first + i
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives every disk of `state` its image and the chunks the stream carried for it;
+    /// refuses chunks for a slot without a disk or past a disk's end.
+    pub(crate) fn attach(mut self, path: &Path, state: &mut VmState) -> Result<()> {
+        for (slot, disk) in disks_mut(state) {
+            let base = open_image(path, slot, disk)?;
+            let total = base.size().div_ceil(CHUNK);
+            let (file, chunks) = match self.slots.remove(&(slot as u32)) {
+                Some(found) => found,
+                None => (
+                    crate::memory::create_memfd("vmfork-stream-disk", 0)?,
+                    HashMap::new(),
+                ),
+            };
+            if let Some(past) = chunks.keys().find(|&&c| c >= total) {
+                return Err(problem(
+                    path,
+                    format!("disk {slot}: chunk {past} is past the disk's {total} chunks"),
+                ));
+            }
+            disk.overlay = None;
+            disk.instant = Some(DiskInstant {
+                base: Arc::new(base),
+                layers: Arc::from(vec![Arc::new(Layer::from_file(file, chunks))]),
+            });
+        }
+        match self.slots.keys().next() {
+            Some(slot) => Err(problem(
+                path,
+                format!("DISK_CHUNKS records for slot {slot}, which has no disk"),
+            )),
+            None => Ok(()),
+        }
+    }
 }

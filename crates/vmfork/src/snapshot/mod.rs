@@ -192,12 +192,6 @@ impl Vm {
 
     /// Writes a snapshot with its memory embedded to `out` (a pipe, a socket, a file).
     pub fn snapshot_to_stream(&self, out: impl Write) -> Result<SnapshotReport> {
-        if !self.config().disks.is_empty() {
-            return Err(problem(
-                Path::new("-"),
-                "a VM with disks snapshots into a directory only (its disk writes go to a file                  beside the memory file); streams do not carry disks yet",
-            ));
-        }
         let started = Instant::now();
         let slot = ProgressSlot::claim(self, Path::new("-"))?;
         let frozen = self.freeze_for_snapshot(Path::new("-"), &SnapshotOptions::default())?;
@@ -539,6 +533,8 @@ fn write_embedded(
                 let done = frozen.pages.partition_point(|&p| p < at + n * PAGE_SIZE) as u64;
                 progress(done, total);
             }
+            // The disks as of the same instant as the memory.
+            disks::write_disk_records(writer, &frozen.state)?;
             progress(total, total);
             Ok(())
         },
@@ -580,11 +576,12 @@ impl std::fmt::Debug for Snapshot {
 }
 
 /// Reads and checks a state stream: every record's checksum, the END digest, and the
-/// components' consistency (in any record order). MEMORY_PAGES records go to `pages`.
+/// components' consistency (in any record order). MEMORY_PAGES and DISK_CHUNKS records go to
+/// `bulk`.
 fn read_state(
     path: &Path,
     input: impl Read,
-    mut pages: impl FnMut(&Record) -> Result<()>,
+    mut bulk: impl FnMut(&Record) -> Result<()>,
 ) -> Result<(Header, LoadedState, Vec<RecordSummary>)> {
     let format = |e: vmfork_format::FormatError| problem(path, e);
     let mut reader = Reader::new(input).map_err(format)?;
@@ -598,9 +595,12 @@ fn read_state(
             offset: record.offset,
             length: record.body.len() as u64,
         });
-        if record.known_type() == Some(RecordType::MemoryPages) {
+        if matches!(
+            record.known_type(),
+            Some(RecordType::MemoryPages | RecordType::DiskChunks)
+        ) {
             if record.flags & vmfork_format::FLAG_IGNORE == 0 {
-                pages(&record)?;
+                bulk(&record)?;
             }
         } else {
             kept.push(record);
@@ -651,7 +651,15 @@ impl Snapshot {
                 format!("cannot open {STATE_FILE}: {e} (is this a snapshot directory?)"),
             )
         })?;
-        let (header, mut loaded, records) = read_state(path, BufReader::new(state), |_| Ok(()))?;
+        let (header, mut loaded, records) = read_state(path, BufReader::new(state), |record| {
+            match record.known_type() {
+                Some(RecordType::DiskChunks) => Err(problem(
+                    path,
+                    "a directory snapshot's disks are in their files, not in DISK_CHUNKS records",
+                )),
+                _ => Ok(()),
+            }
+        })?;
         disks::open_disk_files(path, &mut loaded.state)?;
         hidden_cpu_features(&mut loaded)?;
         if loaded.memory.name != MEMORY_FILE {
@@ -736,7 +744,11 @@ impl Snapshot {
     pub fn from_stream(path: &Path, input: impl Read) -> Result<Self> {
         let memfd = create_memfd("vmfork-restore", 0)?;
         let mut highest = 0u64;
+        let mut disks = disks::StreamDisks::default();
         let (header, mut loaded, records) = read_state(path, input, |record| {
+            if record.known_type() == Some(RecordType::DiskChunks) {
+                return disks.add(path, record);
+            }
             let body = &record.body;
             let bad = || {
                 problem(
@@ -779,12 +791,7 @@ impl Snapshot {
             ));
         }
         hidden_cpu_features(&mut loaded)?;
-        if disks::has_disks(&loaded.state) {
-            return Err(problem(
-                path,
-                "the stream names disks, which streams do not carry (take a directory snapshot)",
-            ));
-        }
+        disks.attach(path, &mut loaded.state)?;
         if highest > loaded.memory.size {
             return Err(problem(path, "embedded pages lie outside the VM's RAM"));
         }

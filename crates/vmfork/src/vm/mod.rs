@@ -665,11 +665,13 @@ impl Vm {
             }
             None => spec,
         };
-        let entry = boot::load(&self.shared.ram, spec)?;
-        // CPUs, IOAPIC and interrupt routing for guests without ACPI (Linux's SMP bring-up).
-        if self.shared.config.irqchip {
-            boot::mptable::write(&self.shared.ram, self.shared.config.vcpus)?;
-        }
+        // With an in-kernel irqchip the guest learns of its CPUs, interrupt controllers and
+        // devices from ACPI tables (and an MP table, for kernels built without ACPI).
+        let platform = self.shared.config.irqchip.then(|| boot::acpi::Platform {
+            vcpus: self.shared.config.vcpus,
+            virtio_slots: self.shared.devices.virtio_slots(),
+        });
+        let entry = boot::load(&self.shared.ram, spec, platform.as_ref())?;
         let vcpu = self.shared.vcpu(0)?;
         boot::setup_boot_vcpu(&vcpu, &self.shared.ram, entry)
     }
