@@ -391,6 +391,94 @@ fn streams_carry_the_disk_as_of_their_memory_instant() {
     let _ = std::fs::remove_dir_all(path.parent().unwrap());
 }
 
+/// The chunk runs a snapshot's disk file in slot 1 holds.
+fn disk_file_runs(dir: &Path) -> Vec<(u64, u64)> {
+    let snap = vmfork::Snapshot::open(dir).unwrap();
+    let vmfork::devices::virtio::DeviceSpecific::Block(block) =
+        &snap.loaded().state.devices.virtio[1].device
+    else {
+        panic!("slot 1 is not a disk")
+    };
+    block.overlay.as_ref().unwrap().runs.clone()
+}
+
+#[test]
+fn diff_snapshots_hold_only_the_disk_chunks_written_since_their_base() {
+    let (path, bytes) = image("disk-diff");
+    let dir = temp_dir("disk-diff-dirs");
+    let full = vmfork::SnapshotOptions::default();
+    let diff = vmfork::SnapshotOptions { diff: true };
+    let (vm, _) = guest_vm(
+        Workload::Disk,
+        disk_config(&path, false),
+        &[(mailbox::PARAM1, BEFORE)],
+    );
+    vm.run_to_ready(Duration::from_secs(30)).unwrap();
+    // The guest wrote chunk 1 (sector 8) before its ready point.
+    vm.snapshot(&dir.join("s0"), &full).unwrap();
+    assert_eq!(disk_file_runs(&dir.join("s0")), [(1, 1)]);
+    let after_chunk = DISK_SECTOR_AFTER * 512 / 4096;
+    assert_eq!(run_after_ready(&vm, 9), ExitReason::GuestExit(0));
+    vm.snapshot(&dir.join("s1"), &diff).unwrap();
+    assert_eq!(
+        disk_file_runs(&dir.join("s1")),
+        [(after_chunk, 1)],
+        "the diff holds only the chunk written since s0"
+    );
+    // Nothing written since: an empty disk diff.
+    vm.snapshot(&dir.join("s2"), &diff).unwrap();
+    assert_eq!(disk_file_runs(&dir.join("s2")), []);
+    let restored = vmfork::Snapshot::open(&dir.join("s2"))
+        .unwrap()
+        .restore(vmfork::devices::SerialSink::Discard)
+        .unwrap();
+    assert_eq!(vmm_read(&restored, 8), stamp(BEFORE), "from s0");
+    assert_eq!(vmm_read(&restored, DISK_SECTOR_AFTER), stamp(9), "from s1");
+    // A diff of the restored VM is based on s2 and holds nothing of the chain below.
+    restored.snapshot(&dir.join("s3"), &diff).unwrap();
+    assert_eq!(disk_file_runs(&dir.join("s3")), []);
+    // Merged, the chain is one full snapshot with both chunks.
+    vmfork::Snapshot::open(&dir.join("s3"))
+        .unwrap()
+        .merge_into(&dir.join("merged"))
+        .unwrap();
+    assert_eq!(after_chunk, 2);
+    assert_eq!(disk_file_runs(&dir.join("merged")), [(1, 2)]);
+
+    // A reset drops writes a snapshot already holds: the next diff writes those chunks back
+    // as they are now (the image's contents).
+    let (parent, _) = guest_vm(
+        Workload::Disk,
+        disk_config(&path, false),
+        &[(mailbox::PARAM1, BEFORE)],
+    );
+    parent.run_to_ready(Duration::from_secs(30)).unwrap();
+    let fork = parent.fork(&ForkOptions::default()).unwrap();
+    assert_eq!(run_after_ready(&fork, 77), ExitReason::GuestExit(0));
+    fork.snapshot(&dir.join("f0"), &full).unwrap();
+    fork.reset().unwrap();
+    fork.snapshot(&dir.join("f1"), &diff).unwrap();
+    assert_eq!(disk_file_runs(&dir.join("f1")), [(after_chunk, 1)]);
+    let back = vmfork::Snapshot::open(&dir.join("f1"))
+        .unwrap()
+        .restore(vmfork::devices::SerialSink::Discard)
+        .unwrap();
+    assert_eq!(
+        vmm_read(&back, DISK_SECTOR_AFTER),
+        sector(&bytes, DISK_SECTOR_AFTER),
+        "the reset's revert is in the diff"
+    );
+    assert_eq!(vmm_read(&back, 8), stamp(BEFORE));
+    // A diff whose base is gone or another disk's is refused when opened.
+    std::fs::remove_dir_all(dir.join("s0")).unwrap();
+    let err = vmfork::Snapshot::open(&dir.join("s2"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("s0"), "{err}");
+    let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}
+
 #[test]
 fn the_load_driver_wraps_around_the_disk_in_both_directions() {
     let (path, _) = image("disk-load");

@@ -3,15 +3,19 @@
 //! with its own "since".
 
 use super::{DirtyPages, FrozenImage};
+use crate::devices::virtio::block::disk::DiskInstant;
 use std::sync::Arc;
 
-/// A VM's last snapshot and the pages written since: what its next diff snapshot holds.
+/// A VM's last snapshot and the pages written since: what its next diff snapshot holds (and the
+/// disks as of it: the chunks written since are those of newer layers).
 #[derive(Debug)]
 pub(crate) struct SnapshotMark {
     pub(crate) id: [u8; 16],
     pub(crate) memory_crc32: u32,
     pub(crate) dir: std::path::PathBuf,
     pub(crate) dirty: DirtyPages,
+    /// Each disk (by virtio slot) as of that snapshot: what its next diff leaves out.
+    pub(crate) disks: Vec<(usize, DiskInstant)>,
 }
 
 /// How a VM's RAM relates to a frozen image, and which pages it has written since what. The

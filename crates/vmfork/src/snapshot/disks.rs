@@ -10,7 +10,7 @@ use crate::devices::virtio::block::{BlockState, OverlayFile};
 use crate::devices::virtio::DeviceSpecific;
 use crate::error::Result;
 use crate::state::VmState;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -34,11 +34,71 @@ fn disks_mut(state: &mut VmState) -> impl Iterator<Item = (usize, &mut BlockStat
         })
 }
 
-/// Writes every disk's chunks into `dir` and names the files in `state`.
-pub(crate) fn write_disk_files(dir: &Path, state: &mut VmState) -> Result<()> {
+/// Each disk of `state` (by slot) at its save instant.
+pub(crate) fn instants(state: &VmState) -> Vec<(usize, DiskInstant)> {
+    state
+        .devices
+        .virtio
+        .iter()
+        .enumerate()
+        .filter_map(|(slot, v)| match &v.device {
+            DeviceSpecific::Block(b) => b.instant.clone().map(|i| (slot, i)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The chunks a snapshot of `instant` holds, ascending: every chunk written since boot; for a
+/// diff over `since` (the disk at the base snapshot's instant), those whose newest copy is in a
+/// layer frozen after it, and those a layer of `since` held that `instant` no longer has (a
+/// reset dropped it: the diff holds them as they are now).
+fn chunks_to_write(instant: &DiskInstant, since: Option<&DiskInstant>) -> Vec<u64> {
+    let Some(since) = since else {
+        return instant
+            .written_chunks()
+            .iter()
+            .map(|&(c, _, _)| c)
+            .collect();
+    };
+    let ptrs =
+        |i: &DiskInstant| -> HashSet<*const Layer> { i.layers.iter().map(Arc::as_ptr).collect() };
+    let (old, now) = (ptrs(since), ptrs(instant));
+    let mut chunks: BTreeSet<u64> = instant
+        .written_chunks()
+        .into_iter()
+        .filter(|&(_, layer, _)| !old.contains(&(layer as *const Layer)))
+        .map(|(c, _, _)| c)
+        .collect();
+    for dropped in since
+        .layers
+        .iter()
+        .filter(|l| !now.contains(&Arc::as_ptr(l)))
+    {
+        chunks.extend(dropped.chunks().keys());
+    }
+    chunks.into_iter().collect()
+}
+
+/// Writes every disk's chunks (for a diff, those changed since the disks in `since`) into `dir`
+/// and names the files in `state`.
+pub(crate) fn write_disk_files(
+    dir: &Path,
+    state: &mut VmState,
+    since: Option<&[(usize, DiskInstant)]>,
+) -> Result<()> {
     for (slot, disk) in disks_mut(state) {
         let Some(instant) = &disk.instant else {
             return Err(problem(dir, format!("disk {slot} has no saved contents")));
+        };
+        let base = match since {
+            Some(since) => Some(
+                since
+                    .iter()
+                    .find(|(s, _)| *s == slot)
+                    .map(|(_, i)| i)
+                    .ok_or_else(|| problem(dir, format!("disk {slot} is not in the base")))?,
+            ),
+            None => None,
         };
         let name = format!("disk-{slot}.bin");
         let path = dir.join(&name);
@@ -47,9 +107,9 @@ pub(crate) fn write_disk_files(dir: &Path, state: &mut VmState) -> Result<()> {
             .map_err(|e| problem(dir, e))?;
         let mut chunk_bytes = vec![0u8; CHUNK as usize];
         let mut runs: Vec<(u64, u64)> = Vec::new();
-        for (chunk, layer, at) in instant.written_chunks() {
-            layer
-                .read_chunk(at, &mut chunk_bytes)
+        for chunk in chunks_to_write(instant, base) {
+            instant
+                .read_chunk(chunk, &mut chunk_bytes)
                 .and_then(|()| file.write_all_at(&chunk_bytes, chunk * CHUNK))
                 .map_err(|e| problem(dir, format!("writing {name}: {e}")))?;
             match runs.last_mut() {
@@ -59,6 +119,40 @@ pub(crate) fn write_disk_files(dir: &Path, state: &mut VmState) -> Result<()> {
         }
         file.sync_all().map_err(|e| problem(dir, e))?;
         disk.overlay = Some(OverlayFile { file: name, runs });
+    }
+    Ok(())
+}
+
+/// Puts a diff snapshot's disks over its base's: each disk's stack is the base's layers, then
+/// the diff's own file.
+pub(crate) fn stack_on_base(path: &Path, state: &mut VmState, base: &VmState) -> Result<()> {
+    let below = instants(base);
+    for (slot, disk) in disks_mut(state) {
+        let Some((_, under)) = below.iter().find(|(s, _)| *s == slot) else {
+            return Err(problem(
+                path,
+                format!("disk {slot}: its base snapshot has no disk in that slot"),
+            ));
+        };
+        let Some(own) = &disk.instant else {
+            return Err(problem(path, format!("disk {slot} has no saved contents")));
+        };
+        if under.base.path() != own.base.path() || under.base.size() != own.base.size() {
+            return Err(problem(
+                path,
+                format!("disk {slot}: its base snapshot's disk is another image"),
+            ));
+        }
+        let layers: Vec<Arc<Layer>> = under
+            .layers
+            .iter()
+            .chain(own.layers.iter())
+            .cloned()
+            .collect();
+        disk.instant = Some(DiskInstant {
+            base: Arc::clone(&under.base),
+            layers: Arc::from(layers),
+        });
     }
     Ok(())
 }
@@ -165,14 +259,14 @@ pub(crate) fn write_disk_records<W: Write>(writer: &mut Writer<W>, state: &VmSta
         let Some(instant) = &disk.instant else {
             return Err(problem(here, format!("disk {slot} has no saved contents")));
         };
-        let chunks = instant.written_chunks();
+        let chunks = chunks_to_write(instant, None);
         // Runs of consecutive chunks, each record at most CHUNKS_PER_RECORD long.
         let mut start = 0;
         while start < chunks.len() {
-            let first = chunks[start].0;
+            let first = chunks[start];
             let mut end = start + 1;
             while end < chunks.len()
-                && chunks[end].0 == first + (end - start) as u64
+                && chunks[end] == first + (end - start) as u64
                 && ((end - start) as u64) < CHUNKS_PER_RECORD
             {
                 end += 1;
@@ -181,10 +275,10 @@ pub(crate) fn write_disk_records<W: Write>(writer: &mut Writer<W>, state: &VmSta
             let mut body = vec![0u8; 16 + (count * CHUNK) as usize];
             body[..8].copy_from_slice(&first.to_le_bytes());
             body[8..16].copy_from_slice(&count.to_le_bytes());
-            for (i, &(_, layer, at)) in chunks[start..end].iter().enumerate() {
+            for (i, &chunk) in chunks[start..end].iter().enumerate() {
                 let from = 16 + i * CHUNK as usize;
-                layer
-                    .read_chunk(at, &mut body[from..from + CHUNK as usize])
+                instant
+                    .read_chunk(chunk, &mut body[from..from + CHUNK as usize])
                     .map_err(|e| problem(here, format!("reading disk {slot}: {e}")))?;
             }
             writer

@@ -269,6 +269,7 @@ impl Vm {
             memory_crc32: 0,
             dir: dir.to_path_buf(),
             dirty: DirtyPages::new(self.ram().size()),
+            disks: disks::instants(&state),
         });
         drop(tracking);
         let frozen = Frozen {
@@ -300,6 +301,7 @@ impl Vm {
                     memory_crc32: prev.memory_crc32,
                     dir: prev.dir.clone(),
                     dirty,
+                    disks: prev.disks.clone(),
                 }
             }),
             (other, _) => other,
@@ -403,8 +405,13 @@ impl Target {
             data_pages: digest.data_pages,
             crc32: digest.crc32,
         };
-        // The disks as of the same instant as the memory (their state was saved in the pause).
-        disks::write_disk_files(&self.temp, &mut frozen.state)?;
+        // The disks as of the same instant as the memory (their state was saved in the pause);
+        // a diff's, only what changed since its base.
+        let since = match (&frozen.base, &frozen.previous) {
+            (Some(_), Some(previous)) => Some(previous.disks.as_slice()),
+            _ => None,
+        };
+        disks::write_disk_files(&self.temp, &mut frozen.state, since)?;
         let state = crate::files::create_private(&self.temp.join(STATE_FILE))
             .map_err(|e| problem(&self.temp, e))?;
         let flags = if frozen.base.is_some() {
@@ -721,6 +728,9 @@ impl Snapshot {
                     .iter()
                     .flat_map(|&(first, n)| (0..n).map(move |i| first + i * PAGE_SIZE));
                 let image = base.image.with_pages_from(&view, pages)?;
+                // A diff's disk files hold the chunks written since the base: layers over the
+                // base's disks.
+                disks::stack_on_base(path, &mut loaded.state, &base.loaded.state)?;
                 // Copied: a page read past a truncation would have come in as zeroes.
                 if let Some(why) = crate::memory::file_guard::damage(&memory) {
                     return Err(problem(path, why));
@@ -843,6 +853,7 @@ impl Snapshot {
                     .canonicalize()
                     .unwrap_or_else(|_| self.path.clone()),
                 dirty: DirtyPages::new(self.loaded.config.mem_bytes),
+                disks: disks::instants(&self.loaded.state),
             });
         }
         Ok(vm)

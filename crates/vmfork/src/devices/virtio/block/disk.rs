@@ -146,6 +146,20 @@ impl DiskInstant {
             .find_map(|l| l.chunks.get(&chunk).map(|&at| (l.as_ref(), at)))
     }
 
+    /// Reads chunk `chunk` as of this instant into `buf` (one chunk; zeros past the disk's
+    /// end).
+    pub fn read_chunk(&self, chunk: u64, buf: &mut [u8]) -> io::Result<()> {
+        match self.source(chunk) {
+            Some((layer, at)) => layer.read_chunk(at, buf),
+            None => {
+                let start = chunk * CHUNK;
+                let valid = self.base.size.saturating_sub(start).min(buf.len() as u64) as usize;
+                buf[valid..].fill(0);
+                self.base.file.read_exact_at(&mut buf[..valid], start)
+            }
+        }
+    }
+
     /// Every chunk the layers hold, newest copy of each: (chunk, layer, offset in its file).
     pub fn written_chunks(&self) -> Vec<(u64, &Layer, u64)> {
         let mut seen: HashMap<u64, (&Layer, u64)> = HashMap::new();
@@ -274,7 +288,10 @@ impl Disk {
                 None => {
                     let mut whole = [0u8; CHUNK as usize];
                     if part.len() as u64 != CHUNK {
-                        self.read(chunk * CHUNK, &mut whole)?;
+                        // (The last chunk of a disk that is not whole chunks is partly past
+                        // its end: only the part inside is read.)
+                        let inside = (self.size() - chunk * CHUNK).min(CHUNK) as usize;
+                        self.read(chunk * CHUNK, &mut whole[..inside])?;
                     }
                     whole[within as usize..within as usize + part.len()].copy_from_slice(part);
                     let top = self.top_layer()?;
@@ -358,6 +375,19 @@ mod tests {
             .is_err());
         assert!(parent.write(u64::MAX - 2, &[0u8; 8]).is_err());
         assert_eq!(instant.written_chunks().len(), 2);
+        // The last chunk is partly past the end (3 chunks and a sector): a sector written
+        // there copies up only what is inside, and reads back.
+        let end = content.len() as u64 - 512;
+        parent.write(end, &[0xdd; 512]).unwrap();
+        let mut last = vec![0u8; 512];
+        parent.read(end, &mut last).unwrap();
+        assert_eq!(last, [0xdd; 512]);
+        let mut chunk = vec![0xffu8; CHUNK as usize];
+        parent.freeze().read_chunk(3, &mut chunk).unwrap();
+        assert_eq!(chunk[..512], [0xdd; 512]);
+        instant.read_chunk(3, &mut chunk).unwrap();
+        assert_eq!(chunk[..512], content[end as usize..]);
+        assert!(chunk[512..].iter().all(|&b| b == 0), "zeros past the end");
         std::fs::remove_file(path).unwrap();
     }
 
