@@ -68,11 +68,12 @@ impl Drop for GuardedRam {
     }
 }
 
-/// A 64 KiB disk image, made once per process.
+/// A 64 KiB disk image, written once per process at one path for every run (a run ends in
+/// `exit`, which would leave a per-process file behind).
 fn disk_image() -> &'static std::path::Path {
     static IMAGE: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
     IMAGE.get_or_init(|| {
-        let path = std::env::temp_dir().join(format!("vmfork-fuzz-disk-{}", std::process::id()));
+        let path = std::env::temp_dir().join("vmfork-fuzz-disk.img");
         std::fs::write(&path, vec![0x5a; 64 << 10]).unwrap();
         path
     })

@@ -581,6 +581,7 @@ fn progress_is_reported_while_writing_and_a_second_snapshot_waits_its_turn() {
         .unwrap()
         .verify()
         .unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]
