@@ -587,10 +587,11 @@ fn concurrent_forks_of_a_guest_writing_its_disk_take_disk_and_memory_at_one_inst
         u64::from_le_bytes(b)
     };
     let checked = std::sync::atomic::AtomicU64::new(0);
+    let deepest = std::sync::atomic::AtomicUsize::new(0);
     std::thread::scope(|s| {
         for _ in 0..2 {
             s.spawn(|| {
-                for _ in 0..15 {
+                for _ in 0..20 {
                     let child = parent.fork(&ForkOptions::default()).unwrap();
                     let p = child.ram().read_u64(MAILBOX + mailbox::PROGRESS).unwrap();
                     let state = child.device_state();
@@ -598,6 +599,10 @@ fn concurrent_forks_of_a_guest_writing_its_disk_take_disk_and_memory_at_one_inst
                         panic!("slot 1 is not the disk");
                     };
                     let disk = Disk::new(block.instant.clone().unwrap());
+                    deepest.fetch_max(
+                        block.instant.as_ref().unwrap().layers.len(),
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
                     if p == 0 {
                         continue;
                     }
@@ -622,5 +627,20 @@ fn concurrent_forks_of_a_guest_writing_its_disk_take_disk_and_memory_at_one_inst
     });
     parent.stop();
     assert!(checked.into_inner() > 0, "the guest never got going");
+    // 40 forks of a writing guest froze a layer each; past 16 the compactor merged them in the
+    // background, so the parent's reads do not walk them all.
+    assert!(deepest.into_inner() > 16, "the stack never grew past 16 layers");
+    let depth = || {
+        let state = parent.device_state();
+        let DeviceSpecific::Block(block) = &state.virtio[1].device else {
+            panic!("slot 1 is not the disk");
+        };
+        block.instant.as_ref().unwrap().layers.len()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while depth() > 16 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(depth() <= 16, "{} layers", depth());
     let _ = std::fs::remove_dir_all(path.parent().unwrap());
 }

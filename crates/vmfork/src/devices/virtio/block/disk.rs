@@ -12,7 +12,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// Bytes per copy-on-write chunk.
 pub const CHUNK: u64 = 4096;
@@ -103,6 +103,29 @@ impl Layer {
     pub fn from_file(file: File, chunks: HashMap<u64, u64>) -> Self {
         let end = chunks.values().max().map_or(0, |&o| o + CHUNK);
         Self { file, chunks, end }
+    }
+
+    /// One layer holding what `layers` (oldest first) hold, the newest copy of each chunk.
+    pub fn merge(layers: &[Arc<Layer>]) -> io::Result<Self> {
+        let file = crate::memory::create_memfd("vmfork-disk", 0)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        let mut newest: HashMap<u64, (&Layer, u64)> = HashMap::new();
+        for layer in layers {
+            for (&chunk, &at) in &layer.chunks {
+                newest.insert(chunk, (layer.as_ref(), at));
+            }
+        }
+        let mut order: Vec<_> = newest.into_iter().collect();
+        order.sort_unstable_by_key(|&(c, _)| c);
+        let mut chunks = HashMap::with_capacity(order.len());
+        let mut buf = vec![0u8; CHUNK as usize];
+        for (i, (chunk, (layer, at))) in order.into_iter().enumerate() {
+            let to = i as u64 * CHUNK;
+            layer.read_chunk(at, &mut buf)?;
+            file.write_all_at(&buf, to)?;
+            chunks.insert(chunk, to);
+        }
+        Ok(Self::from_file(file, chunks))
     }
 
     /// The chunks this layer holds, with their offsets in its file.
@@ -213,29 +236,51 @@ fn pieces(offset: u64, len: usize) -> impl Iterator<Item = Piece> {
 /// A VM's disk: an instant below, and the VM's own writes on top.
 #[derive(Debug)]
 pub struct Disk {
-    below: DiskInstant,
+    /// The frozen stack below, shared with the compactor, which may swap in an equal one with
+    /// fewer layers (see `compact.rs`).
+    below: Arc<Mutex<DiskInstant>>,
+    size: u64,
     /// Created at the first write.
     top: Option<Layer>,
 }
 
 impl Disk {
     pub fn new(below: DiskInstant) -> Self {
-        Self { below, top: None }
+        Self {
+            size: below.base.size,
+            below: Arc::new(Mutex::new(below)),
+            top: None,
+        }
     }
 
     pub fn size(&self) -> u64 {
-        self.below.base.size
+        self.size
+    }
+
+    /// The stack below, as of now.
+    pub fn below(&self) -> DiskInstant {
+        self.below.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Freezes what was written so far: the instant a fork or snapshot takes (the top, if
-    /// anything was written, becomes a shared layer; writes go on into a new top).
+    /// anything was written, becomes a shared layer; writes go on into a new top). A stack
+    /// grown deep is handed to the compactor.
     pub fn freeze(&mut self) -> DiskInstant {
+        let mut below = self.below.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(top) = self.top.take() {
-            let mut layers: Vec<Arc<Layer>> = self.below.layers.iter().cloned().collect();
+            let mut layers: Vec<Arc<Layer>> = below.layers.iter().cloned().collect();
             layers.push(Arc::new(top));
-            self.below.layers = Arc::from(layers);
+            below.layers = Arc::from(layers);
+            if below.layers.len() > super::compact::MAX_LAYERS {
+                super::compact::submit(Arc::downgrade(&self.below));
+            }
         }
-        self.below.clone()
+        below.clone()
+    }
+
+    /// Compacts the stack below now, on this thread (what the compactor does).
+    pub fn compact_now(&self) -> io::Result<()> {
+        super::compact::compact(&self.below)
     }
 
     fn check(&self, offset: u64, len: usize) -> io::Result<()> {
@@ -251,6 +296,7 @@ impl Disk {
     /// Reads `buf.len()` bytes at `offset`.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.check(offset, buf.len())?;
+        let below = self.below();
         for piece in pieces(offset, buf.len()) {
             let part = &mut buf[piece.range()];
             let (chunk, within) = (piece.chunk, piece.within);
@@ -260,10 +306,9 @@ impl Disk {
                 .and_then(|t| t.chunks.get(&chunk).map(|&o| (t, o)))
             {
                 Some((top, slot)) => top.file.read_exact_at(part, slot + within)?,
-                None => match self.below.source(chunk) {
+                None => match below.source(chunk) {
                     Some((layer, slot)) => layer.file.read_exact_at(part, slot + within)?,
-                    None => self
-                        .below
+                    None => below
                         .base
                         .file
                         .read_exact_at(part, chunk * CHUNK + within)?,

@@ -3,6 +3,7 @@
 //! vCPU's thread, 64 KiB at a time through one buffer, so a request of any size allocates
 //! nothing more.
 
+mod compact;
 pub mod disk;
 
 use super::{DeviceSpecific, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1};
