@@ -34,11 +34,12 @@ pub enum Workload {
     Vsock,
     Net,
     Assist,
+    Interrupts,
 }
 
 impl Workload {
     /// Every workload, in the order `vmfork guests` lists them.
-    pub const ALL: [Workload; 15] = [
+    pub const ALL: [Workload; 16] = [
         Workload::Hello,
         Workload::Counter,
         Workload::Memtouch,
@@ -54,6 +55,7 @@ impl Workload {
         Workload::Vsock,
         Workload::Net,
         Workload::Assist,
+        Workload::Interrupts,
     ];
 
     pub fn name(self) -> &'static str {
@@ -73,6 +75,7 @@ impl Workload {
             Workload::Vsock => "vsock",
             Workload::Net => "net",
             Workload::Assist => "assist",
+            Workload::Interrupts => "interrupts",
         }
     }
 
@@ -92,6 +95,7 @@ impl Workload {
             Workload::Vsock => "virtio-vsock driver: connects to host port PARAM0, echoes PARAM1 counters, writes the ready port, sends one more; exits 0",
             Workload::Net => "virtio-net driver: writes the ready port, broadcasts a frame carrying PARAM0, waits for one from another VM; exits 0",
             Workload::Assist => "ring 0: lock cmpxchg16b (a hit and a miss) and int3 with its own handler, results in the mailbox; exits 0",
+            Workload::Interrupts => "ring 0: routes the generation id's and virtio slot 0's lines through the IOAPIC, takes the rng's interrupt, writes the ready port, halts until a generation-id interrupt (a fork's); counts in the mailbox by vector; exits 0",
             Workload::Entropy => "virtio-rng and generation-id driver: reads the generation id and PARAM0 random bytes, writes the ready port, reads both again, exits 0",
         }
     }
@@ -111,6 +115,7 @@ impl Workload {
                 | Workload::Memtouch
                 | Workload::Entropy
                 | Workload::Disk
+                | Workload::Interrupts
         )
     }
 
@@ -139,6 +144,7 @@ impl Workload {
             Workload::Vsock => (drivers::vsock(), Ring::User),
             Workload::Net => (drivers::net(), Ring::User),
             Workload::Assist => (workloads::assist(), Ring::Kernel),
+            Workload::Interrupts => (drivers::interrupts(), Ring::Kernel),
         };
         // The assembler input is fixed at compile time, so failure here is a bug in this crate.
         (code.expect("built-in workload assembles"), ring)

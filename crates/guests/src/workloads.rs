@@ -63,8 +63,8 @@ impl Asm {
         self.a.jmp(self.exit)
     }
 
-    /// Emits the helper bodies and assembles everything at [`USER_CODE`].
-    pub(crate) fn finish(mut self) -> Result<Vec<u8>, IcedError> {
+    /// Emits the helper bodies.
+    fn emit_helpers(&mut self) -> Result<(), IcedError> {
         let a = &mut self.a;
         // print(rsi = bytes, rcx = length): one `rep outsb`, which KVM turns into one exit.
         a.set_label(&mut self.print)?;
@@ -104,7 +104,41 @@ impl Asm {
         a.set_label(&mut spin)?;
         a.pause()?;
         a.jmp(spin)?;
-        a.assemble(USER_CODE)
+        Ok(())
+    }
+
+    /// Emits the helper bodies and assembles everything at [`USER_CODE`].
+    pub(crate) fn finish(mut self) -> Result<Vec<u8>, IcedError> {
+        self.emit_helpers()?;
+        self.a.assemble(USER_CODE)
+    }
+
+    /// [`Self::finish`] for a ring-0 workload with an IDT at [`IDLE_IDT`] of `vectors`
+    /// interrupt gates to `handler`, but for the vectors `own` gives handlers of their own (its
+    /// `lidt` operand: [`emit_idtr`]).
+    pub(crate) fn finish_with_idt(
+        mut self,
+        handler: CodeLabel,
+        own: &[(u8, CodeLabel)],
+        vectors: usize,
+    ) -> Result<Vec<u8>, IcedError> {
+        self.emit_helpers()?;
+        let assembled = self.a.assemble_options(
+            USER_CODE,
+            iced_x86::BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
+        )?;
+        let default = assembled.label_ip(&handler)?;
+        let gates = own
+            .iter()
+            .map(|(vector, label)| Ok((*vector, assembled.label_ip(label)?)))
+            .collect::<Result<Vec<_>, IcedError>>()?;
+        let mut code = with_idt(assembled.inner.code_buffer, default, vectors);
+        let idt = (IDLE_IDT - USER_CODE) as usize;
+        for (vector, handler) in gates {
+            let at = idt + usize::from(vector) * 16;
+            code[at..at + 16].copy_from_slice(&interrupt_gates(handler, 1));
+        }
+        Ok(code)
     }
 }
 
@@ -254,7 +288,7 @@ pub fn dirty() -> Result<Vec<u8>, IcedError> {
 pub const IDLE_IDT: u64 = USER_CODE + 0x1000;
 /// The vector `idle`'s local APIC timer interrupts on.
 pub const IDLE_TIMER_VECTOR: u8 = 0x20;
-const LAPIC_BASE: u64 = 0xFEE0_0000;
+pub(crate) const LAPIC_BASE: u64 = 0xFEE0_0000;
 
 /// Halts at ring 0 with interrupts on, forever; every interrupt wakes it, is acknowledged (EOI)
 /// and counted in PROGRESS. PARAM0 non-zero arms the local APIC timer, periodic, with that
@@ -293,22 +327,35 @@ pub fn idle() -> Result<Vec<u8>, IcedError> {
     a.mov(dword_ptr(rax), 0u32)?;
     a.pop(rax)?;
     a.iretq()?;
-    a.set_label(&mut idtr)?;
-    a.dw(&[256 * 16 - 1])?;
-    a.dq(&[IDLE_IDT])?;
+    emit_idtr(&mut a, &mut idtr, 256)?;
     let assembled = a.assemble_options(
         USER_CODE,
         iced_x86::BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
     )?;
     let handler = assembled.label_ip(&handler)?;
-    let mut image = assembled.inner.code_buffer;
+    Ok(with_idt(assembled.inner.code_buffer, handler, 256))
+}
+
+/// `code` padded to [`IDLE_IDT`], followed by an IDT of `vectors` gates to `handler`.
+fn with_idt(mut code: Vec<u8>, handler: u64, vectors: usize) -> Vec<u8> {
     assert!(
-        image.len() <= (IDLE_IDT - USER_CODE) as usize,
-        "idle code too large"
+        code.len() <= (IDLE_IDT - USER_CODE) as usize,
+        "ring-0 workload too large for its IDT's place"
     );
-    image.resize((IDLE_IDT - USER_CODE) as usize, 0);
-    image.extend(interrupt_gates(handler, 256));
-    Ok(image)
+    code.resize((IDLE_IDT - USER_CODE) as usize, 0);
+    code.extend(interrupt_gates(handler, vectors));
+    code
+}
+
+/// The `lidt` operand at `label`: `vectors` gates at [`IDLE_IDT`].
+pub(crate) fn emit_idtr(
+    a: &mut CodeAssembler,
+    label: &mut CodeLabel,
+    vectors: usize,
+) -> Result<(), IcedError> {
+    a.set_label(label)?;
+    a.dw(&[(vectors * 16 - 1) as u16])?;
+    a.dq(&[IDLE_IDT])
 }
 
 /// An IDT of `count` vectors, each a present 64-bit interrupt gate (DPL 0, kernel code
@@ -638,21 +685,12 @@ pub fn assist() -> Result<Vec<u8>, IcedError> {
     a.mov(rax, qword_ptr(rsp))?;
     a.mov(qword_ptr(r15 + mailbox::ASSIST_BP_RIP), rax)?;
     a.iretq()?;
-    a.set_label(&mut idtr)?;
-    a.dw(&[4 * 16 - 1])?;
-    a.dq(&[IDLE_IDT])?;
+    emit_idtr(&mut a, &mut idtr, 4)?;
     let assembled = a.assemble_options(
         USER_CODE,
         iced_x86::BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
     )?;
     let handler = assembled.label_ip(&handler)?;
-    let mut image = assembled.inner.code_buffer;
-    assert!(
-        image.len() <= (IDLE_IDT - USER_CODE) as usize,
-        "assist code too large"
-    );
-    image.resize((IDLE_IDT - USER_CODE) as usize, 0);
     // Vectors 0-3 (only #BP is expected).
-    image.extend(interrupt_gates(handler, 4));
-    Ok(image)
+    Ok(with_idt(assembled.inner.code_buffer, handler, 4))
 }

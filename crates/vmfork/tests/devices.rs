@@ -119,3 +119,52 @@ fn a_restored_guest_carries_on_with_its_virtqueue_and_a_new_generation() {
     assert_eq!(restored.device_state().virtio[0].queues[0].next_used, 2);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn device_interrupts_reach_a_guest_that_takes_them_and_each_fork_gets_its_own() {
+    // The `interrupts` guest (ring 0) routes the lines through the IOAPIC as a kernel does:
+    // the rng's used-buffer interrupt arrives; a fork's new generation id raises the fork's
+    // line, not the parent's.
+    use guests::drivers::{irq_vector, GENERATION_GSI, IRQ_COUNTS, VIRTIO_SLOT0_GSI};
+    let count = |vm: &Vm, gsi: u32| mailbox_u64(vm, IRQ_COUNTS + u64::from(irq_vector(gsi)) * 8);
+    let (parent, _) = guest_vm(Workload::Interrupts, config(16), &[]);
+    parent.run_to_ready(Duration::from_secs(20)).unwrap();
+    assert_eq!(mailbox_u64(&parent, mailbox::USED_LEN_BEFORE), 64);
+    assert!(looks_random(&bytes_at(&parent, DMA_BUFFER)[..64]));
+    assert_eq!(count(&parent, VIRTIO_SLOT0_GSI), 1, "the rng's interrupt");
+    assert_eq!(count(&parent, GENERATION_GSI), 0);
+    assert_eq!(
+        mailbox_u64(&parent, mailbox::PROGRESS),
+        0,
+        "no other vector"
+    );
+    let children: Vec<Vm> = (0..2)
+        .map(|_| parent.fork(&ForkOptions::default()).unwrap())
+        .collect();
+    for child in &children {
+        child.start().unwrap();
+    }
+    for (i, child) in children.iter().enumerate() {
+        let exit = child
+            .wait_timeout(Duration::from_secs(60))
+            .expect("the child exits");
+        assert_eq!(exit, ExitReason::GuestExit(0), "child {i}");
+        assert_eq!(
+            count(child, GENERATION_GSI),
+            1,
+            "child {i}: one generation interrupt"
+        );
+        assert_eq!(
+            count(child, VIRTIO_SLOT0_GSI),
+            1,
+            "child {i}: the parent's, inherited"
+        );
+    }
+    // The parent halts on: its generation did not change, and nothing of its children's
+    // reached it.
+    parent.start().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(count(&parent, GENERATION_GSI), 0);
+    assert_eq!(parent.status(), vmfork::VmStatus::Running);
+    parent.stop();
+}

@@ -629,7 +629,10 @@ fn concurrent_forks_of_a_guest_writing_its_disk_take_disk_and_memory_at_one_inst
     assert!(checked.into_inner() > 0, "the guest never got going");
     // 40 forks of a writing guest froze a layer each; past 16 the compactor merged them in the
     // background, so the parent's reads do not walk them all.
-    assert!(deepest.into_inner() > 16, "the stack never grew past 16 layers");
+    assert!(
+        deepest.into_inner() > 16,
+        "the stack never grew past 16 layers"
+    );
     let depth = || {
         let state = parent.device_state();
         let DeviceSpecific::Block(block) = &state.virtio[1].device else {

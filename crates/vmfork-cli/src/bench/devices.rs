@@ -250,7 +250,12 @@ fn deep_stack_reads(image: &Path, report: &mut Report) -> CliResult<()> {
         ("layers_compacted", json!(disk.below().layers.len())),
         ("layers_uncompacted", json!(deep.layers.len())),
     ];
-    report.add("disk_read_after_1000_forks_us_p50", compacted, "us", &params);
+    report.add(
+        "disk_read_after_1000_forks_us_p50",
+        compacted,
+        "us",
+        &params,
+    );
     report.add(
         "disk_read_after_1000_forks_uncompacted_us_p50",
         uncompacted,
