@@ -264,6 +264,22 @@ fn info(path: &Path, as_json: bool) -> CliResult<u8> {
             );
         }
     }
+    for disk in summary["disks"].as_array().into_iter().flatten() {
+        println!(
+            "disk {}     {}{} ({} sectors; {} chunks written, {} in {})",
+            disk["slot"],
+            disk["image"].as_str().unwrap_or("?"),
+            if disk["read_only"] == true {
+                ", read-only"
+            } else {
+                ""
+            },
+            disk["sectors"],
+            disk["chunks_written"],
+            disk["chunks_here"],
+            disk["file"].as_str().unwrap_or("this stream"),
+        );
+    }
     println!("records");
     for r in summary["records"].as_array().into_iter().flatten() {
         println!(

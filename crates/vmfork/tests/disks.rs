@@ -425,6 +425,17 @@ fn diff_snapshots_hold_only_the_disk_chunks_written_since_their_base() {
         [(after_chunk, 1)],
         "the diff holds only the chunk written since s0"
     );
+    let info = vmfork::Snapshot::open(&dir.join("s1")).unwrap().summary();
+    let disk = &info["disks"][0];
+    assert_eq!(disk["slot"], 1);
+    assert_eq!(disk["file"], "disk-1.bin");
+    assert_eq!(
+        (
+            disk["chunks_here"].as_u64(),
+            disk["chunks_written"].as_u64()
+        ),
+        (Some(1), Some(2))
+    );
     // Nothing written since: an empty disk diff.
     vm.snapshot(&dir.join("s2"), &diff).unwrap();
     assert_eq!(disk_file_runs(&dir.join("s2")), []);

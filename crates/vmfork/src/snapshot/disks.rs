@@ -48,6 +48,34 @@ pub(crate) fn instants(state: &VmState) -> Vec<(usize, DiskInstant)> {
         .collect()
 }
 
+/// What `snapshot info` shows of each disk: its slot, image, the chunks this snapshot's own
+/// file or records hold, and the chunks written over the image in all (the chain included).
+pub(crate) fn summary(state: &VmState) -> serde_json::Value {
+    let disks: Vec<serde_json::Value> = state
+        .devices
+        .virtio
+        .iter()
+        .enumerate()
+        .filter_map(|(slot, v)| match &v.device {
+            DeviceSpecific::Block(b) => Some(serde_json::json!({
+                "slot": slot,
+                "image": b.config.path,
+                "read_only": b.config.read_only,
+                "sectors": b.capacity,
+                "file": b.overlay.as_ref().map(|o| o.file.clone()),
+                "chunks_here": match (&b.overlay, &b.instant) {
+                    (Some(o), _) => o.runs.iter().map(|r| r.1).sum::<u64>(),
+                    (None, Some(i)) => i.layers.last().map_or(0, |l| l.chunks().len() as u64),
+                    (None, None) => 0,
+                },
+                "chunks_written": b.instant.as_ref().map_or(0, |i| i.written_chunks().len()),
+            })),
+            _ => None,
+        })
+        .collect();
+    serde_json::Value::Array(disks)
+}
+
 /// The chunks a snapshot of `instant` holds, ascending: every chunk written since boot; for a
 /// diff over `since` (the disk at the base snapshot's instant), those whose newest copy is in a
 /// layer frozen after it, and those a layer of `since` held that `instant` no longer has (a

@@ -908,6 +908,7 @@ impl Snapshot {
                 "path": b.path,
             })),
             "chain": self.chain,
+            "disks": disks::summary(&l.state),
             "records": self.records,
         })
     }
