@@ -130,7 +130,11 @@ fn device_interrupts_reach_a_guest_that_takes_them_and_each_fork_gets_its_own() 
     let (parent, _) = guest_vm(Workload::Interrupts, config(16), &[]);
     parent.run_to_ready(Duration::from_secs(20)).unwrap();
     assert_eq!(mailbox_u64(&parent, mailbox::USED_LEN_BEFORE), 64);
-    assert!(looks_random(&bytes_at(&parent, DMA_BUFFER)[..64]));
+    // (64 random bytes hold a zero one time in five: `looks_random` is for 4 KiB.)
+    let random = &bytes_at(&parent, DMA_BUFFER)[..64];
+    assert!(
+        random.iter().filter(|&&b| b == 0).count() < 8 && random.windows(2).any(|w| w[0] != w[1])
+    );
     assert_eq!(count(&parent, VIRTIO_SLOT0_GSI), 1, "the rng's interrupt");
     assert_eq!(count(&parent, GENERATION_GSI), 0);
     assert_eq!(
