@@ -2,7 +2,8 @@
 //! talks to the host through the serial port, the exit port and the mailbox page.
 
 use crate::layout::{
-    mailbox, EXIT_PORT, INPUT, MAILBOX, MEMTOUCH_BASE, READY_PORT, SERIAL_PORT, USER_CODE,
+    mailbox, DMA_BUFFER, EXIT_PORT, INPUT, MAILBOX, MEMTOUCH_BASE, READY_PORT, SERIAL_PORT,
+    USER_CODE,
 };
 use iced_x86::code_asm::*;
 use iced_x86::IcedError;
@@ -612,13 +613,19 @@ pub const ASSIST_BITS_INPUT: u64 = 0x0000_f0f0_0000_0f00;
 pub const ASSIST_MXCSR_LOADED: u32 = 0x7f80;
 /// Where `assist`'s 16-byte value lives (mailbox page, 16-aligned).
 pub const ASSIST_VALUE: u64 = MAILBOX + 0x100;
+/// `assist`'s XSAVE areas: the one it restores (planted by the host), and where it saves in
+/// the standard and the compacted format.
+pub const ASSIST_XSAVE_IN: u64 = DMA_BUFFER;
+pub const ASSIST_XSAVE_OUT: u64 = DMA_BUFFER + 0x1000;
+pub const ASSIST_XSAVEC_OUT: u64 = DMA_BUFFER + 0x2000;
 
 /// `assist` (ring 0): the instructions some hosts' KVM cannot emulate at ring 0, each checked.
 /// `lock cmpxchg16b` that succeeds (mailbox ASSIST_FIRST = ZF) and one that fails
 /// (ASSIST_SECOND = ZF, ASSIST_FOUND = the 16 bytes it loaded), `stac` and `clac` (ASSIST_FLAGS:
 /// RFLAGS after clac in the low half, after stac in the high half), then `int3` with its own #BP
 /// handler, which stores the return address it was given (ASSIST_BP_RIP) beside the address
-/// after the int3 (ASSIST_AFTER); exits 0.
+/// after the int3 (ASSIST_AFTER); then XRSTOR of [`ASSIST_XSAVE_IN`] (x87 and SSE), XSAVE to
+/// [`ASSIST_XSAVE_OUT`] and XSAVEC to [`ASSIST_XSAVEC_OUT`]; exits 0.
 pub fn assist() -> Result<Vec<u8>, IcedError> {
     let mut a = CodeAssembler::new(64)?;
     let mut handler = a.create_label();
@@ -677,6 +684,21 @@ pub fn assist() -> Result<Vec<u8>, IcedError> {
     a.mov(qword_ptr(r15 + mailbox::ASSIST_AFTER), rax)?;
     a.int3()?;
     a.set_label(&mut after)?;
+    // The XSAVE family: CR4.OSXSAVE on, XCR0 = x87 | SSE, then XRSTOR from the area the
+    // host planted, XSAVE and XSAVEC of what it loaded.
+    a.mov(rax, cr4)?;
+    a.or(eax, 1 << 18)?;
+    a.mov(cr4, rax)?;
+    a.xor(ecx, ecx)?;
+    a.mov(eax, 3u32)?;
+    a.xor(edx, edx)?;
+    a.xsetbv()?;
+    a.mov(rbx, ASSIST_XSAVE_IN)?;
+    a.xrstor(ptr(rbx))?;
+    a.mov(rbx, ASSIST_XSAVE_OUT)?;
+    a.xsave(ptr(rbx))?;
+    a.mov(rbx, ASSIST_XSAVEC_OUT)?;
+    a.xsavec(ptr(rbx))?;
     a.xor(eax, eax)?;
     a.mov(dx, EXIT_PORT as u32)?;
     a.out(dx, al)?;

@@ -1,5 +1,5 @@
 //! The emulation assist: a ring-0 guest runs `lock cmpxchg16b` (a hit and a miss), `stac` and
-//! `clac`, and `int3` with its own #BP handler. With the assist every result is right on any host; without it a
+//! `clac`, `int3` with its own #BP handler, and XRSTOR/XSAVE/XSAVEC. With the assist every result is right on any host; without it a
 //! host that emulates ring 0 (nested paravirtual KVM) stops the guest with an emulation
 //! failure, and bare-metal KVM runs it natively.
 
@@ -7,7 +7,10 @@ mod common;
 
 use common::*;
 use guests::layout::{mailbox, MAILBOX};
-use guests::workloads::{ASSIST_PLANTED, ASSIST_SWAPPED, ASSIST_VALUE};
+use guests::workloads::{
+    ASSIST_PLANTED, ASSIST_SWAPPED, ASSIST_VALUE, ASSIST_XSAVEC_OUT, ASSIST_XSAVE_IN,
+    ASSIST_XSAVE_OUT,
+};
 use guests::Workload;
 use vmfork::{ExitReason, Vm, VmConfig};
 
@@ -21,7 +24,45 @@ fn mailbox_u64(vm: &Vm, field: u64) -> u64 {
     vm.ram().read_u64(MAILBOX + field).unwrap()
 }
 
+/// The XMM registers `assist` restores (bytes 160-415 of the XSAVE area).
+fn planted_xmm() -> Vec<u8> {
+    (0..256).map(|i| (i * 7 + 3) as u8).collect()
+}
+
+/// Puts the XSAVE area `assist` restores in place: SSE state only (XSTATE_BV = 2), MXCSR at
+/// its power-on value.
+fn plant_xsave_area(vm: &Vm) {
+    let mut area = vec![0u8; 576];
+    area[24..28].copy_from_slice(&0x1f80u32.to_le_bytes());
+    area[160..416].copy_from_slice(&planted_xmm());
+    area[512] = 2;
+    vm.ram().write(ASSIST_XSAVE_IN, &area).unwrap();
+}
+
+fn bytes_at(vm: &Vm, addr: u64, len: usize) -> Vec<u8> {
+    let mut b = vec![0u8; len];
+    vm.ram().read(addr, &mut b).unwrap();
+    b
+}
+
 fn check_results(vm: &Vm) {
+    // XRSTOR then XSAVE (standard format) and XSAVEC (compacted): the XMM registers went in
+    // and came out; x87 was put in its initial state (FCW 0x37f); XCOMP_BV marks compaction.
+    let saved = bytes_at(vm, ASSIST_XSAVE_OUT, 576);
+    assert_eq!(
+        saved[160..416],
+        planted_xmm()[..],
+        "XMM through XRSTOR and XSAVE"
+    );
+    assert_eq!(saved[0..2], [0x7f, 0x03], "x87 initialised");
+    assert_eq!(saved[512] & 2, 2, "XSTATE_BV says SSE");
+    let compact = bytes_at(vm, ASSIST_XSAVEC_OUT, 576);
+    assert_eq!(compact[160..416], planted_xmm()[..], "XMM through XSAVEC");
+    assert_eq!(
+        u64::from_le_bytes(compact[520..528].try_into().unwrap()),
+        (1 << 63) | 3,
+        "XCOMP_BV"
+    );
     assert_eq!(mailbox_u64(vm, mailbox::ASSIST_FIRST), 1, "the hit set ZF");
     assert_eq!(
         mailbox_u64(vm, mailbox::ASSIST_SECOND),
@@ -70,6 +111,7 @@ fn the_assist_completes_cmpxchg16b_and_int3_at_ring_0() {
         ..config(16)
     };
     let (vm, _) = guest_vm(Workload::Assist, cfg, &[]);
+    plant_xsave_area(&vm);
     assert_eq!(run_to_exit(&vm), ExitReason::GuestExit(0));
     check_results(&vm);
     // A fork of it (the assist is part of its configuration) and a reset work the same way.
@@ -81,6 +123,7 @@ fn the_assist_completes_cmpxchg16b_and_int3_at_ring_0() {
         },
         &[],
     );
+    plant_xsave_area(&root);
     let fork = root.fork(&vmfork::ForkOptions::default()).unwrap();
     assert_eq!(run_to_exit(&fork), ExitReason::GuestExit(0));
     check_results(&fork);
@@ -101,6 +144,7 @@ fn the_assist_completes_cmpxchg16b_and_int3_at_ring_0() {
 #[test]
 fn without_the_assist_the_guest_runs_natively_or_stops_with_the_emulation_failure() {
     let (vm, _) = guest_vm(Workload::Assist, config(16), &[]);
+    plant_xsave_area(&vm);
     match run_to_exit(&vm) {
         ExitReason::GuestExit(0) => check_results(&vm),
         ExitReason::InternalError { detail, .. } => {

@@ -1,6 +1,7 @@
 //! The emulation assist: on hosts whose KVM emulates guest ring 0 (nested, paravirtual KVM),
 //! its instruction emulator refuses a few instructions a kernel uses (`lock cmpxchg16b`,
-//! `int3`, `clac`/`stac`, `popcnt`, `fwait`, `ldmxcsr`) and the vCPU stops with an emulation failure. With the assist on, the
+//! `int3`, `clac`/`stac`, `popcnt`, `fwait`, `ldmxcsr`, the XSAVE family: `xsave.rs`) and the
+//! vCPU stops with an emulation failure. With the assist on, the
 //! VMM decodes the instruction at the guest's RIP (iced-x86) and completes it itself: the
 //! 16-byte compare-exchange as one atomic host instruction on guest memory, `int3` as the #BP
 //! it raises, `clac`/`stac` on RFLAGS.AC. Off by default: on bare-metal KVM these instructions never reach the VMM.
@@ -11,6 +12,11 @@ use crate::x86::CR4_PSE;
 use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic, OpKind, Register};
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use kvm_ioctls::VcpuFd;
+
+mod xsave;
+
+/// IA32_XSS: the supervisor components XSAVES/XRSTORS handle.
+const MSR_IA32_XSS: u32 = 0xda0;
 
 /// The #BP and #MF vectors.
 const BP_VECTOR: u8 = 3;
@@ -152,11 +158,144 @@ pub fn complete(vcpu: &VcpuFd, ram: &GuestRam) -> Result<(), String> {
             vcpu.set_regs(&regs)
                 .map_err(|e| format!("KVM_SET_REGS: {e}"))
         }
+        Mnemonic::Xrstor
+        | Mnemonic::Xrstor64
+        | Mnemonic::Xrstors
+        | Mnemonic::Xrstors64
+        | Mnemonic::Xsave
+        | Mnemonic::Xsave64
+        | Mnemonic::Xsaveopt
+        | Mnemonic::Xsaveopt64
+        | Mnemonic::Xsavec
+        | Mnemonic::Xsavec64
+        | Mnemonic::Xsaves
+        | Mnemonic::Xsaves64 => {
+            xsave_family(vcpu, ram, &instruction, &regs, &sregs)?;
+            regs.rip = next;
+            vcpu.set_regs(&regs)
+                .map_err(|e| format!("KVM_SET_REGS: {e}"))
+        }
         other => Err(format!(
             "the assist does not complete {other:?} (at {:#x})",
             regs.rip
         )),
     }
+}
+
+/// XRSTOR(S) and XSAVE(OPT/C/S) between guest memory and the vCPU's XSAVE state (see
+/// `xsave.rs`).
+fn xsave_family(
+    vcpu: &VcpuFd,
+    ram: &GuestRam,
+    instruction: &Instruction,
+    regs: &kvm_regs,
+    sregs: &kvm_sregs,
+) -> Result<(), String> {
+    use Mnemonic::*;
+    let mnemonic = instruction.mnemonic();
+    let supervisor = matches!(mnemonic, Xrstors | Xrstors64 | Xsaves | Xsaves64);
+    if supervisor {
+        let mut msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+            index: MSR_IA32_XSS,
+            ..Default::default()
+        }])
+        .map_err(|e| format!("{e:?}"))?;
+        let n = vcpu
+            .get_msrs(&mut msrs)
+            .map_err(|e| format!("KVM_GET_MSRS: {e}"))?;
+        if n == 1 && msrs.as_slice()[0].data != 0 {
+            return Err(format!(
+                "{mnemonic:?} with supervisor state enabled (IA32_XSS {:#x}) is not completed",
+                msrs.as_slice()[0].data
+            ));
+        }
+    }
+    let xcr0 = vcpu
+        .get_xcrs()
+        .map_err(|e| format!("KVM_GET_XCRS: {e}"))?
+        .xcrs
+        .iter()
+        .find(|x| x.xcr == 0)
+        .map_or(1, |x| x.value);
+    let rfbm = xcr0 & ((regs.rdx << 32) | (regs.rax & 0xffff_ffff));
+    let linear = effective_address(instruction, regs, sregs)?;
+    if linear % 64 != 0 {
+        return Err(format!(
+            "{mnemonic:?} of an area at {linear:#x}, not 64-byte aligned (#GP)"
+        ));
+    }
+    let mut kvm_state = vcpu
+        .get_xsave()
+        .map_err(|e| format!("KVM_GET_XSAVE: {e}"))?;
+    let mut kvm: Vec<u8> = kvm_state
+        .region
+        .iter()
+        .flat_map(|w| w.to_le_bytes())
+        .collect();
+    let restoring = matches!(mnemonic, Xrstor | Xrstor64 | Xrstors | Xrstors64);
+    let compact = matches!(mnemonic, Xsavec | Xsavec64 | Xsaves | Xsaves64);
+    // The area's header first (a restore's XCOMP_BV says how long the area is).
+    let mut header = [0u8; 64];
+    read_linear(sregs, ram, linear + 512, &mut header)?;
+    let xcomp_bv = u64::from_le_bytes(header[8..16].try_into().unwrap_or_default());
+    let len = if restoring {
+        let compacted = xcomp_bv & xsave::COMPACTED != 0;
+        xsave::area_len(
+            if compacted { xcomp_bv } else { rfbm },
+            compacted,
+            &xsave::host_component,
+        )
+    } else {
+        xsave::area_len(rfbm, compact, &xsave::host_component)
+    };
+    let mut area = vec![0u8; len];
+    read_linear(sregs, ram, linear, &mut area)?;
+    if restoring {
+        xsave::restore(&area, rfbm, &mut kvm, &xsave::host_component)?;
+        for (word, bytes) in kvm_state.region.iter_mut().zip(kvm.chunks_exact(4)) {
+            *word = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+        }
+        crate::state::vcpu::set_xsave(vcpu, &kvm_state).map_err(|e| e.to_string())
+    } else {
+        xsave::save(&kvm, rfbm, compact, &mut area, &xsave::host_component)?;
+        write_linear(sregs, ram, linear, &area)
+    }
+}
+
+/// Reads `buf.len()` bytes at guest-linear `linear`, page by page through the page tables.
+fn read_linear(
+    sregs: &kvm_sregs,
+    ram: &GuestRam,
+    linear: u64,
+    buf: &mut [u8],
+) -> Result<(), String> {
+    let mut done = 0;
+    while done < buf.len() {
+        let at = linear + done as u64;
+        let n = ((PAGE_SIZE - at % PAGE_SIZE) as usize).min(buf.len() - done);
+        ram.read(translate(sregs, ram, at)?, &mut buf[done..done + n])
+            .map_err(|e| e.to_string())?;
+        done += n;
+    }
+    Ok(())
+}
+
+/// Writes `data` at guest-linear `linear`, page by page (every page translated first, so a
+/// fault leaves memory unwritten).
+fn write_linear(sregs: &kvm_sregs, ram: &GuestRam, linear: u64, data: &[u8]) -> Result<(), String> {
+    let mut pieces = Vec::new();
+    let mut done = 0;
+    while done < data.len() {
+        let at = linear + done as u64;
+        let n = ((PAGE_SIZE - at % PAGE_SIZE) as usize).min(data.len() - done);
+        pieces.push((translate(sregs, ram, at)?, done..done + n));
+        done += n;
+    }
+    for (physical, range) in pieces {
+        ram.write(physical, &data[range])
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 /// Delivers exception `vector` (no error code) before the next instruction.
