@@ -309,6 +309,10 @@ pub struct RestoreArgs {
     /// Check the memory files' checksums (and the diff chain's) before running anything.
     #[arg(long)]
     pub verify: bool,
+    /// Complete the instructions KVM's emulator refuses in the restored VMs (hosts that
+    /// emulate guest ring 0; a snapshot does not record it)
+    #[arg(long)]
+    pub emulation_assist: bool,
 }
 
 /// Restores and runs until every restored VM (and fork of one) has exited or been destroyed.
@@ -331,7 +335,11 @@ pub fn restore(args: RestoreArgs) -> CliResult<u8> {
         } else {
             SerialSink::buffer().0
         };
-        vms.push(registry.add(snap.restore(sink).map_err(|e| e.to_string())?));
+        let opts = vmfork::ForkOptions {
+            emulation_assist: args.emulation_assist,
+            ..Default::default()
+        };
+        vms.push(registry.add(snap.restore_with(sink, &opts).map_err(|e| e.to_string())?));
     }
     eprintln!(
         "vmfork: restored {} VM(s) from snapshot {} in {:.2} ms",

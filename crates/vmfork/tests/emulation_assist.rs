@@ -154,3 +154,41 @@ fn without_the_assist_the_guest_runs_natively_or_stops_with_the_emulation_failur
         other => panic!("unexpected: {other}"),
     }
 }
+
+#[test]
+fn a_restore_turns_the_assist_on_when_asked() {
+    // A snapshot records the VM, not the host's need for the assist: restores ask for it.
+    let dir = temp_dir("assist-restore");
+    let (vm, _) = guest_vm(
+        Workload::Assist,
+        VmConfig {
+            emulation_assist: true,
+            ..config(16)
+        },
+        &[],
+    );
+    plant_xsave_area(&vm);
+    vm.snapshot(&dir.join("s"), &vmfork::SnapshotOptions::default())
+        .unwrap();
+    let snap = vmfork::Snapshot::open(&dir.join("s")).unwrap();
+    let opts = vmfork::ForkOptions {
+        emulation_assist: true,
+        ..Default::default()
+    };
+    let restored = snap
+        .restore_with(vmfork::devices::SerialSink::Discard, &opts)
+        .unwrap();
+    assert!(restored.config().emulation_assist);
+    assert_eq!(run_to_exit(&restored), ExitReason::GuestExit(0));
+    check_results(&restored);
+    let plain = snap.restore(vmfork::devices::SerialSink::Discard).unwrap();
+    assert!(!plain.config().emulation_assist);
+    match run_to_exit(&plain) {
+        ExitReason::GuestExit(0) => check_results(&plain),
+        ExitReason::InternalError { detail, .. } => {
+            assert!(detail.contains("emulation failure"), "{detail}")
+        }
+        other => panic!("unexpected: {other}"),
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -270,7 +270,7 @@ fn fork(registry: &Registry, vm: &Vm, req: &Request) -> Reply {
         pause_parent: r.pause_parent,
         no_devices: r.no_devices,
         block_interrupts: r.block_interrupts,
-        fresh_shell: false,
+        ..ForkOptions::default()
     };
     lib(registry.room_for(r.count, vm.config().mem_bytes))?;
     let sinks = (0..r.count).map(|_| SerialSink::buffer().0).collect();
@@ -325,6 +325,9 @@ struct RestoreRequest {
     /// Check the memory checksums (the whole diff chain's) before restoring.
     #[serde(default)]
     verify: bool,
+    /// Turn the emulation assist on in the restored VMs (a snapshot does not record it).
+    #[serde(default)]
+    emulation_assist: bool,
 }
 
 fn restore(registry: &Registry, req: &Request) -> Reply {
@@ -343,7 +346,11 @@ fn restore(registry: &Registry, req: &Request) -> Reply {
     lib(registry.room_for(r.count, snapshot.config().mem_bytes))?;
     let mut described = Vec::new();
     for _ in 0..r.count {
-        let vm = lib(registry.admit(lib(snapshot.restore(SerialSink::buffer().0))?))?;
+        let opts = ForkOptions {
+            emulation_assist: r.emulation_assist,
+            ..Default::default()
+        };
+        let vm = lib(registry.admit(lib(snapshot.restore_with(SerialSink::buffer().0, &opts))?))?;
         if !r.paused {
             lib(vm.start())?;
         }

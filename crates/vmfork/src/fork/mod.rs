@@ -36,6 +36,10 @@ pub struct ForkOptions {
     /// Create a new KVM VM for the child instead of taking a ready one from the shell pool
     /// ([`crate::vm::pool`]); for measuring what the pool saves.
     pub fresh_shell: bool,
+    /// Turn the emulation assist on in the new VM (see `VmConfig::emulation_assist`): for
+    /// restores, as a snapshot does not record it (it is the host's need, not the VM's); a
+    /// fork always has its parent's.
+    pub emulation_assist: bool,
 }
 
 /// What a reset puts back.

@@ -255,7 +255,11 @@ impl Snapshot {
         // A fork of the snapshot's image: `reset` takes it back to the snapshot.
         let source = ForkSource::Snapshot(self.id());
         let origin = ForkOrigin::new(&self.loaded.state, &self.image, source, opts);
-        let vm = Vm::from_image(&self.loaded.config, origin, sink, opts)?;
+        let config = crate::vm::VmConfig {
+            emulation_assist: opts.emulation_assist,
+            ..self.loaded.config.clone()
+        };
+        let vm = Vm::from_image(&config, origin, sink, opts)?;
         // A diff snapshot of the restored VM is based on this snapshot (if it has a directory).
         if self.path.is_dir() {
             vm.tracking().since_snapshot = Some(SnapshotMark {
