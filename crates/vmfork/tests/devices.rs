@@ -172,3 +172,22 @@ fn device_interrupts_reach_a_guest_that_takes_them_and_each_fork_gets_its_own() 
     assert_eq!(parent.status(), vmfork::VmStatus::Running);
     parent.stop();
 }
+
+#[test]
+fn a_restored_guest_takes_its_new_generations_interrupt() {
+    use guests::drivers::{irq_vector, GENERATION_GSI, IRQ_COUNTS};
+    let count = |vm: &Vm| mailbox_u64(vm, IRQ_COUNTS + u64::from(irq_vector(GENERATION_GSI)) * 8);
+    let dir = temp_dir("restore-generation-irq");
+    let (parent, _) = guest_vm(Workload::Interrupts, config(16), &[]);
+    parent.run_to_ready(Duration::from_secs(20)).unwrap();
+    let restored = snapshot_and_restore(&parent, &dir.join("s"));
+    restored.start().unwrap();
+    let exit = restored.wait_timeout(Duration::from_secs(20));
+    assert_eq!(
+        exit,
+        Some(ExitReason::GuestExit(0)),
+        "no generation interrupt"
+    );
+    assert_eq!(count(&restored), 1);
+    std::fs::remove_dir_all(dir).unwrap();
+}
