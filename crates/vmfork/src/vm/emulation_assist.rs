@@ -58,23 +58,13 @@ pub fn complete(vcpu: &VcpuFd, ram: &GuestRam) -> Result<(), String> {
                 regs.rdx = (found >> 64) as u64;
             }
             regs.rip = next;
-            vcpu.set_regs(&regs)
-                .map_err(|e| format!("KVM_SET_REGS: {e}"))
+            write_back(vcpu, &regs)
         }
         Mnemonic::Int3 => {
             // A trap: the handler sees the address after the int3.
             regs.rip = next;
-            vcpu.set_regs(&regs)
-                .map_err(|e| format!("KVM_SET_REGS: {e}"))?;
-            let mut events = vcpu
-                .get_vcpu_events()
-                .map_err(|e| format!("KVM_GET_VCPU_EVENTS: {e}"))?;
-            events.exception.injected = 1;
-            events.exception.nr = BP_VECTOR;
-            events.exception.has_error_code = 0;
-            events.exception.error_code = 0;
-            vcpu.set_vcpu_events(&events)
-                .map_err(|e| format!("KVM_SET_VCPU_EVENTS: {e}"))
+            write_back(vcpu, &regs)?;
+            inject(vcpu, BP_VECTOR)
         }
         // fwait: raises #MF for a pending unmasked x87 exception, else does nothing.
         Mnemonic::Wait => {
@@ -84,8 +74,7 @@ pub fn complete(vcpu: &VcpuFd, ram: &GuestRam) -> Result<(), String> {
                 .map_err(|e| format!("KVM_GET_XSAVE: {e}"))?;
             let fsw = (xsave.region[0] >> 16) as u16;
             regs.rip = next;
-            vcpu.set_regs(&regs)
-                .map_err(|e| format!("KVM_SET_REGS: {e}"))?;
+            write_back(vcpu, &regs)?;
             if fsw & FSW_ES != 0 {
                 inject(vcpu, MF_VECTOR)?;
             }
@@ -111,8 +100,7 @@ pub fn complete(vcpu: &VcpuFd, ram: &GuestRam) -> Result<(), String> {
                     .map_err(|e| e.to_string())?;
             }
             regs.rip = next;
-            vcpu.set_regs(&regs)
-                .map_err(|e| format!("KVM_SET_REGS: {e}"))
+            write_back(vcpu, &regs)
         }
         // SMAP's access switch around a kernel's user copies.
         Mnemonic::Clac | Mnemonic::Stac => {
@@ -122,8 +110,7 @@ pub fn complete(vcpu: &VcpuFd, ram: &GuestRam) -> Result<(), String> {
                 regs.rflags |= RFLAGS_AC;
             }
             regs.rip = next;
-            vcpu.set_regs(&regs)
-                .map_err(|e| format!("KVM_SET_REGS: {e}"))
+            write_back(vcpu, &regs)
         }
         // Bit counts (a kernel patches them in where the CPU has them).
         Mnemonic::Popcnt | Mnemonic::Lzcnt | Mnemonic::Tzcnt => {
@@ -155,8 +142,7 @@ pub fn complete(vcpu: &VcpuFd, ram: &GuestRam) -> Result<(), String> {
                 regs.rflags |= RFLAGS_CF;
             }
             regs.rip = next;
-            vcpu.set_regs(&regs)
-                .map_err(|e| format!("KVM_SET_REGS: {e}"))
+            write_back(vcpu, &regs)
         }
         Mnemonic::Xrstor
         | Mnemonic::Xrstor64
@@ -172,8 +158,7 @@ pub fn complete(vcpu: &VcpuFd, ram: &GuestRam) -> Result<(), String> {
         | Mnemonic::Xsaves64 => {
             xsave_family(vcpu, ram, &instruction, &regs, &sregs)?;
             regs.rip = next;
-            vcpu.set_regs(&regs)
-                .map_err(|e| format!("KVM_SET_REGS: {e}"))
+            write_back(vcpu, &regs)
         }
         other => Err(format!(
             "the assist does not complete {other:?} (at {:#x})",
@@ -296,6 +281,12 @@ fn write_linear(sregs: &kvm_sregs, ram: &GuestRam, linear: u64, data: &[u8]) -> 
             .map_err(|e| e.to_string())?;
     }
     Ok(())
+}
+
+/// Puts the completed instruction's registers back.
+fn write_back(vcpu: &VcpuFd, regs: &kvm_regs) -> Result<(), String> {
+    vcpu.set_regs(regs)
+        .map_err(|e| format!("KVM_SET_REGS: {e}"))
 }
 
 /// Delivers exception `vector` (no error code) before the next instruction.
