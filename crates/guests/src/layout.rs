@@ -102,4 +102,6 @@ pub mod mailbox {
     /// value loaded in the high half of ASSIST_MXCSR).
     pub const ASSIST_MXCSR: u64 = 0xf8;
     pub const ASSIST_MXCSR_AFTER: u64 = 0x200;
+    /// `clock`: the TSC it read (at CPL3) just before its last write to the ready port.
+    pub const CLOCK_TSC: u64 = 0x208;
 }

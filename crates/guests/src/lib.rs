@@ -35,11 +35,12 @@ pub enum Workload {
     Net,
     Assist,
     Interrupts,
+    Clock,
 }
 
 impl Workload {
     /// Every workload, in the order `vmfork guests` lists them.
-    pub const ALL: [Workload; 16] = [
+    pub const ALL: [Workload; 17] = [
         Workload::Hello,
         Workload::Counter,
         Workload::Memtouch,
@@ -56,6 +57,7 @@ impl Workload {
         Workload::Net,
         Workload::Assist,
         Workload::Interrupts,
+        Workload::Clock,
     ];
 
     pub fn name(self) -> &'static str {
@@ -76,6 +78,7 @@ impl Workload {
             Workload::Net => "net",
             Workload::Assist => "assist",
             Workload::Interrupts => "interrupts",
+            Workload::Clock => "clock",
         }
     }
 
@@ -96,6 +99,7 @@ impl Workload {
             Workload::Net => "virtio-net driver: writes the ready port, broadcasts a frame carrying PARAM0, waits for one from another VM; exits 0",
             Workload::Assist => "ring 0: lock cmpxchg16b (a hit and a miss) and int3 with its own handler, results in the mailbox; exits 0",
             Workload::Interrupts => "ring 0: routes the generation id's and virtio slot 0's lines through the IOAPIC, takes the rng's interrupt, writes the ready port, halts until a generation-id interrupt (a fork's); counts in the mailbox by vector; exits 0",
+            Workload::Clock => "reads the TSC at CPL3 into the mailbox (CLOCK_TSC) and writes the ready port, forever",
             Workload::Entropy => "virtio-rng and generation-id driver: reads the generation id and PARAM0 random bytes, writes the ready port, reads both again, exits 0",
         }
     }
@@ -116,6 +120,7 @@ impl Workload {
                 | Workload::Entropy
                 | Workload::Disk
                 | Workload::Interrupts
+                | Workload::Clock
         )
     }
 
@@ -145,6 +150,7 @@ impl Workload {
             Workload::Net => (drivers::net(), Ring::User),
             Workload::Assist => (workloads::assist(), Ring::Kernel),
             Workload::Interrupts => (drivers::interrupts(), Ring::Kernel),
+            Workload::Clock => (workloads::clock(), Ring::User),
         };
         // The assembler input is fixed at compile time, so failure here is a bug in this crate.
         (code.expect("built-in workload assembles"), ring)

@@ -198,6 +198,21 @@ pub fn counter() -> Result<Vec<u8>, IcedError> {
     g.finish()
 }
 
+/// Forever: reads the TSC (at CPL3, where no hypervisor emulates the read), stores it in
+/// CLOCK_TSC and writes the ready port; so a VMM can compare the guest's TSC with its own view.
+pub fn clock() -> Result<Vec<u8>, IcedError> {
+    let mut g = Asm::new()?;
+    let mut top = g.a.create_label();
+    g.a.set_label(&mut top)?;
+    g.a.rdtsc()?;
+    g.a.shl(rdx, 32)?;
+    g.a.or(rax, rdx)?;
+    g.a.mov(qword_ptr(r15 + mailbox::CLOCK_TSC), rax)?;
+    g.announce_ready()?;
+    g.a.jmp(top)?;
+    g.finish()
+}
+
 /// Fills PARAM0 pages from [`MEMTOUCH_BASE`] with [`memtouch_pattern`]`(PARAM1, page)`, counting
 /// pages done in PROGRESS, prints `memtouch done N` and exits 0.
 pub fn memtouch() -> Result<Vec<u8>, IcedError> {

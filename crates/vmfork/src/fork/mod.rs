@@ -173,12 +173,34 @@ impl Vm {
         }
         if let Some(clock) = &state.clock {
             let clock = kvm_bindings::kvm_clock_data {
-                clock: clock.clock,
+                clock: self.clock_after_tsc_load(state, clock.clock)?,
                 ..Default::default()
             };
             shared.fd.set_clock(&clock).kvm("KVM_SET_CLOCK")?;
         }
         Ok(())
+    }
+
+    /// The kvmclock to load after the vCPUs' state (see [`crate::state::clock`]): the saved one,
+    /// moved by however far vCPU 0's TSC now is from its saved TSC.
+    fn clock_after_tsc_load(&self, state: &VmState, saved_ns: u64) -> Result<u64> {
+        use crate::state::clock::{clock_following_tsc, IA32_TSC};
+        let Some(saved_tsc) = state.vcpus.first().and_then(|v| v.msr(IA32_TSC)) else {
+            return Ok(saved_ns);
+        };
+        let tsc_now = {
+            let vcpu = self.shared().vcpus[0]
+                .fd
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            crate::state::vcpu::read_msr(&vcpu, IA32_TSC)?
+        };
+        Ok(clock_following_tsc(
+            saved_ns,
+            saved_tsc,
+            tsc_now,
+            self.tsc_khz()?,
+        ))
     }
 
     /// Whether this VM is a fork or was restored from a snapshot (and so can be reset).

@@ -1,6 +1,7 @@
 //! The saved state of every stateful part of a VM. Fork, snapshot and migration all move VM
 //! state through these types: a fork saves and loads them in memory, a snapshot through a file.
 
+pub(crate) mod clock;
 pub(crate) mod vcpu;
 
 pub(crate) use vcpu::probe_msrs;

@@ -159,6 +159,11 @@ fn read_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_msr_entry>> {
     Ok(out)
 }
 
+/// The current value of MSR `index` of a vCPU that is not running.
+pub(crate) fn read_msr(vcpu: &VcpuFd, index: u32) -> Result<u64> {
+    Ok(read_msrs(vcpu, &[index])?[0].data)
+}
+
 fn write_msrs(vcpu: &VcpuFd, entries: &[kvm_msr_entry]) -> Result<()> {
     let mut rest = entries;
     while !rest.is_empty() {

@@ -1010,6 +1010,15 @@ impl Vm {
         self.shared.fd.get_clock().kvm("KVM_GET_CLOCK")
     }
 
+    /// The frequency of vCPU 0's TSC, in kHz.
+    pub fn tsc_khz(&self) -> Result<u32> {
+        let vcpu = self.shared.vcpus[0]
+            .fd
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        vcpu.get_tsc_khz().kvm("KVM_GET_TSC_KHZ")
+    }
+
     /// The whole VM state but RAM contents; the VM must not be running.
     pub fn save_state(&self) -> Result<VmState> {
         let _op = self.exclusive();
