@@ -177,3 +177,30 @@ fn bad_network_configurations_are_clear_errors() {
     }
     assert!(!interface_exists("vmfbad0"));
 }
+
+/// VM ids count from 1 in every vmfork process, so a fork's `<tap>-<id>` may be held by a VM of
+/// another process: the fork then takes `<tap>-<pid>-<id>`. (The test holds the taps the next
+/// forks would take, as another process would; other tests of this binary make few VMs.)
+#[test]
+fn a_fork_whose_tap_name_another_process_holds_takes_a_name_of_its_own() {
+    const WINDOW: u64 = 16;
+    let n = std::process::id() % 10_000;
+    let tap = format!("vmfc{n}");
+    let vm = net_vm(&tap, 0xcccc);
+    vm.run_to_ready(Duration::from_secs(30)).unwrap();
+    let first = vm.fork(&ForkOptions::default()).unwrap();
+    let held: Vec<_> = (first.id() + 1..=first.id() + WINDOW)
+        .map(|id| vmfork::devices::virtio::net::tap::Tap::open(&format!("{tap}-{id}")).unwrap())
+        .collect();
+    let second = vm.fork(&ForkOptions::default()).unwrap();
+    assert!(
+        second.id() <= first.id() + WINDOW,
+        "more VMs made meanwhile than the window"
+    );
+    let own = format!("{tap}-{}-{}", std::process::id(), second.id());
+    assert_eq!(second.describe_devices()["virtio"][1]["tap"], own);
+    assert!(interface_exists(&own));
+    drop(second);
+    assert!(!interface_exists(&own));
+    drop(held);
+}

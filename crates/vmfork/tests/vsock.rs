@@ -106,6 +106,47 @@ fn a_guest_connects_to_the_host_and_forks_and_restores_find_their_connections_re
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// VM ids count from 1 in every vmfork process, so a fork's `<uds>.<id>` may be a live socket
+/// of another process's VM: the fork then listens at `<uds>.<pid>.<id>`; a socket file nobody
+/// listens on (a dead process's) is replaced. (The test holds the sockets the next forks would
+/// take, as another process would; other tests of this binary make few VMs.)
+#[test]
+fn a_fork_whose_socket_another_process_holds_listens_at_a_name_of_its_own() {
+    const WINDOW: u64 = 32;
+    let (dir, uds) = setup("vsock-taken");
+    let (vm, _) = guest_vm(
+        Workload::Vsock,
+        vsock_config(&uds),
+        &[(mailbox::PARAM0, PORT), (mailbox::PARAM1, 1)],
+    );
+    vm.run_to_ready(Duration::from_secs(30)).unwrap();
+    let first = vm.fork(&ForkOptions::default()).unwrap();
+    let held: Vec<_> = (first.id() + 1..=first.id() + WINDOW)
+        .map(|id| UnixListener::bind(format!("{}.{id}", uds.display())).unwrap())
+        .collect();
+    let second = vm.fork(&ForkOptions::default()).unwrap();
+    assert!(
+        second.id() <= first.id() + WINDOW,
+        "more VMs made meanwhile than the window"
+    );
+    let own = format!("{}.{}.{}", uds.display(), std::process::id(), second.id());
+    assert_eq!(second.describe_devices()["virtio"][1]["socket"], own);
+    // It works there: a fork's connection is reset, and it exits 0.
+    assert_eq!(run_to_exit(&second), ExitReason::GuestExit(0));
+    assert_eq!(mailbox_u64(&second, mailbox::VSOCK_RESETS), 1);
+    drop(second);
+    assert!(!Path::new(&own).exists());
+    // A stale socket file (its listener gone) is taken over under the plain name.
+    drop(held);
+    let third = vm.fork(&ForkOptions::default()).unwrap();
+    assert_eq!(
+        third.describe_devices()["virtio"][1]["socket"],
+        format!("{}.{}", uds.display(), third.id())
+    );
+    drop((third, first, vm));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[test]
 fn a_connection_to_a_port_nobody_listens_on_is_reset_and_host_junk_is_dropped() {
     let (dir, uds) = setup("vsock-refused");

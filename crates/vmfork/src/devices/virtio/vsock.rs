@@ -2,7 +2,8 @@
 //! a guest connecting to the host (CID 2) port P reaches the socket `<uds_path>_P`; a host
 //! program connecting to the VM's own socket and writing `CONNECT P\n` reaches the guest's
 //! port P (and reads `OK <host port>\n` once the guest accepts). A root VM listens at
-//! `uds_path`; a fork or a restore at `<uds_path>.<VM id>`.
+//! `uds_path`; a fork or a restore at `<uds_path>.<VM id>` (`<uds_path>.<pid>.<VM id>` when a VM
+//! of another vmfork process listens there: VM ids are per process).
 //!
 //! Connections are host state, so they are not forked: a fork, a restore or a reset starts
 //! with none, and the guest is told through a transport-reset event (virtio 1.2, 5.10.6.6)
@@ -193,6 +194,20 @@ fn io_error(what: &str, e: std::io::Error) -> crate::Error {
     crate::Error::Config(format!("vsock: {what}: {e}"))
 }
 
+/// Binds a listening socket at `path`, replacing a socket file nobody listens on any more (left
+/// by a process that died); a live listener there is `AddrInUse`.
+fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    if path.exists() && UnixStream::connect(path).is_err() {
+        let is_socket = std::fs::symlink_metadata(path)
+            .map(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+            .unwrap_or(false);
+        if is_socket {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    UnixListener::bind(path)
+}
+
 impl Vsock {
     /// The root VM's vsock, listening at `config.uds_path` once its worker starts.
     pub fn new(config: &VsockConfig) -> crate::Result<Self> {
@@ -234,17 +249,26 @@ impl Vsock {
     }
 
     fn listen(&mut self, path: PathBuf) -> crate::Result<()> {
-        // A socket file nobody listens on any more (a process that died) is replaced.
-        if path.exists() && UnixStream::connect(&path).is_err() {
-            let is_socket = std::fs::symlink_metadata(&path)
-                .map(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
-                .unwrap_or(false);
-            if is_socket {
-                let _ = std::fs::remove_file(&path);
-            }
-        }
-        let listener = UnixListener::bind(&path)
+        let listener = bind(&path)
             .map_err(|e| io_error(&format!("cannot listen at {}", path.display()), e))?;
+        self.listen_on(listener, path)
+    }
+
+    /// A fork's or restored VM's socket: `<uds_path>.<VM id>`, or, when a VM of another vmfork
+    /// process (whose ids count from 1 too) listens there, `<uds_path>.<pid>.<VM id>`.
+    fn listen_as_fork(&mut self, vm_id: u64) -> crate::Result<()> {
+        let base = self.config.uds_path.display().to_string();
+        let path = PathBuf::from(format!("{base}.{vm_id}"));
+        match bind(&path) {
+            Ok(listener) => self.listen_on(listener, path),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => self.listen(PathBuf::from(
+                format!("{base}.{}.{vm_id}", std::process::id()),
+            )),
+            Err(e) => Err(io_error(&format!("cannot listen at {}", path.display()), e)),
+        }
+    }
+
+    fn listen_on(&mut self, listener: UnixListener, path: PathBuf) -> crate::Result<()> {
         listener
             .set_nonblocking(true)
             .map_err(|e| io_error("listener", e))?;
@@ -638,16 +662,11 @@ impl VirtioDevice for Vsock {
 
     fn start_worker(&mut self, worker: WorkerHandle) -> crate::Result<()> {
         if self.listener.is_none() {
-            let path = if self.root {
-                self.config.uds_path.clone()
+            if self.root {
+                self.listen(self.config.uds_path.clone())?;
             } else {
-                PathBuf::from(format!(
-                    "{}.{}",
-                    self.config.uds_path.display(),
-                    worker.vm_id
-                ))
-            };
-            self.listen(path)?;
+                self.listen_as_fork(worker.vm_id)?;
+            }
         }
         self.wakeup.spawn("vmfork-vsock", worker)
     }

@@ -32,7 +32,7 @@ const MAX_FRAME: usize = 65_550;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetConfig {
     /// The root VM's tap interface (created if it does not exist); forks and restores get
-    /// `<tap>-<VM id>`.
+    /// `<tap>-<VM id>` (`<tap>-<pid>-<VM id>` when a VM of another vmfork process holds that).
     pub tap: String,
     /// The root VM's MAC; a random locally administered one if not given.
     #[serde(default)]
@@ -60,9 +60,29 @@ pub fn random_mac() -> crate::Result<[u8; 6]> {
 
 /// `<base>-<id>`, the base cut so the whole fits an interface name.
 fn fork_tap_name(base: &str, vm_id: u64) -> String {
-    let suffix = format!("-{vm_id}");
+    tap_name_with(base, &format!("-{vm_id}"))
+}
+
+/// `<base>-<pid>-<id>`: a fork's tap when a VM of another vmfork process (whose ids count from
+/// 1 too) holds `<base>-<id>`.
+fn fork_tap_name_of_process(base: &str, vm_id: u64, pid: u32) -> String {
+    tap_name_with(base, &format!("-{pid}-{vm_id}"))
+}
+
+fn tap_name_with(base: &str, suffix: &str) -> String {
     let keep = tap::MAX_NAME.saturating_sub(suffix.len()).min(base.len());
     format!("{}{suffix}", &base[..keep])
+}
+
+/// Opens a fork's tap, under the process-qualified name if another process holds the plain one
+/// (TUNSETIFF: EBUSY).
+fn open_fork_tap(base: &str, vm_id: u64) -> std::io::Result<Tap> {
+    match Tap::open(&fork_tap_name(base, vm_id)) {
+        Err(e) if e.kind() == std::io::ErrorKind::ResourceBusy => {
+            Tap::open(&fork_tap_name_of_process(base, vm_id, std::process::id()))
+        }
+        other => other,
+    }
 }
 
 fn io_error(what: &str, e: std::io::Error) -> crate::Error {
@@ -255,8 +275,8 @@ impl VirtioDevice for Net {
 
     fn start_worker(&mut self, worker: WorkerHandle) -> crate::Result<()> {
         if self.tap.is_none() {
-            let name = fork_tap_name(&self.config.tap, worker.vm_id);
-            let tap = Tap::open(&name).map_err(|e| io_error("cannot open the tap", e))?;
+            let tap = open_fork_tap(&self.config.tap, worker.vm_id)
+                .map_err(|e| io_error("cannot open the tap", e))?;
             self.wakeup.watch(tap.fd());
             self.tap = Some(tap);
         }
@@ -308,6 +328,11 @@ mod tests {
         assert_eq!(fork_tap_name("vmf0", 17), "vmf0-17");
         assert_eq!(fork_tap_name("a-very-long-tap", 123456), "a-very-l-123456");
         assert!(fork_tap_name("a-very-long-tap", 123456).len() <= tap::MAX_NAME);
+        assert_eq!(fork_tap_name_of_process("vmf0", 3, 4242), "vmf0-4242-3");
+        assert_eq!(
+            fork_tap_name_of_process("lnxtap0", 12, 4194304),
+            "lnxt-4194304-12"
+        );
         let mac = random_mac().unwrap();
         assert_eq!(mac[0] & 3, 2, "locally administered unicast");
         assert_eq!(parse_mac(&format_mac(&mac)).unwrap(), mac);
