@@ -41,11 +41,12 @@ pub struct GuestArgs {
     #[arg(long = "disk", value_parser = parse_disk)]
     pub disks: Vec<DiskConfig>,
     /// A virtio-vsock, as CID,PATH: guests reach host sockets PATH_<port>; the VM listens at
-    /// PATH (forks at PATH.<id>) for `CONNECT <port>` from host programs.
+    /// PATH (forks at PATH.<id>, or PATH.<pid>.<id> if another process holds that) for
+    /// `CONNECT <port>` from host programs.
     #[arg(long, value_parser = parse_vsock)]
     pub vsock: Option<VsockConfig>,
-    /// A virtio-net on a tap, as TAP[,MAC][,keep-mac]: forks get tap TAP-<id> and a new MAC
-    /// (unless keep-mac).
+    /// A virtio-net on a tap, as TAP[,MAC][,keep-mac]: forks get tap TAP-<id> (TAP-<pid>-<id>
+    /// if another process holds that) and a new MAC (unless keep-mac).
     #[arg(long, value_parser = parse_net)]
     pub net: Option<NetConfig>,
     /// Complete the instructions KVM's emulator refuses (cmpxchg16b, int3) on hosts that

@@ -3,7 +3,8 @@
 //! tap is waited on there; the guest's notify only wakes it).
 //!
 //! The tap and the MAC are the VM's network identity, so forks and restores get their own:
-//! a new tap named `<tap>-<VM id>` (cut to the 15 bytes an interface name holds) and, unless
+//! a new tap named `<tap>-<VM id>` (cut to the 15 bytes an interface name holds; with the process
+//! id inserted when another vmfork process's VM holds that name) and, unless
 //! `keep_mac`, a new random locally administered MAC in the device's config space. Frames in
 //! flight are not forked. The interface goes away with the VM.
 
