@@ -91,7 +91,26 @@ enum GuestsAction {
     },
 }
 
+/// `vmfork ls | head -1`: printing to a pipe whose reader has gone ends the process quietly with
+/// status 141 (128 + SIGPIPE, what a shell reports for a Unix tool killed writing to a closed
+/// pipe) instead of a panic. Rust ignores SIGPIPE, so `println!` panics there instead.
+fn exit_quietly_when_stdout_closes() {
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .unwrap_or_default();
+        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(i32::from(run::CONSOLE_CLOSED_STATUS));
+        }
+        default_hook(info)
+    }));
+}
+
 fn main() -> ExitCode {
+    exit_quietly_when_stdout_closes();
     let cli = Cli::parse();
     if cli.no_seccomp {
         vmfork::confine::seccomp::set_enabled(false);

@@ -24,6 +24,20 @@ fn run_hello_prints_and_exits_zero() {
 }
 
 #[test]
+fn output_to_a_closed_pipe_ends_quietly_with_status_141() {
+    // The pipe's reader is gone before vmfork starts, so its first line fails with EPIPE.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let o = Command::new(env!("CARGO_BIN_EXE_vmfork"))
+        .arg("guests")
+        .stdout(writer)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(141), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
+}
+
+#[test]
 fn guest_exit_codes_and_faults_become_exit_statuses() {
     let o = vmfork(&["run", "--guest", "triple"]);
     assert_eq!(o.status.code(), Some(125));
