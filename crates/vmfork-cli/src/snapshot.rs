@@ -315,6 +315,20 @@ pub struct RestoreArgs {
     pub emulation_assist: bool,
 }
 
+/// What to tell a user whose restored guest's TSC is not the saved one (a KVM that cannot set a
+/// guest's TSC; README, "Guest time"); nothing when it is within a second.
+fn tsc_note(jump_ns: i64) -> Option<String> {
+    (jump_ns.unsigned_abs() >= 1_000_000_000).then(|| {
+        format!(
+            "this host's KVM did not load the saved TSC: the guest's TSC is {:.1} s {} the \
+             snapshot's while its kvmclock is the snapshot's; a Linux guest using the TSC as its \
+             clocksource sees its time jump (boot such guests with clocksource=kvm-clock)",
+            jump_ns.unsigned_abs() as f64 / 1e9,
+            if jump_ns > 0 { "ahead of" } else { "behind" }
+        )
+    })
+}
+
 /// Restores and runs until every restored VM (and fork of one) has exited or been destroyed.
 /// The first VM's console goes to the terminal; the exit status is its guest's.
 pub fn restore(args: RestoreArgs) -> CliResult<u8> {
@@ -347,6 +361,12 @@ pub fn restore(args: RestoreArgs) -> CliResult<u8> {
         snap.id(),
         started.elapsed().as_secs_f64() * 1000.0
     );
+    if let Some(note) = vms
+        .first()
+        .and_then(|vm| tsc_note(vm.tsc_jump_at_load_ns()))
+    {
+        eprintln!("vmfork: note: {note}");
+    }
     let server = match &args.api_sock {
         Some(path) => Some(ApiServer::start(path, registry.clone()).map_err(|e| e.to_string())?),
         None => None,
@@ -378,5 +398,21 @@ pub fn restore(args: RestoreArgs) -> CliResult<u8> {
         }
         Some(r) => Ok(r.status().clamp(0, 255) as u8),
         None => Ok(130),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tsc_note;
+
+    #[test]
+    fn a_tsc_off_by_a_second_or_more_gets_a_note() {
+        assert_eq!(tsc_note(0), None);
+        assert_eq!(tsc_note(-999_999_999), None);
+        let ahead = tsc_note(300_000_000_000).unwrap();
+        assert!(ahead.contains("300.0 s ahead of"), "{ahead}");
+        assert!(ahead.contains("clocksource=kvm-clock"), "{ahead}");
+        assert!(tsc_note(-2_000_000_000).unwrap().contains("2.0 s behind"));
+        assert!(tsc_note(i64::MIN).is_some());
     }
 }

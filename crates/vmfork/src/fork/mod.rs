@@ -168,12 +168,13 @@ impl Vm {
                 vcpu_state.restore_without_cpuid(&slot)?;
             }
         }
+        self.measure_tsc_jump(state)?;
         if let Some(irqchip) = &state.irqchip {
             self.set_irqchip_state(irqchip)?;
         }
         if let Some(clock) = &state.clock {
             let clock = kvm_bindings::kvm_clock_data {
-                clock: self.clock_after_tsc_load(state, clock.clock)?,
+                clock: clock.clock,
                 ..Default::default()
             };
             shared.fd.set_clock(&clock).kvm("KVM_SET_CLOCK")?;
@@ -181,12 +182,12 @@ impl Vm {
         Ok(())
     }
 
-    /// The kvmclock to load after the vCPUs' state (see [`crate::state::clock`]): the saved one,
-    /// moved by however far vCPU 0's TSC now is from its saved TSC.
-    fn clock_after_tsc_load(&self, state: &VmState, saved_ns: u64) -> Result<u64> {
-        use crate::state::clock::{clock_following_tsc, IA32_TSC};
+    /// Measures how far vCPU 0's TSC is from its saved TSC now that the state is loaded (see
+    /// [`crate::state::clock`]), for [`Vm::tsc_jump_at_load_ns`].
+    fn measure_tsc_jump(&self, state: &VmState) -> Result<()> {
+        use crate::state::clock::{tsc_jump_ns, IA32_TSC};
         let Some(saved_tsc) = state.vcpus.first().and_then(|v| v.msr(IA32_TSC)) else {
-            return Ok(saved_ns);
+            return Ok(());
         };
         let tsc_now = {
             let vcpu = self.shared().vcpus[0]
@@ -195,12 +196,11 @@ impl Vm {
                 .unwrap_or_else(|p| p.into_inner());
             crate::state::vcpu::read_msr(&vcpu, IA32_TSC)?
         };
-        Ok(clock_following_tsc(
-            saved_ns,
-            saved_tsc,
-            tsc_now,
-            self.tsc_khz()?,
-        ))
+        let jump = tsc_jump_ns(saved_tsc, tsc_now, self.tsc_khz()?);
+        self.shared()
+            .tsc_jump_at_load_ns
+            .store(jump, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     /// Whether this VM is a fork or was restored from a snapshot (and so can be reset).

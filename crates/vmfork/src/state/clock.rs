@@ -1,41 +1,26 @@
-//! Guest time on load: kvmclock keeps the distance to the TSC it had when it was saved.
+//! Guest time on load: how far the TSC a loaded vCPU really has is from the one saved.
 //!
-//! A restore loads each vCPU's TSC and then kvmclock. Linux reads both and assumes they move
-//! together: kvmclock is `system_time + (TSC - tsc_timestamp) × scale`, computed from a page the
-//! guest saved with its RAM, and Linux uses the TSC directly as its clocksource and for its
-//! TSC-deadline timer. On bare-metal KVM the TSC load takes effect and the two agree. A host
-//! whose KVM cannot offset the guest's TSC (this development host's paravirtual KVM keeps the
-//! host's TSC, whatever is written) leaves the TSC running on across the snapshot's age while
-//! kvmclock goes back to the saved instant: the guest's clock then steps back by that age as soon
-//! as KVM rewrites the kvmclock page, and a Linux guest restored minutes after its snapshot was
-//! taken stalls. So the kvmclock to load is the saved one moved by however far the vCPU's TSC
-//! really is from the saved TSC after the load: nothing on bare metal (microseconds), the
-//! snapshot's age where the TSC cannot be set.
+//! A restore (like a fork and a reset) loads each vCPU's TSC, then kvmclock, at their saved
+//! values: the guest does not see the time the snapshot spent on disk. Bare-metal KVM applies
+//! the TSC load. A host whose KVM cannot offset a guest's TSC (this development host's
+//! paravirtual KVM keeps the host's TSC, whatever is written) leaves the guest's TSC ahead by the
+//! snapshot's age, while kvmclock is back at the saved instant; a Linux guest that took the TSC
+//! as its clocksource then sees its time jump by that age, and a kernel with a periodic tick
+//! replays every missed tick in its timer interrupt (minutes of ticks at emulated ring-0 speed:
+//! a restored VM that never catches up). A guest on kvm-clock (`clocksource=kvm-clock`) does
+//! not jump. vmfork cannot fix the TSC on such a host; it measures the jump so it can say so.
 
 /// The time-stamp counter MSR.
 pub(crate) const IA32_TSC: u32 = 0x10;
 
-/// The kvmclock (ns) to load, given the saved kvmclock and TSC, the TSC the vCPU has after its
-/// state was loaded, and the TSC's frequency.
-pub(crate) fn clock_following_tsc(
-    saved_ns: u64,
-    saved_tsc: u64,
-    tsc_now: u64,
-    tsc_khz: u32,
-) -> u64 {
+/// How far (ns) a TSC of `tsc_now` is ahead of `saved_tsc` (negative: behind), at `tsc_khz`.
+pub(crate) fn tsc_jump_ns(saved_tsc: u64, tsc_now: u64, tsc_khz: u32) -> i64 {
     if tsc_khz == 0 {
-        return saved_ns;
+        return 0;
     }
-    // Cycles to ns in 128 bits: a TSC difference of years still fits.
-    let to_ns = |cycles: u64| -> u64 {
-        let ns = u128::from(cycles) * 1_000_000 / u128::from(tsc_khz);
-        u64::try_from(ns).unwrap_or(u64::MAX)
-    };
-    if tsc_now >= saved_tsc {
-        saved_ns.saturating_add(to_ns(tsc_now - saved_tsc))
-    } else {
-        saved_ns.saturating_sub(to_ns(saved_tsc - tsc_now))
-    }
+    let cycles = i128::from(tsc_now) - i128::from(saved_tsc);
+    let ns = cycles * 1_000_000 / i128::from(tsc_khz);
+    i64::try_from(ns).unwrap_or(if ns < 0 { i64::MIN } else { i64::MAX })
 }
 
 #[cfg(test)]
@@ -43,19 +28,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn kvmclock_moves_with_the_tsc() {
+    fn tsc_differences_in_ns() {
         // 2 GHz: 2,000,000 cycles per ms.
-        assert_eq!(clock_following_tsc(5_000, 1_000, 1_000, 2_000_000), 5_000);
+        assert_eq!(tsc_jump_ns(1_000, 1_000, 2_000_000), 0);
         assert_eq!(
-            clock_following_tsc(5_000, 1_000, 1_000 + 2_000_000_000, 2_000_000),
-            5_000 + 1_000_000_000
+            tsc_jump_ns(1_000, 1_000 + 2_000_000_000, 2_000_000),
+            1_000_000_000
         );
-        assert_eq!(
-            clock_following_tsc(5_000_000, 4_000_000, 2_000_000, 2_000_000),
-            4_000_000
-        );
-        assert_eq!(clock_following_tsc(5, 4_000_000, 0, 2_000_000), 0);
-        assert_eq!(clock_following_tsc(7, 0, u64::MAX, 1), u64::MAX);
-        assert_eq!(clock_following_tsc(7, 0, 1 << 40, 0), 7);
+        assert_eq!(tsc_jump_ns(4_000_000, 2_000_000, 2_000_000), -1_000_000);
+        assert_eq!(tsc_jump_ns(0, u64::MAX, 1), i64::MAX);
+        assert_eq!(tsc_jump_ns(u64::MAX, 0, 1), i64::MIN);
+        assert_eq!(tsc_jump_ns(0, 1 << 40, 0), 0);
     }
 }

@@ -154,6 +154,8 @@ pub(crate) struct VmShared {
     pub(crate) id: u64,
     /// Instructions the emulation assist completed.
     assisted: std::sync::atomic::AtomicU64,
+    /// vCPU 0's TSC minus its saved TSC right after the last state load, in ns.
+    pub(crate) tsc_jump_at_load_ns: std::sync::atomic::AtomicI64,
     /// The pooled shell's reserved range `ram` is placed in.
     ram_range: Option<Arc<AddressRange>>,
 }
@@ -332,6 +334,7 @@ impl Vm {
                 serial: parts.serial,
                 id: NEXT_VM_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
                 assisted: std::sync::atomic::AtomicU64::new(0),
+                tsc_jump_at_load_ns: std::sync::atomic::AtomicI64::new(0),
             }),
             threads: Mutex::new(Vec::new()),
         };
@@ -1008,6 +1011,16 @@ impl Vm {
         let _op = self.exclusive();
         self.require_stopped()?;
         self.shared.fd.get_clock().kvm("KVM_GET_CLOCK")
+    }
+
+    /// How far ahead of its saved value (ns; negative: behind) vCPU 0's TSC was right after
+    /// this VM's state was last loaded (a fork, a restore, a reset); 0 for a booted VM.
+    /// Microseconds where KVM sets a guest's TSC; the time since the state was saved (a
+    /// snapshot's age) on hosts whose KVM keeps the host's TSC (see [`crate::state::clock`]).
+    pub fn tsc_jump_at_load_ns(&self) -> i64 {
+        self.shared
+            .tsc_jump_at_load_ns
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The frequency of vCPU 0's TSC, in kHz.
