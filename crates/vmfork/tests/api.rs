@@ -324,6 +324,8 @@ fn snapshot_verify_merge_and_restore_over_the_socket() {
     assert_eq!(vms.len(), 2);
     assert_eq!(vms[0]["restored_from"], merged["id"]);
     assert_eq!(vms[0]["is_fork"], true);
+    // How far the restored TSC is from the saved one: a number (the snapshot's age at most).
+    assert!(vms[0]["tsc_jump_at_load_ns"].is_i64(), "{}", vms[0]);
     let (status, _) = call(&sock, "POST", &format!("/vms/{}/reset", vms[0]["id"]), "");
     assert_eq!(status, 200);
 

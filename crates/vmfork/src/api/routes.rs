@@ -212,6 +212,7 @@ pub fn describe(vm: &Vm) -> Value {
         "status": vm.status().name(),
         "is_fork": vm.is_fork(),
         "restored_from": vm.restored_from(),
+        "tsc_jump_at_load_ns": vm.tsc_jump_at_load_ns(),
         "vcpus": vm.vcpu_count(),
         "mem_bytes": vm.config().mem_bytes,
         "private_memory_bytes": private,
