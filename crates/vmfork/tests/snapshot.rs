@@ -708,13 +708,14 @@ fn every_device_is_a_record_and_older_snapshots_load_the_power_on_state_of_the_r
         .collect();
     assert_eq!(
         devices,
-        [0, 1, 2, 16],
-        "serial, CMOS, generation id, virtio slot 0: {summary}"
+        [0, 1, 2, 3, 16],
+        "serial, CMOS, generation id, i8042, virtio slot 0: {summary}"
     );
     let devices = vm.save_state().unwrap().devices;
     assert_eq!(devices.cmos, vmfork::devices::CmosRegisters::default());
+    assert_eq!(devices.i8042, vmfork::devices::I8042Registers::default());
     // The version 1 golden snapshot has only the serial's record: it restores with the
-    // power-on CMOS and virtio-rng, and (as every restore) a new generation id.
+    // power-on CMOS, i8042 and virtio-rng, and (as every restore) a new generation id.
     let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/v1.vmfs");
     let restored = Snapshot::open(&golden)
         .unwrap()
@@ -722,6 +723,7 @@ fn every_device_is_a_record_and_older_snapshots_load_the_power_on_state_of_the_r
         .unwrap();
     let state = restored.save_state().unwrap().devices;
     assert_eq!(state.cmos, vmfork::devices::CmosRegisters::default());
+    assert_eq!(state.i8042, vmfork::devices::I8042Registers::default());
     assert_eq!(state.virtio.len(), 1);
     assert_eq!(state.virtio[0].status, 0);
     assert_ne!(state.generation.id, [0; 16]);

@@ -1,7 +1,8 @@
 //! Interrupt lines: every VM shell registers one irqfd per line a device may raise (the
-//! serial's, the generation-id device's and one per virtio-mmio slot), so every shell has the
-//! same shape and a pooled one fits any VM.
+//! keyboard's, the serial's, the generation-id device's and one per virtio-mmio slot), so every
+//! shell has the same shape and a pooled one fits any VM.
 
+use super::legacy::i8042::I8042_IRQ;
 use super::legacy::serial::SERIAL_IRQ;
 use super::virtio::VIRTIO_SLOTS;
 use vmm_sys_util::eventfd::EventFd;
@@ -13,7 +14,7 @@ pub const VIRTIO_IRQ_BASE: u32 = 6;
 
 /// Every GSI a shell registers an irqfd for (all below the IOAPIC's 24 pins).
 pub fn device_gsis() -> impl Iterator<Item = u32> {
-    [SERIAL_IRQ, VMGENID_IRQ]
+    [I8042_IRQ, SERIAL_IRQ, VMGENID_IRQ]
         .into_iter()
         .chain((0..VIRTIO_SLOTS as u32).map(|i| VIRTIO_IRQ_BASE + i))
 }

@@ -20,7 +20,7 @@ pub mod vmm_ports;
 
 pub use irq::IrqLines;
 pub use legacy::cmos::{CmosRegisters, CMOS_BASE};
-pub use legacy::i8042::I8042_BASE;
+pub use legacy::i8042::{I8042Registers, I8042_BASE};
 pub use legacy::serial::{SerialRegisters, SERIAL_BASE, SERIAL_IRQ};
 pub use serial_sink::{stdout_closed, SerialBuffer, SerialSink, SERIAL_BUFFER_CAP};
 pub use virtio::block::DiskConfig;
@@ -32,7 +32,7 @@ pub use vmm_ports::{EXIT_PORT, READY_PORT};
 
 use crate::memory::GuestRam;
 use legacy::cmos::{Cmos, CMOS_LEN};
-use legacy::i8042::{I8042, I8042_LEN};
+use legacy::i8042::{I8042, I8042_IRQ, I8042_LEN};
 use legacy::serial::{SerialPort, SERIAL_LEN};
 use serde::{Deserialize, Serialize};
 use std::cell::Cell;
@@ -117,6 +117,7 @@ impl Signals {
 pub struct DeviceState {
     pub serial: SerialRegisters,
     pub cmos: CmosRegisters,
+    pub i8042: I8042Registers,
     pub generation: GenerationId,
     /// The virtio-mmio slots in use, from slot 0 (unused slots are not saved).
     pub virtio: Vec<VirtioState>,
@@ -213,6 +214,7 @@ pub struct Devices {
     io: IoManager,
     serial: Arc<SerialPort>,
     cmos: Arc<Cmos>,
+    i8042: Arc<I8042>,
     generation: Arc<VmGenId>,
     virtio: Vec<Arc<MmioTransport>>,
     /// Device workers hold it for reading while they serve; a fork, snapshot or reset holds it
@@ -233,6 +235,7 @@ impl Devices {
         Self::on_buses(
             SerialPort::new(sink, irqs.line(SERIAL_IRQ)?),
             Cmos::power_on(CmosRegisters::default()),
+            I8042Registers::default(),
             generation,
             virtio_devices(config)?,
             irqs,
@@ -248,6 +251,7 @@ impl Devices {
         let devices = Self::on_buses(
             SerialPort::from_state(&state.serial, sink, irqs.line(SERIAL_IRQ)?)?,
             Cmos::new(state.cmos.clone())?,
+            state.i8042.clone(),
             state.generation.clone(),
             saved_virtio_devices(&state.virtio)?,
             irqs,
@@ -262,6 +266,7 @@ impl Devices {
         let devices = Self::on_buses(
             SerialPort::detached(state.serial, irqs.line(SERIAL_IRQ)?),
             Cmos::new(state.cmos)?,
+            state.i8042,
             state.generation,
             saved_virtio_devices(&state.virtio)?,
             irqs,
@@ -273,6 +278,7 @@ impl Devices {
     fn on_buses(
         serial: SerialPort,
         cmos: Cmos,
+        i8042: I8042Registers,
         generation: GenerationId,
         virtio_devices: Vec<Box<dyn VirtioDevice>>,
         irqs: &IrqLines,
@@ -281,11 +287,12 @@ impl Devices {
         let cmos = Arc::new(cmos);
         let generation = Arc::new(VmGenId::new(generation, irqs.line(irq::VMGENID_IRQ)?));
         let signals = Signals::default();
+        let i8042 = Arc::new(I8042::new(i8042, signals, irqs.line(I8042_IRQ)?)?);
         let mut io = IoManager::new();
         let ports: [(u16, u16, Arc<dyn DevicePio + Send + Sync>); 5] = [
             (SERIAL_BASE, SERIAL_LEN, serial.clone()),
             (CMOS_BASE, CMOS_LEN, cmos.clone()),
-            (I8042_BASE, I8042_LEN, Arc::new(I8042::new(signals))),
+            (I8042_BASE, I8042_LEN, i8042.clone()),
             (EXIT_PORT, EXIT_PORT_LEN, Arc::new(ExitPort(signals))),
             (READY_PORT, 1, Arc::new(ReadyPort(signals))),
         ];
@@ -320,6 +327,7 @@ impl Devices {
             io,
             serial,
             cmos,
+            i8042,
             generation,
             has_workers: virtio.iter().any(|t| t.has_worker()),
             virtio,
@@ -431,6 +439,7 @@ impl Devices {
         self.touched
             .store(false, std::sync::atomic::Ordering::Release);
         self.cmos.load(&state.cmos)?;
+        self.i8042.load(&state.i8042)?;
         self.generation.load(&state.generation)?;
         self.load_virtio(&state.virtio)?;
         self.serial.load(&state.serial)
@@ -441,6 +450,7 @@ impl Devices {
         DeviceState {
             serial: self.serial.save(),
             cmos: self.cmos.save(),
+            i8042: self.i8042.save(),
             generation: self.generation.save(),
             virtio: self.virtio.iter().map(|t| t.save()).collect(),
         }

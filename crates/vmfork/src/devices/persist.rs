@@ -2,7 +2,9 @@
 //! by a fixed instance, each body the device's own saved state (postcard). The snapshot code
 //! loops over these parts; a device added here needs no change there.
 
-use super::{CmosRegisters, DeviceState, GenerationId, SerialRegisters, VirtioState};
+use super::{
+    CmosRegisters, DeviceState, GenerationId, I8042Registers, SerialRegisters, VirtioState,
+};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -13,6 +15,8 @@ pub const DEVICE_SERIAL: u32 = 0;
 pub const DEVICE_CMOS: u32 = 1;
 /// Optional on load: a restore makes a new generation anyway.
 pub const DEVICE_GENERATION: u32 = 2;
+/// Optional on load (snapshots from before it load its power-on state).
+pub const DEVICE_I8042: u32 = 3;
 /// virtio-mmio slot `i` is instance `DEVICE_VIRTIO_BASE + i`; a missing slot loads its
 /// power-on state.
 pub const DEVICE_VIRTIO_BASE: u32 = 16;
@@ -42,6 +46,7 @@ impl DeviceState {
                 DEVICE_GENERATION,
                 encode("generation id", &self.generation)?,
             ),
+            (DEVICE_I8042, encode("i8042", &self.i8042)?),
         ];
         for (slot, state) in self.virtio.iter().enumerate() {
             parts.push((
@@ -57,7 +62,7 @@ impl DeviceState {
     pub fn decode_parts(parts: &BTreeMap<u32, &[u8]>) -> Result<Self, String> {
         let virtio_slots = super::virtio::VIRTIO_SLOTS as u32;
         if let Some(unknown) = parts.keys().find(|&&d| {
-            d > DEVICE_GENERATION
+            d > DEVICE_I8042
                 && !(DEVICE_VIRTIO_BASE..DEVICE_VIRTIO_BASE + virtio_slots).contains(&d)
         }) {
             return Err(format!(
@@ -87,6 +92,11 @@ impl DeviceState {
             .map(|b| decode("generation id (device 2)", b))
             .transpose()?
             .unwrap_or_default();
+        let i8042: I8042Registers = parts
+            .get(&DEVICE_I8042)
+            .map(|b| decode("i8042 (device 3)", b))
+            .transpose()?
+            .unwrap_or_default();
         let mut virtio: Vec<VirtioState> = Vec::new();
         for (&instance, body) in parts.range(DEVICE_VIRTIO_BASE..) {
             let slot = instance - DEVICE_VIRTIO_BASE;
@@ -104,6 +114,7 @@ impl DeviceState {
         Ok(Self {
             serial,
             cmos,
+            i8042,
             generation,
             virtio,
         })
