@@ -197,7 +197,9 @@ fn a_fork_whose_tap_name_another_process_holds_takes_a_name_of_its_own() {
         second.id() <= first.id() + WINDOW,
         "more VMs made meanwhile than the window"
     );
-    let own = format!("{tap}-{}-{}", std::process::id(), second.id());
+    // Cut, as every tap name, to the 15 bytes an interface name holds.
+    let suffix = format!("-{}-{}", std::process::id(), second.id());
+    let own = format!("{}{suffix}", &tap[..tap.len().min(15 - suffix.len())]);
     assert_eq!(second.describe_devices()["virtio"][1]["tap"], own);
     assert!(interface_exists(&own));
     drop(second);
