@@ -11,6 +11,7 @@
 //! `acpi_rsdp_addr`), the tables follow it in the reserved area below 1 MiB.
 
 use crate::devices::irq::{VIRTIO_IRQ_BASE, VMGENID_IRQ};
+use crate::devices::legacy::i8042::I8042_IRQ;
 use crate::devices::legacy::serial::SERIAL_IRQ;
 use crate::devices::virtio::{VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
 use crate::devices::vmgenid::VMGENID_BASE;
@@ -82,11 +83,13 @@ fn dsdt_body(platform: &Platform) -> Vec<u8> {
     ));
     let kbd_data = aml::IO::new(0x60, 0x60, 1, 1);
     let kbd_cmd = aml::IO::new(0x64, 0x64, 1, 1);
+    // Its line too: on hardware-reduced ACPI Linux maps no legacy IRQ it is not told about.
+    let kbd_irq = edge_interrupt(I8042_IRQ);
     devices.push(device(
         "PS2K",
         &aml::EISAName::new("PNP0303"),
         0,
-        vec![&kbd_data, &kbd_cmd],
+        vec![&kbd_data, &kbd_cmd, &kbd_irq],
     ));
     let rtc_io = aml::IO::new(0x70, 0x70, 1, 2);
     devices.push(device(
