@@ -805,7 +805,8 @@ pub fn net() -> Result<Vec<u8>, IcedError> {
 
 /// The IOAPIC's registers: the select register and the window (at +0x10).
 const IOAPIC_BASE: u64 = 0xFEC0_0000;
-/// The generation id's line and virtio slot 0's (vmfork's GSIs 5 and 6).
+/// The i8042 keyboard's line, the generation id's and virtio slot 0's (vmfork's GSIs 1, 5, 6).
+pub const KEYBOARD_GSI: u32 = 1;
 pub const GENERATION_GSI: u32 = 5;
 pub const VIRTIO_SLOT0_GSI: u32 = 6;
 /// Where in the mailbox page `interrupts` counts interrupts: a u64 per vector.
@@ -814,13 +815,18 @@ pub const IRQ_COUNTS: u64 = 0x800;
 /// Halts until an interrupt from `gsi` has been counted (cli before the check and `sti; hlt`
 /// after it, so one arriving in between still ends the halt); leaves interrupts enabled.
 fn halt_until_counted(a: &mut CodeAssembler, gsi: u32) -> Result<(), IcedError> {
+    halt_until_count(a, gsi, 1)
+}
+
+/// [`halt_until_counted`] until `at_least` interrupts from `gsi` have been counted.
+fn halt_until_count(a: &mut CodeAssembler, gsi: u32, at_least: i32) -> Result<(), IcedError> {
     let mut wait = a.create_label();
     let mut done = a.create_label();
     let counter = (IRQ_COUNTS + u64::from(irq_vector(gsi)) * 8) as i32;
     a.set_label(&mut wait)?;
     a.cli()?;
-    a.cmp(qword_ptr(r15 + counter), 0)?;
-    a.jne(done)?;
+    a.cmp(qword_ptr(r15 + counter), at_least)?;
+    a.jge(done)?;
     a.sti()?;
     a.hlt()?;
     a.jmp(wait)?;
@@ -858,7 +864,7 @@ pub fn interrupts() -> Result<Vec<u8>, IcedError> {
     a.mov(rbx, LAPIC_BASE)?;
     a.mov(dword_ptr(rbx + 0xF0), 0x1FFu32)?; // software-enable, spurious vector 0xff
     a.mov(rbx, IOAPIC_BASE)?;
-    for gsi in [GENERATION_GSI, VIRTIO_SLOT0_GSI] {
+    for gsi in [KEYBOARD_GSI, GENERATION_GSI, VIRTIO_SLOT0_GSI] {
         a.mov(dword_ptr(rbx), 0x10 + 2 * gsi)?;
         a.mov(dword_ptr(rbx + 0x10), u32::from(irq_vector(gsi)))?; // fixed, edge, unmasked
         a.mov(dword_ptr(rbx), 0x11 + 2 * gsi)?;
@@ -873,6 +879,16 @@ pub fn interrupts() -> Result<Vec<u8>, IcedError> {
     a.mov(qword_ptr(r15 + mailbox::USED_LEN_BEFORE as i32), rax)?;
     // (The used ring is filled before the interrupt arrives: wait for it.)
     halt_until_counted(a, VIRTIO_SLOT0_GSI)?;
+    // The keyboard's reset: its acknowledgement interrupts, and so does its self-test result
+    // once the first byte is read.
+    a.mov(al, 0xFFu32)?;
+    a.out(0x60, al)?;
+    halt_until_count(a, KEYBOARD_GSI, 1)?;
+    a.in_(al, 0x60)?;
+    a.mov(byte_ptr(r15 + mailbox::KEYBOARD_ANSWER as i32), al)?;
+    halt_until_count(a, KEYBOARD_GSI, 2)?;
+    a.in_(al, 0x60)?;
+    a.mov(byte_ptr(r15 + (mailbox::KEYBOARD_ANSWER + 1) as i32), al)?;
     d.g.announce_ready()?;
     halt_until_counted(&mut d.g.a, GENERATION_GSI)?;
     d.g.exit_with(0)?;
@@ -883,7 +899,7 @@ pub fn interrupts() -> Result<Vec<u8>, IcedError> {
     // it empty inside the handler.) Any other vector is counted in PROGRESS.
     let a = &mut d.g.a;
     let mut own = Vec::new();
-    for gsi in [GENERATION_GSI, VIRTIO_SLOT0_GSI] {
+    for gsi in [KEYBOARD_GSI, GENERATION_GSI, VIRTIO_SLOT0_GSI] {
         let vector = irq_vector(gsi);
         let mut label = a.create_label();
         a.set_label(&mut label)?;

@@ -104,4 +104,7 @@ pub mod mailbox {
     pub const ASSIST_MXCSR_AFTER: u64 = 0x200;
     /// `clock`: the TSC it read (at CPL3) just before its last write to the ready port.
     pub const CLOCK_TSC: u64 = 0x208;
+    /// `interrupts`: the two bytes the i8042 keyboard answered its reset with, each read after
+    /// its interrupt.
+    pub const KEYBOARD_ANSWER: u64 = 0x210;
 }

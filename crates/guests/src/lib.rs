@@ -98,7 +98,7 @@ impl Workload {
             Workload::Vsock => "virtio-vsock driver: connects to host port PARAM0, echoes PARAM1 counters, writes the ready port, sends one more; exits 0",
             Workload::Net => "virtio-net driver: writes the ready port, broadcasts a frame carrying PARAM0, waits for one from another VM; exits 0",
             Workload::Assist => "ring 0: lock cmpxchg16b (a hit and a miss) and int3 with its own handler, results in the mailbox; exits 0",
-            Workload::Interrupts => "ring 0: routes the generation id's and virtio slot 0's lines through the IOAPIC, takes the rng's interrupt, writes the ready port, halts until a generation-id interrupt (a fork's); counts in the mailbox by vector; exits 0",
+            Workload::Interrupts => "ring 0: routes the generation id's and virtio slot 0's lines through the IOAPIC, takes the rng's interrupt, resets the i8042 keyboard and reads its two answer bytes each after its interrupt, writes the ready port, halts until a generation-id interrupt (a fork's); counts in the mailbox by vector; exits 0",
             Workload::Clock => "reads the TSC at CPL3 into the mailbox (CLOCK_TSC) and writes the ready port, forever",
             Workload::Entropy => "virtio-rng and generation-id driver: reads the generation id and PARAM0 random bytes, writes the ready port, reads both again, exits 0",
         }

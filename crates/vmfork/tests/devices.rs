@@ -123,12 +123,18 @@ fn a_restored_guest_carries_on_with_its_virtqueue_and_a_new_generation() {
 #[test]
 fn device_interrupts_reach_a_guest_that_takes_them_and_each_fork_gets_its_own() {
     // The `interrupts` guest (ring 0) routes the lines through the IOAPIC as a kernel does:
-    // the rng's used-buffer interrupt arrives; a fork's new generation id raises the fork's
-    // line, not the parent's.
-    use guests::drivers::{irq_vector, GENERATION_GSI, IRQ_COUNTS, VIRTIO_SLOT0_GSI};
+    // the rng's used-buffer interrupt and the keyboard's arrive; a fork's new generation id
+    // raises the fork's line, not the parent's.
+    use guests::drivers::{irq_vector, GENERATION_GSI, IRQ_COUNTS, KEYBOARD_GSI, VIRTIO_SLOT0_GSI};
     let count = |vm: &Vm, gsi: u32| mailbox_u64(vm, IRQ_COUNTS + u64::from(irq_vector(gsi)) * 8);
     let (parent, _) = guest_vm(Workload::Interrupts, config(16), &[]);
     parent.run_to_ready(Duration::from_secs(20)).unwrap();
+    // The i8042 keyboard answered its reset (ACK, self test passed), a byte per interrupt.
+    assert_eq!(
+        mailbox_u64(&parent, mailbox::KEYBOARD_ANSWER) & 0xffff,
+        0xaafa
+    );
+    assert_eq!(count(&parent, KEYBOARD_GSI), 2);
     assert_eq!(mailbox_u64(&parent, mailbox::USED_LEN_BEFORE), 64);
     // (64 random bytes hold a zero one time in five: `looks_random` is for 4 KiB.)
     let random = &bytes_at(&parent, DMA_BUFFER)[..64];
