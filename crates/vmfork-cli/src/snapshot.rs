@@ -313,6 +313,14 @@ pub struct RestoreArgs {
     /// emulate guest ring 0; a snapshot does not record it)
     #[arg(long)]
     pub emulation_assist: bool,
+    /// The tap the restored VM's network device uses, instead of TAP-<id> (created if it does
+    /// not exist; needs -n 1).
+    #[arg(long)]
+    pub tap: Option<String>,
+    /// Where the restored VM's vsock listens, and the base of the host sockets its guest
+    /// reaches (PATH_<port>), instead of the snapshot's PATH.<id> (needs -n 1).
+    #[arg(long)]
+    pub vsock_path: Option<PathBuf>,
 }
 
 /// What to tell a user whose restored guest's TSC is not the saved one (a KVM that cannot set a
@@ -335,6 +343,16 @@ pub fn restore(args: RestoreArgs) -> CliResult<u8> {
     if args.count == 0 || args.count > 1024 {
         return Err(format!("-n {} must be 1 to 1024", args.count));
     }
+    let rewiring = vmfork::devices::Rewiring {
+        tap: args.tap.clone(),
+        vsock_path: args.vsock_path.clone(),
+    };
+    if args.count > 1 && !rewiring.is_empty() {
+        return Err(format!(
+            "--tap and --vsock-path name one VM's endpoints: they need -n 1 (not {})",
+            args.count
+        ));
+    }
     let started = Instant::now();
     let snap = open(&args.path)?;
     if args.verify {
@@ -351,6 +369,7 @@ pub fn restore(args: RestoreArgs) -> CliResult<u8> {
         };
         let opts = vmfork::ForkOptions {
             emulation_assist: args.emulation_assist,
+            rewiring: rewiring.clone(),
             ..Default::default()
         };
         vms.push(registry.add(snap.restore_with(sink, &opts).map_err(|e| e.to_string())?));

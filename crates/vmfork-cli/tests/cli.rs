@@ -110,6 +110,10 @@ fn bad_input_gets_one_clear_line_and_a_nonzero_exit() {
     for (args, needle) in [
         (vec!["run", "--guest", "nope"], "unknown guest 'nope'"),
         (
+            vec!["restore", "-n", "2", "--tap", "vmf-x", "/nonexistent"],
+            "need -n 1",
+        ),
+        (
             vec!["run", "--guest", "hello", "--vcpus", "0"],
             "out of range",
         ),

@@ -326,6 +326,21 @@ fn snapshot_verify_merge_and_restore_over_the_socket() {
     assert_eq!(vms[0]["is_fork"], true);
     // How far the restored TSC is from the saved one: a number (the snapshot's age at most).
     assert!(vms[0]["tsc_jump_at_load_ns"].is_i64(), "{}", vms[0]);
+    // Rewiring names one VM's endpoints, of devices it has.
+    for (request, needle) in [
+        (
+            serde_json::json!({ "path": at("merged"), "count": 2, "tap": "vmf-x" }),
+            "count must be 1",
+        ),
+        (
+            serde_json::json!({ "path": at("merged"), "vsock_path": "v.sock" }),
+            "no vsock",
+        ),
+    ] {
+        let (status, reply) = call(&sock, "POST", "/snapshots/restore", &request.to_string());
+        assert_eq!(status, 400, "{reply}");
+        assert!(reply.to_string().contains(needle), "{reply}");
+    }
     let (status, _) = call(&sock, "POST", &format!("/vms/{}/reset", vms[0]["id"]), "");
     assert_eq!(status, 200);
 

@@ -206,3 +206,37 @@ fn a_fork_whose_tap_name_another_process_holds_takes_a_name_of_its_own() {
     assert!(!interface_exists(&own));
     drop(held);
 }
+
+/// A restore rewired to a tap takes that tap exactly (not `<tap>-<id>`) and keeps it through a
+/// reset; its forks get `<rewired tap>-<id>`.
+#[test]
+fn a_restore_rewired_to_a_tap_takes_it() {
+    let n = std::process::id() % 10_000;
+    let (tap, rewired) = (format!("vmfd{n}"), format!("vmfr{n}"));
+    let vm = net_vm(&tap, 0xdddd);
+    vm.run_to_ready(Duration::from_secs(30)).unwrap();
+    let dir = temp_dir("net-rewired");
+    vm.snapshot(&dir.join("snap"), &vmfork::SnapshotOptions::default())
+        .unwrap();
+    let opts = ForkOptions {
+        rewiring: vmfork::devices::Rewiring {
+            tap: Some(rewired.clone()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let restored = vmfork::Snapshot::open(&dir.join("snap"))
+        .unwrap()
+        .restore_with(vmfork::devices::SerialSink::Discard, &opts)
+        .unwrap();
+    assert_eq!(restored.describe_devices()["virtio"][1]["tap"], rewired);
+    assert!(interface_exists(&rewired));
+    restored.reset().unwrap();
+    let child = restored.fork(&ForkOptions::default()).unwrap();
+    let child_tap = format!("{rewired}-{}", child.id());
+    assert_eq!(child.describe_devices()["virtio"][1]["tap"], child_tap);
+    drop((child, restored));
+    assert!(!interface_exists(&rewired) && !interface_exists(&child_tap));
+    drop(vm);
+    let _ = std::fs::remove_dir_all(dir);
+}

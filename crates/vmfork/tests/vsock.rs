@@ -147,6 +147,85 @@ fn a_fork_whose_socket_another_process_holds_listens_at_a_name_of_its_own() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A restore rewired to another socket path listens there exactly, and its guest reaches the
+/// host sockets under that path (`<path>_<port>`), not the snapshot's; its forks listen at
+/// `<path>.<id>`; a rewiring for a device the VM lacks, or shared by two VMs, is refused.
+#[test]
+fn a_restore_rewired_to_another_socket_path_lives_there() {
+    let dir = temp_dir("vsock-rewired");
+    let original = dir.join("original.sock");
+    let (vm, _) = guest_vm(
+        Workload::Vsock,
+        vsock_config(&original),
+        &[(mailbox::PARAM0, PORT), (mailbox::PARAM1, 5)],
+    );
+    // Snapshot before the guest connects: after the restore it connects under the new path,
+    // where alone an echo server listens.
+    let snap = dir.join("snap");
+    vm.snapshot(&snap, &vmfork::SnapshotOptions::default())
+        .unwrap();
+    drop(vm);
+    let rewired = dir.join("rewired.sock");
+    echo_server(&rewired);
+    let opts = ForkOptions {
+        rewiring: vmfork::devices::Rewiring {
+            vsock_path: Some(rewired.clone()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let snapshot = vmfork::Snapshot::open(&snap).unwrap();
+    let restored = snapshot
+        .restore_with(vmfork::devices::SerialSink::Discard, &opts)
+        .unwrap();
+    assert_eq!(
+        restored.describe_devices()["virtio"][1]["socket"],
+        rewired.display().to_string()
+    );
+    restored.run_to_ready(Duration::from_secs(30)).unwrap();
+    assert_eq!(
+        mailbox_u64(&restored, mailbox::PROGRESS),
+        5,
+        "echoed under the new path"
+    );
+    let child = restored.fork(&ForkOptions::default()).unwrap();
+    assert_eq!(
+        child.describe_devices()["virtio"][1]["socket"],
+        format!("{}.{}", rewired.display(), child.id())
+    );
+    drop(child);
+    // The VM resets to its rewired state.
+    restored.reset().unwrap();
+    drop(restored);
+    assert!(!rewired.exists());
+    let no_net = ForkOptions {
+        rewiring: vmfork::devices::Rewiring {
+            tap: Some("vmf-none".into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let err = snapshot
+        .restore_with(vmfork::devices::SerialSink::Discard, &no_net)
+        .err()
+        .expect("a tap for a VM without a network device")
+        .to_string();
+    assert!(err.contains("no network device"), "{err}");
+    let (parent, _) = guest_vm(Workload::Vsock, vsock_config(&original), &[]);
+    let sinks = vec![
+        vmfork::devices::SerialSink::Discard,
+        vmfork::devices::SerialSink::Discard,
+    ];
+    let err = parent
+        .fork_many(&opts, sinks)
+        .err()
+        .expect("two children on one rewiring")
+        .to_string();
+    assert!(err.contains("cannot share one rewiring"), "{err}");
+    drop(parent);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[test]
 fn a_connection_to_a_port_nobody_listens_on_is_reset_and_host_junk_is_dropped() {
     let (dir, uds) = setup("vsock-refused");

@@ -46,7 +46,7 @@ pub fn run(args: BenchArgs) -> CliResult<Report> {
         for pooled in [false, true] {
             let opts = ForkOptions {
                 fresh_shell: !pooled,
-                ..opts
+                ..opts.clone()
             };
             if pooled {
                 // Ready shells for every sample, as a server keeps them between requests.

@@ -329,6 +329,11 @@ struct RestoreRequest {
     /// Turn the emulation assist on in the restored VMs (a snapshot does not record it).
     #[serde(default)]
     emulation_assist: bool,
+    /// The tap the restored VM's network device uses, instead of `<tap>-<id>` (count 1).
+    tap: Option<String>,
+    /// Where the restored VM's vsock listens (and its guest's host sockets' base), instead of
+    /// `<path>.<id>` (count 1; inside the data directory, like every path).
+    vsock_path: Option<String>,
 }
 
 fn restore(registry: &Registry, req: &Request) -> Reply {
@@ -336,6 +341,20 @@ fn restore(registry: &Registry, req: &Request) -> Reply {
     if r.count == 0 || r.count > MAX_FORKS_PER_REQUEST {
         return Err(bad(format!(
             "count {} must be 1 to {MAX_FORKS_PER_REQUEST}",
+            r.count
+        )));
+    }
+    let rewiring = crate::devices::Rewiring {
+        tap: r.tap.clone(),
+        vsock_path: r
+            .vsock_path
+            .as_deref()
+            .map(|p| lib(registry.path(p)))
+            .transpose()?,
+    };
+    if r.count > 1 && !rewiring.is_empty() {
+        return Err(bad(format!(
+            "tap and vsock_path name one VM's endpoints: count must be 1, not {}",
             r.count
         )));
     }
@@ -349,6 +368,7 @@ fn restore(registry: &Registry, req: &Request) -> Reply {
     for _ in 0..r.count {
         let opts = ForkOptions {
             emulation_assist: r.emulation_assist,
+            rewiring: rewiring.clone(),
             ..Default::default()
         };
         let vm = lib(registry.admit(lib(snapshot.restore_with(SerialSink::buffer().0, &opts))?))?;

@@ -13,6 +13,7 @@
 pub mod irq;
 pub mod legacy;
 pub mod persist;
+mod rewiring;
 mod serial_sink;
 pub mod virtio;
 pub mod vmgenid;
@@ -22,6 +23,7 @@ pub use irq::IrqLines;
 pub use legacy::cmos::{CmosRegisters, CMOS_BASE};
 pub use legacy::i8042::{I8042Registers, I8042_BASE};
 pub use legacy::serial::{SerialRegisters, SERIAL_BASE, SERIAL_IRQ};
+pub use rewiring::Rewiring;
 pub use serial_sink::{stdout_closed, SerialBuffer, SerialSink, SERIAL_BUFFER_CAP};
 pub use virtio::block::DiskConfig;
 pub use virtio::mmio::VirtioState;
@@ -194,7 +196,10 @@ fn virtio_devices(config: DeviceConfig<'_>) -> crate::Result<Vec<Box<dyn VirtioD
 
 /// The virtio devices saved state describes, by slot (state from before virtio: the entropy
 /// device at power-on).
-fn saved_virtio_devices(saved: &[VirtioState]) -> crate::Result<Vec<Box<dyn VirtioDevice>>> {
+fn saved_virtio_devices(
+    saved: &[VirtioState],
+    rewiring: &Rewiring,
+) -> crate::Result<Vec<Box<dyn VirtioDevice>>> {
     if saved.is_empty() {
         return virtio_devices(DeviceConfig::default());
     }
@@ -205,7 +210,7 @@ fn saved_virtio_devices(saved: &[VirtioState]) -> crate::Result<Vec<Box<dyn Virt
             virtio::VIRTIO_SLOTS
         )));
     }
-    saved.iter().map(|s| s.device.device()).collect()
+    saved.iter().map(|s| s.device.device(rewiring)).collect()
 }
 
 /// The devices of one VM on their buses. The exit and ready ports are always there (vmfork's
@@ -242,18 +247,20 @@ impl Devices {
         )
     }
 
-    /// Devices loaded from saved state (a fork's or a snapshot's).
+    /// Devices loaded from saved state (a fork's or a snapshot's), on the host endpoints the
+    /// state names exactly where `rewiring` gave them (see [`Rewiring::apply`]).
     pub fn from_state(
         state: &DeviceState,
         sink: SerialSink,
         irqs: &IrqLines,
+        rewiring: &Rewiring,
     ) -> crate::Result<Self> {
         let devices = Self::on_buses(
             SerialPort::from_state(&state.serial, sink, irqs.line(SERIAL_IRQ)?)?,
             Cmos::new(state.cmos.clone())?,
             state.i8042.clone(),
             state.generation.clone(),
-            saved_virtio_devices(&state.virtio)?,
+            saved_virtio_devices(&state.virtio, rewiring)?,
             irqs,
         )?;
         devices.load_virtio(&state.virtio)?;
@@ -262,13 +269,17 @@ impl Devices {
 
     /// The serial model left out (its ports read as no device); `state` is kept for
     /// [`Self::attach`].
-    pub fn detached(state: DeviceState, irqs: &IrqLines) -> crate::Result<Self> {
+    pub fn detached(
+        state: DeviceState,
+        irqs: &IrqLines,
+        rewiring: &Rewiring,
+    ) -> crate::Result<Self> {
         let devices = Self::on_buses(
             SerialPort::detached(state.serial, irqs.line(SERIAL_IRQ)?),
             Cmos::new(state.cmos)?,
             state.i8042,
             state.generation,
-            saved_virtio_devices(&state.virtio)?,
+            saved_virtio_devices(&state.virtio, rewiring)?,
             irqs,
         )?;
         devices.load_virtio(&state.virtio)?;
@@ -525,7 +536,13 @@ mod tests {
         assert_eq!(byte, [0x5a]);
         let saved = devices.save();
         assert_eq!(saved.serial.scratch, 0x5a);
-        let other = Devices::from_state(&saved, SerialSink::Discard, &IrqLines::none()).unwrap();
+        let other = Devices::from_state(
+            &saved,
+            SerialSink::Discard,
+            &IrqLines::none(),
+            &Rewiring::default(),
+        )
+        .unwrap();
         other.pio_read(SERIAL_BASE + 7, &mut byte);
         assert_eq!(byte, [0x5a]);
         // A rep string longer than the device's range goes byte by byte to the port.
@@ -551,7 +568,13 @@ mod tests {
         // Bad saved state is refused, and a reset with it leaves the port usable.
         let mut bad = saved.clone();
         bad.serial.in_buffer = vec![0; 65];
-        assert!(Devices::from_state(&bad, SerialSink::Discard, &IrqLines::none()).is_err());
+        assert!(Devices::from_state(
+            &bad,
+            SerialSink::Discard,
+            &IrqLines::none(),
+            &Rewiring::default()
+        )
+        .is_err());
         assert!(devices.load_state(&bad).is_err());
         assert_eq!(
             devices.pio_write(SERIAL_BASE + 7, &[9]),
@@ -593,7 +616,8 @@ mod tests {
     fn a_detached_serial_reads_as_no_device_until_attached() {
         let mut state = DeviceState::default();
         state.serial.scratch = 0x42;
-        let devices = Devices::detached(state.clone(), &IrqLines::none()).unwrap();
+        let devices =
+            Devices::detached(state.clone(), &IrqLines::none(), &Rewiring::default()).unwrap();
         assert!(!devices.attached());
         let mut byte = [0u8];
         devices.pio_read(SERIAL_BASE + 7, &mut byte);

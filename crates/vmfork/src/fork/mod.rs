@@ -20,7 +20,7 @@ use crate::vm::{pool::take_shell, ForkOrigin, ForkSource, Vm, VmParts, VmStatus}
 use std::sync::{Arc, MutexGuard};
 
 /// How to fork.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ForkOptions {
     /// Leave the parent paused after the fork (Xen's behaviour); by default a running parent
     /// resumes at once.
@@ -40,6 +40,9 @@ pub struct ForkOptions {
     /// restores, as a snapshot does not record it (it is the host's need, not the VM's); a
     /// fork always has its parent's.
     pub emulation_assist: bool,
+    /// The tap and vsock socket the new VM takes instead of the per-clone names (one VM per
+    /// rewiring: two would share them).
+    pub rewiring: crate::devices::Rewiring,
 }
 
 /// What a reset puts back.
@@ -74,6 +77,12 @@ impl Vm {
     /// Forks `sinks.len()` children at one instant (one pause, one freeze), each child printing
     /// to its sink.
     pub fn fork_many(&self, opts: &ForkOptions, sinks: Vec<SerialSink>) -> Result<Vec<Vm>> {
+        if sinks.len() > 1 && !opts.rewiring.is_empty() {
+            return Err(Error::Invalid(format!(
+                "{} children cannot share one rewiring's tap and vsock socket",
+                sinks.len()
+            )));
+        }
         // Pre-copy, pause, save, freeze and resume as one operation: no other client's pause,
         // resume or reset can land in between (and be undone, or tear the child).
         let (state, image) =
@@ -112,11 +121,13 @@ impl Vm {
         // A new instance of the VM: a new generation id, kept by its resets.
         let mut origin = origin;
         origin.state.devices.generation.new_generation()?;
+        // Rewired endpoints go into the state it is built from and resets to.
+        opts.rewiring.apply(&mut origin.state.devices)?;
         let saved = &origin.state.devices;
         let devices = if opts.no_devices {
-            Devices::detached(saved.clone(), &irqs)?
+            Devices::detached(saved.clone(), &irqs, &opts.rewiring)?
         } else {
-            Devices::from_state(saved, sink, &irqs)?
+            Devices::from_state(saved, sink, &irqs, &opts.rewiring)?
         };
         let ram = GuestRam::from_image(&image, shell.ram_range.as_ref(), shell.resident.take())?;
         let vm = Vm::assemble(VmParts {

@@ -105,13 +105,22 @@ pub enum DeviceSpecific {
 }
 
 impl DeviceSpecific {
-    /// A device of the kind this state is for, ready to load it.
-    pub(crate) fn device(&self) -> crate::Result<Box<dyn VirtioDevice>> {
+    /// A device of the kind this state is for, ready to load it; a vsock or network device
+    /// `rewiring` names takes the endpoint in its config exactly (not a per-clone one).
+    pub(crate) fn device(
+        &self,
+        rewiring: &crate::devices::Rewiring,
+    ) -> crate::Result<Box<dyn VirtioDevice>> {
         Ok(match self {
             DeviceSpecific::Rng => Box::new(rng::Rng),
             DeviceSpecific::Block(state) => Box::new(block::Block::from_state(state)?),
-            DeviceSpecific::Vsock(state) => Box::new(vsock::Vsock::from_state(state)?),
-            DeviceSpecific::Net(state) => Box::new(net::Net::from_state(state)?),
+            DeviceSpecific::Vsock(state) => Box::new(vsock::Vsock::from_state(
+                state,
+                rewiring.vsock_path.is_some(),
+            )?),
+            DeviceSpecific::Net(state) => {
+                Box::new(net::Net::from_state(state, rewiring.tap.is_some())?)
+            }
         })
     }
 }

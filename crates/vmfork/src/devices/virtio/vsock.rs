@@ -222,8 +222,10 @@ impl Vsock {
     }
 
     /// A fork's or restore's vsock: no connections, the guest told of the reset.
-    pub fn from_state(state: &VsockState) -> crate::Result<Self> {
-        let mut vsock = Self::build(state.config.clone(), false)?;
+    /// A fork's or a restored VM's vsock: it listens at `<uds_path>.<VM id>`, or at `uds_path`
+    /// itself when `exact` (a rewired restore: see [`crate::devices::Rewiring`]).
+    pub fn from_state(state: &VsockState, exact: bool) -> crate::Result<Self> {
+        let mut vsock = Self::build(state.config.clone(), exact)?;
         vsock.reset_event = true;
         Ok(vsock)
     }

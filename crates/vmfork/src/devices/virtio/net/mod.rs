@@ -95,6 +95,8 @@ pub struct Net {
     config: NetConfig,
     mac: [u8; 6],
     tap: Option<Tap>,
+    /// Open `config.tap` itself at start rather than a per-clone name.
+    exact_tap: bool,
     wakeup: Wakeup,
     /// A frame read from the tap that no rx buffer has taken yet.
     pending: Option<Vec<u8>>,
@@ -122,13 +124,18 @@ impl Net {
     }
 
     /// A fork's or restore's device: a new MAC (unless kept); its tap opens with its worker.
-    pub fn from_state(state: &NetState) -> crate::Result<Self> {
+    /// A fork's or a restored VM's device: a new MAC unless `keep_mac`; at its start, the tap
+    /// `<tap>-<VM id>`, or `tap` itself when `exact` (a rewired restore: see
+    /// [`crate::devices::Rewiring`]).
+    pub fn from_state(state: &NetState, exact: bool) -> crate::Result<Self> {
         let mac = if state.config.keep_mac {
             state.mac
         } else {
             random_mac()?
         };
-        Self::build(state.config.clone(), mac)
+        let mut net = Self::build(state.config.clone(), mac)?;
+        net.exact_tap = exact;
+        Ok(net)
     }
 
     fn build(config: NetConfig, mac: [u8; 6]) -> crate::Result<Self> {
@@ -136,6 +143,7 @@ impl Net {
             config,
             mac,
             tap: None,
+            exact_tap: false,
             wakeup: Wakeup::new().map_err(|e| io_error("its worker's wake-up", e))?,
             pending: None,
             buffer: vec![0u8; MAX_FRAME],
@@ -276,8 +284,12 @@ impl VirtioDevice for Net {
 
     fn start_worker(&mut self, worker: WorkerHandle) -> crate::Result<()> {
         if self.tap.is_none() {
-            let tap = open_fork_tap(&self.config.tap, worker.vm_id)
-                .map_err(|e| io_error("cannot open the tap", e))?;
+            let tap = if self.exact_tap {
+                Tap::open(&self.config.tap)
+            } else {
+                open_fork_tap(&self.config.tap, worker.vm_id)
+            }
+            .map_err(|e| io_error("cannot open the tap", e))?;
             self.wakeup.watch(tap.fd());
             self.tap = Some(tap);
         }

@@ -1,0 +1,56 @@
+//! Rewiring at restore (or fork): the host endpoints a new VM takes instead of the generated
+//! per-clone ones (`<tap>-<id>`, `<path>.<id>`), so a platform can name each clone's tap and
+//! vsock socket itself (Firecracker's snapshot-load network overrides, for vsock too).
+
+use super::virtio::DeviceSpecific;
+use super::DeviceState;
+use std::path::PathBuf;
+
+/// Host endpoints for a new VM's devices. The default changes nothing.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Rewiring {
+    /// The tap its network device uses, exactly (created if it does not exist). Its forks get
+    /// `<tap>-<id>` from it.
+    pub tap: Option<String>,
+    /// Where its vsock listens, exactly, and the base of the host sockets its guest reaches
+    /// (`<path>_<port>`). Its forks listen at `<path>.<id>`.
+    pub vsock_path: Option<PathBuf>,
+}
+
+impl Rewiring {
+    pub fn is_empty(&self) -> bool {
+        self.tap.is_none() && self.vsock_path.is_none()
+    }
+
+    /// Writes the new endpoints into saved device state (what the new VM is built from and
+    /// resets to); an endpoint for a device the state does not have is an error.
+    pub(crate) fn apply(&self, state: &mut DeviceState) -> crate::Result<()> {
+        let mut devices = state.virtio.iter_mut().map(|v| &mut v.device);
+        if let Some(tap) = &self.tap {
+            match devices.find_map(|d| match d {
+                DeviceSpecific::Net(net) => Some(net),
+                _ => None,
+            }) {
+                Some(net) => net.config.tap = tap.clone(),
+                None => return Err(missing("tap", "network device")),
+            }
+        }
+        let mut devices = state.virtio.iter_mut().map(|v| &mut v.device);
+        if let Some(path) = &self.vsock_path {
+            match devices.find_map(|d| match d {
+                DeviceSpecific::Vsock(vsock) => Some(vsock),
+                _ => None,
+            }) {
+                Some(vsock) => vsock.config.uds_path = path.clone(),
+                None => return Err(missing("vsock socket path", "vsock")),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn missing(what: &str, device: &str) -> crate::Error {
+    crate::Error::Invalid(format!(
+        "a {what} was given, but the VM has no {device} to rewire"
+    ))
+}
