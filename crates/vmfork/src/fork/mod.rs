@@ -141,6 +141,9 @@ impl Vm {
         })?;
         if let Some(origin) = &vm.shared().origin {
             vm.load_saved_state(&origin.state, true)?;
+            // Not on resets: their path stays free of extra ioctls (fuzzing resets thousands of
+            // times a second).
+            vm.measure_tsc_jump(&origin.state)?;
         }
         // After the irqchip's state is in: the line raised now reaches the guest.
         vm.shared().devices.announce();
@@ -179,7 +182,6 @@ impl Vm {
                 vcpu_state.restore_without_cpuid(&slot)?;
             }
         }
-        self.measure_tsc_jump(state)?;
         if let Some(irqchip) = &state.irqchip {
             self.set_irqchip_state(irqchip)?;
         }
@@ -193,8 +195,8 @@ impl Vm {
         Ok(())
     }
 
-    /// Measures how far vCPU 0's TSC is from its saved TSC now that the state is loaded (see
-    /// [`crate::state::clock`]), for [`Vm::tsc_jump_at_load_ns`].
+    /// Measures how far vCPU 0's TSC is from its saved TSC now that a fork's or restore's state
+    /// is loaded (see [`crate::state::clock`]), for [`Vm::tsc_jump_at_load_ns`].
     fn measure_tsc_jump(&self, state: &VmState) -> Result<()> {
         use crate::state::clock::{tsc_jump_ns, IA32_TSC};
         let Some(saved_tsc) = state.vcpus.first().and_then(|v| v.msr(IA32_TSC)) else {

@@ -1014,7 +1014,8 @@ impl Vm {
     }
 
     /// How far ahead of its saved value (ns; negative: behind) vCPU 0's TSC was right after
-    /// this VM's state was last loaded (a fork, a restore, a reset); 0 for a booted VM.
+    /// this VM's state was loaded by its fork or restore (not remeasured by resets); 0 for a
+    /// booted VM.
     /// Microseconds where KVM sets a guest's TSC; the time since the state was saved (a
     /// snapshot's age) on hosts whose KVM keeps the host's TSC (see [`crate::state::clock`]).
     pub fn tsc_jump_at_load_ns(&self) -> i64 {
