@@ -1024,13 +1024,19 @@ impl Vm {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// The frequency of vCPU 0's TSC, in kHz.
+    /// The frequency of the guest's TSC, in kHz: the host's (vmfork never scales it), asked of
+    /// KVM once per process.
     pub fn tsc_khz(&self) -> Result<u32> {
+        static KHZ: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+        if let Some(&khz) = KHZ.get() {
+            return Ok(khz);
+        }
         let vcpu = self.shared.vcpus[0]
             .fd
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        vcpu.get_tsc_khz().kvm("KVM_GET_TSC_KHZ")
+        let khz = vcpu.get_tsc_khz().kvm("KVM_GET_TSC_KHZ")?;
+        Ok(*KHZ.get_or_init(|| khz))
     }
 
     /// The whole VM state but RAM contents; the VM must not be running.
