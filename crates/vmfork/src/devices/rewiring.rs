@@ -25,27 +25,25 @@ impl Rewiring {
     /// Writes the new endpoints into saved device state (what the new VM is built from and
     /// resets to); an endpoint for a device the state does not have is an error.
     pub(crate) fn apply(&self, state: &mut DeviceState) -> crate::Result<()> {
-        let mut devices = state.virtio.iter_mut().map(|v| &mut v.device);
-        if let Some(tap) = &self.tap {
-            match devices.find_map(|d| match d {
-                DeviceSpecific::Net(net) => Some(net),
-                _ => None,
-            }) {
-                Some(net) => net.config.tap = tap.clone(),
-                None => return Err(missing("tap", "network device")),
+        let (mut tap_done, mut vsock_done) = (self.tap.is_none(), self.vsock_path.is_none());
+        for device in state.virtio.iter_mut().map(|v| &mut v.device) {
+            match (device, &self.tap, &self.vsock_path) {
+                (DeviceSpecific::Net(net), Some(tap), _) if !tap_done => {
+                    net.config.tap = tap.clone();
+                    tap_done = true;
+                }
+                (DeviceSpecific::Vsock(vsock), _, Some(path)) if !vsock_done => {
+                    vsock.config.uds_path = path.clone();
+                    vsock_done = true;
+                }
+                _ => {}
             }
         }
-        let mut devices = state.virtio.iter_mut().map(|v| &mut v.device);
-        if let Some(path) = &self.vsock_path {
-            match devices.find_map(|d| match d {
-                DeviceSpecific::Vsock(vsock) => Some(vsock),
-                _ => None,
-            }) {
-                Some(vsock) => vsock.config.uds_path = path.clone(),
-                None => return Err(missing("vsock socket path", "vsock")),
-            }
+        match (tap_done, vsock_done) {
+            (false, _) => Err(missing("tap", "network device")),
+            (_, false) => Err(missing("vsock socket path", "vsock")),
+            _ => Ok(()),
         }
-        Ok(())
     }
 }
 
