@@ -10,8 +10,8 @@ use vm_device::bus::MmioAddress;
 use vm_device::DeviceMmio;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
-use vmfork::devices::virtio::mmio::MmioTransport;
 use vmfork::devices::virtio::block::{Block, DiskConfig};
+use vmfork::devices::virtio::mmio::MmioTransport;
 use vmfork::devices::virtio::net::{Net, NetConfig, NetState};
 use vmfork::devices::virtio::rng::Rng;
 use vmfork::devices::virtio::vsock::{Vsock, VsockConfig};
@@ -45,14 +45,17 @@ impl GuardedRam {
         // SAFETY: the middle of the reservation made above.
         let ram = unsafe { base.cast::<u8>().add(GUARD) };
         // SAFETY: `ram..ram+RAM` lies inside the reservation.
-        let rc = unsafe {
-            libc::mprotect(ram.cast(), RAM, libc::PROT_READ | libc::PROT_WRITE)
-        };
+        let rc = unsafe { libc::mprotect(ram.cast(), RAM, libc::PROT_READ | libc::PROT_WRITE) };
         assert_eq!(rc, 0);
         // SAFETY: the range is mapped read-write and outlives `memory` (unmapped in Drop,
         // after `memory` is dropped... see Drop).
         let region = unsafe {
-            MmapRegion::build_raw(ram, RAM, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE)
+            MmapRegion::build_raw(
+                ram,
+                RAM,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE,
+            )
         }
         .unwrap();
         let region = GuestRegionMmap::new(region, GuestAddress(0)).unwrap();
@@ -98,14 +101,17 @@ fn make_device(kind: u8) -> Box<dyn VirtioDevice> {
         ),
         // Frames the guest sends go nowhere; the parsing is what is fuzzed.
         3 => Box::new(
-            Net::from_state(&NetState {
-                config: NetConfig {
-                    tap: "vmf-fuzz".into(),
-                    mac: None,
-                    keep_mac: true,
+            Net::from_state(
+                &NetState {
+                    config: NetConfig {
+                        tap: "vmf-fuzz".into(),
+                        mac: None,
+                        keep_mac: true,
+                    },
+                    mac: [2, 0, 0, 0, 0, 1],
                 },
-                mac: [2, 0, 0, 0, 0, 1],
-            })
+                false,
+            )
             .unwrap(),
         ),
         _ => Box::new(Rng),
