@@ -51,6 +51,16 @@ fn mailbox_u64(vm: &Vm, field: u64) -> u64 {
     vm.ram().read_u64(MAILBOX + field).unwrap()
 }
 
+/// A VM's socket goes with it: closed when its devices are, on a reaper thread, so soon after
+/// the drop rather than at once.
+fn assert_gone(socket: &Path) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while socket.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(!socket.exists(), "{} is left behind", socket.display());
+}
+
 fn setup(name: &str) -> (PathBuf, PathBuf) {
     let dir = temp_dir(name);
     let uds = dir.join("v.sock");
@@ -100,9 +110,9 @@ fn a_guest_connects_to_the_host_and_forks_and_restores_find_their_connections_re
     assert_eq!(mailbox_u64(&child, mailbox::VSOCK_RESETS), 1);
     // Sockets go with their VMs.
     drop(child);
-    assert!(!child_socket.exists());
+    assert_gone(&child_socket);
     drop((vm, restored));
-    assert!(!uds.exists());
+    assert_gone(&uds);
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -135,7 +145,7 @@ fn a_fork_whose_socket_another_process_holds_listens_at_a_name_of_its_own() {
     assert_eq!(run_to_exit(&second), ExitReason::GuestExit(0));
     assert_eq!(mailbox_u64(&second, mailbox::VSOCK_RESETS), 1);
     drop(second);
-    assert!(!Path::new(&own).exists());
+    assert_gone(Path::new(&own));
     // A stale socket file (its listener gone) is taken over under the plain name.
     drop(held);
     let third = vm.fork(&ForkOptions::default()).unwrap();
@@ -197,7 +207,7 @@ fn a_restore_rewired_to_another_socket_path_lives_there() {
     // The VM resets to its rewired state.
     restored.reset().unwrap();
     drop(restored);
-    assert!(!rewired.exists());
+    assert_gone(&rewired);
     let no_net = ForkOptions {
         rewiring: vmfork::devices::Rewiring {
             tap: Some("vmf-none".into()),
