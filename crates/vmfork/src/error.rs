@@ -48,6 +48,9 @@ pub enum Error {
     /// A path outside what this server may touch (its data directory).
     #[error("{0}")]
     Forbidden(String),
+    /// A device cannot be built, wired or loaded.
+    #[error(transparent)]
+    Device(#[from] crate::devices::DeviceError),
 }
 
 /// Result with the library's [`Error`].

@@ -228,6 +228,7 @@ pub(crate) fn error_response(e: &Error) -> Response {
         | Error::Config(_)
         | Error::Memory(_)
         | Error::Load(_)
+        | Error::Device(_)
         | Error::Snapshot { .. } => 400,
         Error::KvmUnavailable(_) | Error::Kvm { .. } | Error::Io(_) => 500,
     };

@@ -10,6 +10,7 @@
 //! port) raises a [`Signals`] flag on the thread that made the access: the vCPU that wrote
 //! gets the outcome of its own write, whatever the others do meanwhile.
 
+mod error;
 pub mod irq;
 pub mod legacy;
 pub mod persist;
@@ -19,6 +20,7 @@ pub mod virtio;
 pub mod vmgenid;
 pub mod vmm_ports;
 
+pub use error::DeviceError;
 pub use irq::IrqLines;
 pub use legacy::cmos::{CmosRegisters, CMOS_BASE};
 pub use legacy::i8042::{I8042Registers, I8042_BASE};
@@ -176,7 +178,7 @@ fn virtio_devices(config: DeviceConfig<'_>) -> crate::Result<Vec<Box<dyn VirtioD
         - usize::from(config.vsock.is_some())
         - usize::from(config.net.is_some());
     if disks.len() > room {
-        return Err(crate::Error::Config(format!(
+        return Err(crate::devices::DeviceError::config(format!(
             "{} disks given; a VM takes at most {room}",
             disks.len(),
         )));
@@ -204,7 +206,7 @@ fn saved_virtio_devices(
         return virtio_devices(DeviceConfig::default());
     }
     if saved.len() > virtio::VIRTIO_SLOTS {
-        return Err(crate::Error::Invalid(format!(
+        return Err(crate::devices::DeviceError::state(format!(
             "saved state has {} virtio devices; a VM has {} slots",
             saved.len(),
             virtio::VIRTIO_SLOTS
@@ -349,7 +351,7 @@ impl Devices {
 
     fn load_virtio(&self, saved: &[VirtioState]) -> crate::Result<()> {
         if saved.len() > self.virtio.len() {
-            return Err(crate::Error::Invalid(format!(
+            return Err(crate::devices::DeviceError::state(format!(
                 "saved state has {} virtio devices; this VM has {}",
                 saved.len(),
                 self.virtio.len()

@@ -48,7 +48,7 @@ impl Rewiring {
 }
 
 fn missing(what: &str, device: &str) -> crate::Error {
-    crate::Error::Invalid(format!(
+    super::DeviceError::config(format!(
         "a {what} was given, but the VM has no {device} to rewire"
     ))
 }

@@ -71,7 +71,7 @@ impl Cmos {
 
 fn check(state: &CmosRegisters) -> crate::Result<()> {
     if state.nvram.len() != NVRAM_BYTES || usize::from(state.index) >= NVRAM_BYTES {
-        return Err(crate::Error::Invalid(format!(
+        return Err(crate::devices::DeviceError::state(format!(
             "CMOS state has {} NVRAM bytes and register {:#x} selected (128 bytes, 0-0x7f)",
             state.nvram.len(),
             state.index

@@ -115,7 +115,7 @@ fn check(state: &I8042Registers) -> crate::Result<()> {
     if state.output.len() > OUTPUT_BYTES
         || (state.pending != 0 && !TAKES_DATA.contains(&state.pending))
     {
-        return Err(crate::Error::Invalid(format!(
+        return Err(crate::devices::DeviceError::state(format!(
             "i8042 state has {} bytes waiting (at most {OUTPUT_BYTES}) and command {:#x} pending",
             state.output.len(),
             state.pending

@@ -96,7 +96,7 @@ pub struct SerialPort(Mutex<Slot>);
 /// The one way saved serial state can be invalid: more received bytes than the FIFO holds.
 fn check(state: &SerialRegisters) -> crate::Result<()> {
     if state.in_buffer.len() > FIFO_BYTES {
-        return Err(crate::Error::Invalid(format!(
+        return Err(crate::devices::DeviceError::state(format!(
             "serial state holds {} received bytes, more than the {FIFO_BYTES}-byte FIFO",
             state.in_buffer.len()
         )));
@@ -112,7 +112,7 @@ fn build(state: &SerialRegisters, sink: SerialSink, irq: Option<EventFd>) -> cra
         vm_superio::serial::NoEvents,
         sink,
     )
-    .map_err(|e| crate::Error::Invalid(format!("serial state: {e:?}")))
+    .map_err(|e| crate::devices::DeviceError::state(format!("serial state: {e:?}")))
 }
 
 impl SerialPort {

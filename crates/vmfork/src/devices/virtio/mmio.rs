@@ -99,7 +99,8 @@ fn power_on_queues(device: &dyn VirtioDevice) -> crate::Result<Vec<Queue>> {
         .queue_max_sizes()
         .iter()
         .map(|&max| {
-            Queue::new(max).map_err(|e| crate::Error::Invalid(format!("virtqueue size: {e}")))
+            Queue::new(max)
+                .map_err(|e| crate::devices::DeviceError::state(format!("virtqueue size: {e}")))
         })
         .collect()
 }
@@ -264,7 +265,7 @@ impl MmioTransport {
                 .zip(max_sizes)
                 .any(|(q, &m)| q.max_size != m)
         {
-            return Err(crate::Error::Invalid(format!(
+            return Err(crate::devices::DeviceError::state(format!(
                 "virtio slot {}: saved state is for device type {} with {} queues; the slot \
                  holds type {device_type} with {}",
                 self.slot,
@@ -275,7 +276,7 @@ impl MmioTransport {
         }
         // Before FEATURES_OK the driver may have written anything; after, only what was offered.
         if state.status & STATUS_FEATURES_OK != 0 && state.driver_features & !inner.offered() != 0 {
-            return Err(crate::Error::Invalid(format!(
+            return Err(crate::devices::DeviceError::state(format!(
                 "virtio slot {}: saved driver features {:#x} were never offered",
                 self.slot, state.driver_features
             )));

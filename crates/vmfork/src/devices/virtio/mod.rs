@@ -165,6 +165,6 @@ impl QueueRegisters {
             avail_ring: self.avail_ring,
             used_ring: self.used_ring,
         })
-        .map_err(|e| crate::Error::Invalid(format!("virtqueue state: {e}")))
+        .map_err(|e| crate::devices::DeviceError::state(format!("virtqueue state: {e}")))
     }
 }

@@ -69,8 +69,8 @@ impl VirtioDevice for Rng {
     fn load(&mut self, state: &DeviceSpecific) -> crate::Result<()> {
         match state {
             DeviceSpecific::Rng => Ok(()),
-            _ => Err(crate::Error::Invalid(
-                "the entropy device's saved state is another device's".into(),
+            _ => Err(crate::devices::DeviceError::state(
+                "the entropy device's saved state is another device's",
             )),
         }
     }

@@ -191,7 +191,7 @@ pub struct Vsock {
 }
 
 fn io_error(what: &str, e: std::io::Error) -> crate::Error {
-    crate::Error::Config(format!("vsock: {what}: {e}"))
+    crate::devices::DeviceError::host("vsock", what, e)
 }
 
 /// Binds a listening socket at `path`, replacing a socket file nobody listens on any more (left
@@ -212,7 +212,7 @@ impl Vsock {
     /// The root VM's vsock, listening at `config.uds_path` once its worker starts.
     pub fn new(config: &VsockConfig) -> crate::Result<Self> {
         if config.guest_cid < 3 || config.guest_cid > u64::from(u32::MAX) {
-            return Err(crate::Error::Config(format!(
+            return Err(crate::devices::DeviceError::config(format!(
                 "vsock guest CID {} must be 3 to {}",
                 config.guest_cid,
                 u32::MAX
@@ -690,13 +690,13 @@ impl VirtioDevice for Vsock {
 
     fn load(&mut self, state: &DeviceSpecific) -> crate::Result<()> {
         let DeviceSpecific::Vsock(state) = state else {
-            return Err(crate::Error::Invalid(
-                "a vsock's saved state is another device's".into(),
+            return Err(crate::devices::DeviceError::state(
+                "a vsock's saved state is another device's",
             ));
         };
         if state.config != self.config {
-            return Err(crate::Error::Invalid(
-                "saved vsock state is for another vsock configuration".into(),
+            return Err(crate::devices::DeviceError::state(
+                "saved vsock state is for another vsock configuration",
             ));
         }
         // Back to an instant whose connections are gone: the guest is told.

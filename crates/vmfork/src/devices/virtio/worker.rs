@@ -86,7 +86,7 @@ impl Wakeup {
     }
 
     /// Starts the worker thread named `name`, serving through `handle` at each wake-up.
-    pub fn spawn(&self, name: &str, handle: WorkerHandle) -> crate::Result<()> {
+    pub fn spawn(&self, name: &'static str, handle: WorkerHandle) -> crate::Result<()> {
         spawn(name, Arc::clone(&self.epoll), &self.stop, handle)
     }
 }
@@ -100,7 +100,7 @@ impl Drop for Wakeup {
 /// Starts a worker thread named `name` that waits on `epoll` and serves through `handle` at
 /// each wake-up, until `stop` is written or the VM or device is gone.
 fn spawn(
-    name: &str,
+    name: &'static str,
     epoll: Arc<vmm_sys_util::epoll::Epoll>,
     stop: &vmm_sys_util::eventfd::EventFd,
     handle: WorkerHandle,
@@ -126,5 +126,5 @@ fn spawn(
             }
         })
         .map(|_| ())
-        .map_err(|e| crate::Error::Config(format!("{name}: cannot start its thread: {e}")))
+        .map_err(|e| crate::devices::DeviceError::host(name, "cannot start its thread", e))
 }

@@ -83,8 +83,7 @@ pub struct Block {
 impl Block {
     /// A disk device on the image `config` names.
     pub fn open(config: &DiskConfig) -> crate::Result<Self> {
-        let base =
-            BaseImage::open(&config.path).map_err(|e| crate::Error::Config(e.to_string()))?;
+        let base = BaseImage::open(&config.path).map_err(crate::devices::DeviceError::image)?;
         let mtime = base.mtime_ns();
         Ok(Self::over(
             config.clone(),
@@ -96,7 +95,7 @@ impl Block {
     /// The device over a saved disk instant.
     pub fn from_state(state: &BlockState) -> crate::Result<Self> {
         let instant = state.instant.clone().ok_or_else(|| {
-            crate::Error::Invalid(format!(
+            crate::devices::DeviceError::state(format!(
                 "saved state of disk {} holds no disk contents",
                 state.config.path.display()
             ))
@@ -282,8 +281,8 @@ impl VirtioDevice for Block {
 
     fn load(&mut self, state: &DeviceSpecific) -> crate::Result<()> {
         let DeviceSpecific::Block(state) = state else {
-            return Err(crate::Error::Invalid(
-                "a block device's saved state is another device's".into(),
+            return Err(crate::devices::DeviceError::state(
+                "a block device's saved state is another device's",
             ));
         };
         *self = Self::from_state(state)?;

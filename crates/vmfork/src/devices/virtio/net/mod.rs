@@ -87,7 +87,7 @@ fn open_fork_tap(base: &str, vm_id: u64) -> std::io::Result<Tap> {
 }
 
 fn io_error(what: &str, e: std::io::Error) -> crate::Error {
-    crate::Error::Config(format!("virtio-net: {what}: {e}"))
+    crate::devices::DeviceError::host("virtio-net", what, e)
 }
 
 /// The network device.
@@ -109,7 +109,7 @@ impl Net {
         let mac = match config.mac {
             Some(mac) if mac[0] & 1 == 0 => mac,
             Some(mac) => {
-                return Err(crate::Error::Config(format!(
+                return Err(crate::devices::DeviceError::config(format!(
                     "MAC {} is a multicast address",
                     format_mac(&mac)
                 )))
@@ -317,13 +317,13 @@ impl VirtioDevice for Net {
 
     fn load(&mut self, state: &DeviceSpecific) -> crate::Result<()> {
         let DeviceSpecific::Net(state) = state else {
-            return Err(crate::Error::Invalid(
-                "a network device's saved state is another device's".into(),
+            return Err(crate::devices::DeviceError::state(
+                "a network device's saved state is another device's",
             ));
         };
         if state.config != self.config {
-            return Err(crate::Error::Invalid(
-                "saved network state is for another network configuration".into(),
+            return Err(crate::devices::DeviceError::state(
+                "saved network state is for another network configuration",
             ));
         }
         // The MAC and tap are this VM's identity and stay; a frame waiting is dropped.
