@@ -1,4 +1,5 @@
-//! The one error type of the library. Every message is meant to be shown to a person as is.
+//! The library's error type. Every message is meant to be shown to a person as is; the device
+//! layer's errors come typed (`devices::DeviceError`, with their sources) inside it.
 
 use std::io;
 
