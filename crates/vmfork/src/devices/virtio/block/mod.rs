@@ -304,8 +304,11 @@ mod tests {
     const STATUS: u64 = 0x7000;
 
     fn disk(read_only: bool) -> (PathBuf, (MmioTransport, GuestMemory)) {
+        // An image per call: tests run in parallel and each removes its own.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let path = std::env::temp_dir().join(format!(
-            "vmfork-blk-test-{}-{read_only}",
+            "vmfork-blk-test-{}-{n}-{read_only}",
             std::process::id()
         ));
         std::fs::write(&path, (0..64 * 1024).map(|i| i as u8).collect::<Vec<_>>()).unwrap();
