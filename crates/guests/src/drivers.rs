@@ -840,12 +840,14 @@ pub const fn irq_vector(gsi: u32) -> u8 {
 }
 
 /// `interrupts` (ring 0, for `sti`/`hlt`): takes the interrupts vmfork's devices raise, the
-/// way a kernel's drivers do. Enables the local APIC, routes IOAPIC pins
+/// way a kernel's drivers do. Enables the local APIC, routes IOAPIC pins [`KEYBOARD_GSI`],
 /// [`GENERATION_GSI`] and [`VIRTIO_SLOT0_GSI`] (edge, active high, to APIC 0) to
 /// [`irq_vector`] of each, enables interrupts, asks the virtio-rng in slot 0 for 64 bytes
-/// (USED_LEN_BEFORE) and halts until its interrupt has come, writes the ready port (where a
-/// test forks it), then halts until a generation-id interrupt has come and exits 0. Its handler counts each interrupt by vector
-/// (the highest in the local APIC's in-service registers) at [`IRQ_COUNTS`] and sends the EOI.
+/// (USED_LEN_BEFORE) and halts until its interrupt has come, resets the i8042 keyboard and
+/// reads its two answer bytes (KEYBOARD_ANSWER), each after its interrupt, writes the ready port
+/// (where a test forks it), then halts until a generation-id interrupt has come and exits 0.
+/// Each routed vector has its own gate, whose handler counts it at [`IRQ_COUNTS`] and sends
+/// the EOI.
 pub fn interrupts() -> Result<Vec<u8>, IcedError> {
     use crate::workloads::{emit_idtr, LAPIC_BASE};
     let mut d = Driver::new()?;
